@@ -1,0 +1,66 @@
+# ForgeRL — the two commands that matter are `make run` and `make test`; both set up what is missing.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.forgerl-setup
+PROTO_FILES := $(wildcard protos/forgerl/v1/*.proto)
+PROTO_OUT := libs/forgerl/v1
+# Integration tests start vLLM engines and brokers; CI has 2 cores.
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-unit lint protos protos-check buf-lint bench up down clean
+
+setup: $(STAMP)
+
+# torch goes in first and alone: `torch==2.13.0` resolves to the local CPU build here, and anything
+# installed before it could pull the registry's CUDA build instead.
+$(STAMP): pyproject.toml package.json
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	npm install --no-audit --no-fund --silent
+	touch $@
+
+run: setup
+	$(VENV)/bin/forgerl run start examples/tiny-tool-use.yaml --local --follow
+
+test: setup protos-check buf-lint
+	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-unit: setup
+	$(VENV)/bin/pytest -m unit $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+protos: setup
+	$(PY) -m grpc_tools.protoc -I protos --python_out=libs --pyi_out=libs --grpc_python_out=libs $(PROTO_FILES)
+	touch $(PROTO_OUT)/__init__.py
+
+# Fails when the checked-in stubs differ from what the .proto files generate (flyteidl's delta check).
+protos-check: setup
+	@tmp=$$(mktemp -d) && \
+	$(PY) -m grpc_tools.protoc -I protos --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTO_FILES) && \
+	touch $$tmp/forgerl/v1/__init__.py && \
+	diff -r $$tmp/forgerl/v1 $(PROTO_OUT) -x __pycache__ \
+	  || { echo "protos drifted from $(PROTO_OUT): run 'make protos' and commit the result"; rm -rf $$tmp; exit 1; }; \
+	rm -rf $$tmp; echo "protos: generated stubs match the .proto files"
+
+buf-lint: setup
+	node_modules/.bin/buf lint protos
+
+bench: setup
+	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
+
+up: setup
+	$(VENV)/bin/forgerl up
+
+down: setup
+	$(VENV)/bin/forgerl down
+
+clean:
+	rm -rf .forgerl runs .pytest_cache .mypy_cache .ruff_cache

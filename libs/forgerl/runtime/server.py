@@ -1,0 +1,124 @@
+"""The asyncio gRPC server every ForgeRL service runs on.
+
+One bootstrap gives each service the standard health service, server reflection, Prometheus metrics,
+structured logs, an optional bearer token and graceful shutdown: on SIGTERM the health status turns
+NOT_SERVING, new calls are refused, in-flight calls get `grace_s` to finish, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from forgerl.runtime.config import ServiceConfig
+from forgerl.runtime.interceptors import AuthInterceptor, MetricsInterceptor
+from forgerl.runtime.logs import configure_logging
+
+# Trajectories with long prompts and routed-expert ids run to tens of MB.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class ServiceSpec:
+    """What a service contributes to the shared server: its gRPC services and lifecycle hooks."""
+
+    name: str
+    services: Sequence[ServiceDescriptor]
+    register: Callable[[grpc.aio.Server], None]
+    on_start: Callable[[], Awaitable[None]] | None = None
+    on_stop: Callable[[], Awaitable[None]] | None = None
+    extra_names: list[str] = field(default_factory=list)
+
+    @property
+    def service_names(self) -> list[str]:
+        return [descriptor.full_name for descriptor in self.services] + self.extra_names
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound port and the means to stop it."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    spec: ServiceSpec
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.spec.service_names]:
+            await self.health.set(name, status)
+
+
+@asynccontextmanager
+async def started_server(spec: ServiceSpec, config: ServiceConfig) -> AsyncIterator[RunningServer]:
+    """Start the server, run `on_start`, report SERVING; on exit drain for `grace_s` and run `on_stop`."""
+    registry = CollectorRegistry()
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(registry, spec.name)]
+    if config.auth_token:
+        interceptors.insert(0, AuthInterceptor(config.auth_token))
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    spec.register(server)
+    reflection.enable_server_reflection(
+        [*spec.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    running = RunningServer(server, port, health_servicer, spec)
+    await running.set_serving(False)
+    await server.start()
+    metrics_http = _start_metrics(config, registry)
+    try:
+        if spec.on_start is not None:
+            await spec.on_start()
+        await running.set_serving(True)
+        yield running
+    finally:
+        await running.set_serving(False)
+        await server.stop(config.grace_s)
+        if spec.on_stop is not None:
+            await spec.on_stop()
+        if metrics_http is not None:
+            metrics_http.shutdown()
+
+
+async def serve(spec: ServiceSpec, config: ServiceConfig, stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set or the process gets SIGTERM/SIGINT."""
+    log = configure_logging(spec.name, config.log_level, config.log_format)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with suppress(NotImplementedError, RuntimeError):  # not the main thread: the caller stops us
+            loop.add_signal_handler(sig, stop.set)
+    async with started_server(spec, config) as running:
+        log.info("serving", host=config.host, port=running.port, services=spec.service_names)
+        await stop.wait()
+        log.info("draining", grace_s=config.grace_s)
+    log.info("stopped")
+
+
+def run_service(spec: ServiceSpec, config: ServiceConfig) -> None:
+    """Blocking entry point of a service process; returns (exit code 0) after a graceful stop."""
+    asyncio.run(serve(spec, config))
+
+
+def _start_metrics(config: ServiceConfig, registry: CollectorRegistry):  # type: ignore[no-untyped-def]
+    if not config.metrics_port:
+        return None
+    http_server, _thread = start_http_server(config.metrics_port, addr=config.host, registry=registry)
+    return http_server

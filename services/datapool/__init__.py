@@ -1,0 +1,1 @@
+"""The datapool service. Trajectories on Kafka served as windowed-FIFO batches."""

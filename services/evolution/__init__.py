@@ -1,0 +1,1 @@
+"""The evolution service. Self-evolution of the agent scaffold and the operator console."""

@@ -1,0 +1,1 @@
+"""The inference service. Token-in/token-out generation on vLLM with versioned weight updates."""

@@ -1,0 +1,1 @@
+"""The rollout service. Episodes on runnable tasks in sandboxes, with rewards."""

@@ -43,12 +43,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts RPCs by method and status code and times them into a histogram."""
 
     def __init__(self, registry: CollectorRegistry, service: str) -> None:
-        self._calls = Counter(
-            "forgerl_rpc_total", "RPCs handled", ["service", "method", "code"], registry=registry
-        )
-        self._seconds = Histogram(
-            "forgerl_rpc_seconds", "RPC handling time", ["service", "method"], registry=registry
-        )
+        self._calls = Counter("forgerl_rpc_total", "RPCs handled", ["service", "method", "code"], registry=registry)
+        self._seconds = Histogram("forgerl_rpc_seconds", "RPC handling time", ["service", "method"], registry=registry)
         self._service = service
 
     async def intercept_service(
@@ -83,9 +79,7 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.Rpc
 def _wrap_handler(
     handler: grpc.RpcMethodHandler, observe: Callable[[float, grpc.aio.ServicerContext], None]
 ) -> grpc.RpcMethodHandler:
-    inner = (
-        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-    )
+    inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
 
     async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()

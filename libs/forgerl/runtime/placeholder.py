@@ -1,4 +1,4 @@
-"""Honest answers for RPCs whose implementation belongs to a later issue: UNIMPLEMENTED, naming the work that owns them."""
+"""Honest answers for RPCs whose implementation belongs to later work: UNIMPLEMENTED, naming the owner."""
 
 from __future__ import annotations
 

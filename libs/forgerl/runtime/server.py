@@ -12,6 +12,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -75,9 +76,7 @@ async def started_server(spec: ServiceSpec, config: ServiceConfig) -> AsyncItera
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     spec.register(server)
-    reflection.enable_server_reflection(
-        [*spec.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    reflection.enable_server_reflection([*spec.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     running = RunningServer(server, port, health_servicer, spec)
     await running.set_serving(False)
@@ -117,7 +116,7 @@ def run_service(spec: ServiceSpec, config: ServiceConfig) -> None:
     asyncio.run(serve(spec, config))
 
 
-def _start_metrics(config: ServiceConfig, registry: CollectorRegistry):  # type: ignore[no-untyped-def]
+def _start_metrics(config: ServiceConfig, registry: CollectorRegistry) -> WSGIServer | None:
     if not config.metrics_port:
         return None
     http_server, _thread = start_http_server(config.metrics_port, addr=config.host, registry=registry)

@@ -1,0 +1,1 @@
+"""The `forgerl` command line."""

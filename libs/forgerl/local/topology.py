@@ -1,0 +1,89 @@
+"""The local topology: which processes run, on which loopback ports, with which environment.
+
+One place decides every port; each service reads its own through the same `FORGERL_<SERVICE>_<KEY>`
+variables the Helm chart sets in a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Start order: engines and storage first, then the services that call them.
+SERVICES = ("inference", "datapool", "gateway", "rollout", "trainer", "evolution")
+BROKER = "broker"
+
+
+@dataclass(frozen=True)
+class LocalTopology:
+    """Ports and paths of one local deployment (defaults are the embedded ones; a YAML file may override)."""
+
+    host: str = "127.0.0.1"
+    broker_port: int = 19092
+    # Service i (in SERVICES order) gets grpc_base_port + i and metrics_base_port + i.
+    grpc_base_port: int = 50051
+    metrics_base_port: int = 19151
+    state_dir: Path = Path(".forgerl")
+    auth_token: str | None = None
+    ready_timeout_s: float = 60.0
+    grace_s: float = 10.0
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> LocalTopology:
+        """The defaults, then the keys of YAML file `path`, then non-None `overrides`."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            loaded = yaml.safe_load(path.read_text()) or {}
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(loaded) - known)
+            if unknown:
+                raise ValueError(f"{path}: unknown keys {unknown}; known keys: {sorted(known)}")
+            values.update(loaded)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "state_dir" in values:
+            values["state_dir"] = Path(values["state_dir"])
+        return cls(**values)
+
+    def port(self, service: str) -> int:
+        return self.grpc_base_port + SERVICES.index(service)
+
+    def address(self, service: str) -> str:
+        if service == BROKER:
+            return f"{self.host}:{self.broker_port}"
+        return f"{self.host}:{self.port(service)}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "topology.json"
+
+    def service_env(self, service: str) -> dict[str, str]:
+        """The variables a service process is started with: its own keys and where its peers are."""
+        prefix = f"FORGERL_{service.upper()}_"
+        env = {
+            prefix + "HOST": self.host,
+            prefix + "PORT": str(self.port(service)),
+            prefix + "METRICS_PORT": str(self.metrics_base_port + SERVICES.index(service)),
+            prefix + "GRACE_S": str(self.grace_s),
+            prefix + "STATE_DIR": str(self.state_dir.resolve()),
+            prefix + "KAFKA_BOOTSTRAP": self.address(BROKER),
+        }
+        # A service's config declares the peers it calls as fields such as `inference_address`.
+        for peer in SERVICES:
+            if peer != service:
+                env[f"{prefix}{peer.upper()}_ADDRESS"] = self.address(peer)
+        if self.auth_token:
+            env["FORGERL_AUTH_TOKEN"] = self.auth_token
+        return env
+
+    def as_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["state_dir"] = str(self.state_dir)
+        values.pop("auth_token")
+        return values

@@ -6,6 +6,7 @@ Each process runs in its own session (process group) with its output in `<state_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -166,10 +167,8 @@ def stop_processes(processes: Iterable[Process], timeout_s: float) -> None:
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _alive(pid: int) -> bool:
@@ -183,7 +182,5 @@ def _alive(pid: int) -> bool:
 
 def _reap(pid: int) -> None:
     """Collect `pid` if it is our exited child, so it does not linger as a zombie."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass

@@ -1,0 +1,134 @@
+"""Fine-grained sparse mixture of experts with sigmoid routing and a selection-only correction bias.
+
+Shape legend: N tokens (B*T flattened), D hidden, E experts, F expert FFN width, K experts per token
+(top_k), S = N*K routed (token, expert) pairs.
+
+Routing (as MiniMax-M2 and DeepSeek-V3): scores = sigmoid(x W_gate^T) in at least float32; the top-k is
+chosen on scores + e_score_correction_bias, but the weights are the *unbiased* scores of the chosen
+experts, renormalised to sum to one. The bias is a buffer, moved by balance.update_expert_bias after each
+optimizer step (aux-loss-free balancing), never by gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from forgerl.model.config import ModelConfig
+from forgerl.model.layers import compute_dtype
+
+
+@dataclass
+class Routing:
+    expert_ids_NK: torch.Tensor  # long: the chosen experts, or the replayed ones
+    weights_NK: torch.Tensor  # compute dtype: renormalised sigmoid scores of the chosen experts
+    scores_NE: torch.Tensor  # compute dtype: all sigmoid scores (for the sequence balance loss)
+
+
+def route(
+    x_ND: torch.Tensor,
+    gate_ED: torch.Tensor,
+    bias_E: torch.Tensor,
+    top_k: int,
+    replay_ids_NK: torch.Tensor | None = None,
+) -> Routing:
+    ct = compute_dtype(x_ND.dtype)
+    scores_NE = F.linear(x_ND.to(ct), gate_ED.to(ct)).sigmoid()
+    if replay_ids_NK is None:
+        with torch.no_grad():
+            expert_ids_NK = torch.topk(scores_NE + bias_E.to(ct), top_k, dim=-1, sorted=False).indices
+    else:
+        expert_ids_NK = replay_ids_NK
+    weights_NK = scores_NE.gather(1, expert_ids_NK)
+    weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
+    return Routing(expert_ids_NK, weights_NK, scores_NE)
+
+
+def _grouped_matmul(x_SI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Row block e of x (counts[e] rows, sorted by expert) times w[e]^T: [S, I] x [E, O, I] -> [S, O].
+
+    torch's grouped_mm kernel (float32/bf16, 16-byte aligned rows) does it in one call; other dtypes
+    (float64) and layouts loop over the non-empty experts.
+    """
+    w_EIO = w_EOI.transpose(-1, -2)
+    itemsize = x_SI.element_size()
+    if (
+        hasattr(F, "grouped_mm")
+        and x_SI.dtype in (torch.float32, torch.bfloat16)
+        and (x_SI.shape[-1] * itemsize) % 16 == 0
+        and (w_EOI.shape[-1] * itemsize) % 16 == 0
+    ):
+        offsets_E = torch.tensor(counts, device=x_SI.device).cumsum(0).to(torch.int32)
+        return F.grouped_mm(x_SI, w_EIO, offs=offsets_E)
+    blocks = x_SI.split(counts)
+    return torch.cat([blocks[e] @ w_EIO[e] for e in range(len(counts)) if counts[e]] or [x_SI[:0] @ w_EIO[0]])
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored stacked (one tensor per projection, as torchtitan does): w2(silu(w1 x) * w3 x).
+
+    w1[e] / w2[e] / w3[e] are the HF checkpoint's `experts.{e}.w1.weight` etc. ([out, in] layout)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        e, d, f = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.w1 = nn.Parameter(torch.empty(e, f, d))  # gate projection  [E, F, D]
+        self.w2 = nn.Parameter(torch.empty(e, d, f))  # down projection  [E, D, F]
+        self.w3 = nn.Parameter(torch.empty(e, f, d))  # up projection    [E, F, D]
+
+    def forward(self, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        n, k = expert_ids_NK.shape
+        # Sort the N*K (token, expert) pairs by expert so that each expert sees one contiguous block.
+        order_S = expert_ids_NK.reshape(-1).argsort(stable=True)
+        token_S = order_S // k
+        counts = torch.bincount(expert_ids_NK.reshape(-1), minlength=self.w1.shape[0]).tolist()
+        x_SD = x_ND[token_S]
+        h_SF = F.silu(_grouped_matmul(x_SD, self.w1, counts)) * _grouped_matmul(x_SD, self.w3, counts)
+        y_SD = _grouped_matmul(h_SF, self.w2, counts)
+        # Weight in the routing dtype (>= float32), then sum each token's K outputs in expert order.
+        y_SD = (y_SD * weights_NK.reshape(-1)[order_S, None]).to(x_ND.dtype)
+        return torch.zeros_like(x_ND).index_add_(0, token_S, y_SD)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + experts. Named `block_sparse_moe` in the decoder layer, as in the HF checkpoint."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.num_local_experts
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.experts = Experts(cfg)
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_local_experts))
+        # Tokens routed to each expert since the last bias update (training forwards only); not saved.
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_local_experts), persistent=False)
+
+    def forward(
+        self, x_BTD: torch.Tensor, replay_ids_BTK: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Routing, torch.Tensor]:
+        """Returns the output [B, T, D], the routing, and the per-expert token counts [E] of this call."""
+        b, t, d = x_BTD.shape
+        x_ND = x_BTD.reshape(b * t, d)
+        replay_ids_NK = None if replay_ids_BTK is None else replay_ids_BTK.reshape(b * t, self.top_k)
+        routing = route(x_ND, self.gate.weight, self.e_score_correction_bias, self.top_k, replay_ids_NK)
+        y_ND = self.experts(x_ND, routing.expert_ids_NK, routing.weights_NK)
+        with torch.no_grad():
+            load_E = torch.bincount(routing.expert_ids_NK.reshape(-1), minlength=self.n_experts)
+            load_E = load_E.to(self.tokens_per_expert.dtype)
+            if self.training:
+                self.tokens_per_expert += load_E
+        return y_ND.view(b, t, d), routing, load_E
+
+
+def sequence_balance_loss(scores_BTE: torch.Tensor, expert_ids_BTK: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3 eq. 17-20, per sequence then averaged: sum_e f_e * P_e with
+    f_e = E / (K T) * #{t: e in topk_t} and P_e = mean_t of the scores normalised over experts."""
+    b, t, e = scores_BTE.shape
+    k = expert_ids_BTK.shape[-1]
+    counts_BE = torch.zeros(b, e, dtype=scores_BTE.dtype, device=scores_BTE.device)
+    counts_BE.scatter_add_(1, expert_ids_BTK.reshape(b, t * k), torch.ones_like(counts_BE[:, :1]).expand(b, t * k))
+    f_BE = counts_BE * (e / (k * t))
+    p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(dim=1)
+    return (f_BE * p_BE).sum(-1).mean()

@@ -10,6 +10,7 @@ Every method opens its own short transaction, so one Store is safe to share betw
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -82,7 +83,7 @@ class RunRepository(_Repo):
     def to_proto(row: RunRow) -> run_pb2.Run:
         run = run_pb2.Run(
             run_id=row.run_id,
-            state=run_pb2.RunState.Value(row.state),
+            state=row.state,  # the enum name
             stage=row.stage,
             step=row.step,
             policy_version=row.policy_version,
@@ -422,9 +423,9 @@ class ScaffoldRepository(_Repo):
                 q = q.where(ScaffoldVersionRow.scaffold_id == scaffold_id)
             return [self.to_proto(r) for r in s.scalars(q)]
 
-    def lineage(self, ref: str) -> list[run_pb2.ScaffoldVersion]:
+    def lineage(self, ref: str) -> builtins.list[run_pb2.ScaffoldVersion]:
         """The scaffold and its ancestors, newest first."""
-        out: list[run_pb2.ScaffoldVersion] = []
+        out: builtins.list[run_pb2.ScaffoldVersion] = []
         seen: set[str] = set()
         current: str = ref
         while current and current not in seen:
@@ -443,7 +444,7 @@ class IterationRepository(_Repo):
             index=row.index,
             base_scaffold=row.base_scaffold,
             candidate_scaffolds=list(row.candidate_scaffolds or []),
-            state=run_pb2.IterationState.Value(row.state),
+            state=row.state,  # the enum name
             diagnosis=row.diagnosis,
             selected_scaffold=row.selected_scaffold,
             approved_by=row.approved_by,

@@ -5,15 +5,25 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from forgerl.runtime import ServiceSpec, load_config, placeholder_spec, run_service
+from forgerl.datapool.manager import DataPool
+from forgerl.runtime import ServiceSpec, load_config, run_service
 from forgerl.services.datapool.config import DatapoolConfig
-from forgerl.v1 import datapool_pb2
+from forgerl.services.datapool.servicer import DatapoolServicer, settings_from_config, store_policy_lookup
+from forgerl.v1 import datapool_pb2, datapool_pb2_grpc
 
 SERVICE = datapool_pb2.DESCRIPTOR.services_by_name["DatapoolService"]
 
 
 def build(config: DatapoolConfig) -> ServiceSpec:
-    return placeholder_spec("datapool", SERVICE, owner="issue 7: data pool")
+    policy_for = store_policy_lookup(config) if config.run_policy_from_store else None
+    servicer = DatapoolServicer(DataPool(settings_from_config(config), policy_for=policy_for))
+    return ServiceSpec(
+        name="datapool",
+        services=[SERVICE],
+        register=lambda server: datapool_pb2_grpc.add_DatapoolServiceServicer_to_server(servicer, server),
+        on_start=servicer.start,
+        on_stop=servicer.stop,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

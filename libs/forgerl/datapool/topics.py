@@ -1,0 +1,139 @@
+"""Topics and the wire format of trajectories on Kafka.
+
+Per run `R` (topic-safe form of the run id, see `topic_safe`):
+- `forgerl.R.trajectories`        Trajectory protobuf, key = group_id (a task group stays in one
+                                  partition), headers `forgerl-schema` and `content-type`;
+- `forgerl.R.trajectories.dlq`    what the data pool could not decode, verbatim, with the reason and
+                                  the source topic/partition/offset in headers;
+- `forgerl.R.datapool.state`      the data pool's own log (one partition): acknowledged batches and
+                                  settled offsets, read back on restart.
+
+The submission sequence of an episode (the order rollout submitted it in) travels in the label
+`forgerl/submit_seq`; the data pool's windowed FIFO is keyed by it. Without the label a trajectory
+joins the queue in arrival order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError as _PbDecodeError
+
+from forgerl.v1 import trajectory_pb2
+
+__all__ = [
+    "CONTENT_TYPE",
+    "SCHEMA_VERSION",
+    "SUBMIT_SEQ_LABEL",
+    "SUPPORTED_SCHEMA_VERSIONS",
+    "DecodeError",
+    "RunTopics",
+    "decode_trajectory",
+    "encode_trajectory",
+    "min_policy_version",
+    "submit_seq",
+    "topic_safe",
+]
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+CONTENT_TYPE = b"application/x-protobuf; messageType=forgerl.v1.Trajectory"
+SCHEMA_HEADER = "forgerl-schema"
+SUBMIT_SEQ_LABEL = "forgerl/submit_seq"
+
+# Kafka topic names: [a-zA-Z0-9._-], at most 249 characters.
+_TOPIC_SAFE = re.compile(r"[^a-zA-Z0-9_-]")
+_MAX_RUN_PART = 180
+
+
+def topic_safe(run_id: str) -> str:
+    """The run id as it appears in topic names; ids that needed changes get a hash suffix (no clashes)."""
+    if not run_id:
+        raise ValueError("run_id must not be empty")
+    safe = _TOPIC_SAFE.sub("_", run_id)
+    if safe != run_id or len(safe) > _MAX_RUN_PART:
+        digest = hashlib.sha1(run_id.encode()).hexdigest()[:10]
+        safe = f"{safe[: _MAX_RUN_PART - 11]}-{digest}"
+    return safe
+
+
+@dataclass(frozen=True)
+class RunTopics:
+    run_id: str
+    prefix: str = "forgerl"
+
+    @property
+    def trajectories(self) -> str:
+        return f"{self.prefix}.{topic_safe(self.run_id)}.trajectories"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.trajectories}.dlq"
+
+    @property
+    def state(self) -> str:
+        return f"{self.prefix}.{topic_safe(self.run_id)}.datapool.state"
+
+
+class DecodeError(ValueError):
+    """A record that is not a readable Trajectory of this run; `reason` is a short machine word."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def encode_trajectory(traj: trajectory_pb2.Trajectory) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    """(key, value, headers) of a trajectory; schema_version 0 is set to the current version."""
+    if not traj.trajectory_id:
+        raise ValueError("trajectory_id is required")
+    if not traj.run_id:
+        raise ValueError(f"trajectory {traj.trajectory_id}: run_id is required")
+    if traj.schema_version == 0:
+        traj.schema_version = SCHEMA_VERSION
+    key = (traj.group_id or traj.trajectory_id).encode()
+    headers = [(SCHEMA_HEADER, str(traj.schema_version).encode()), ("content-type", CONTENT_TYPE)]
+    return key, traj.SerializeToString(), headers
+
+
+def decode_trajectory(value: bytes | None, expected_run_id: str | None = None) -> trajectory_pb2.Trajectory:
+    """Parse and check one record value; raise DecodeError with the reason when it is unusable."""
+    if not value:
+        raise DecodeError("empty", "the record has no value")
+    traj = trajectory_pb2.Trajectory()
+    try:
+        traj.ParseFromString(value)
+    except (_PbDecodeError, RuntimeError, ValueError) as exc:
+        raise DecodeError("not_protobuf", f"not a Trajectory protobuf ({exc})") from None
+    if traj.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise DecodeError(
+            "schema_version",
+            f"schema_version {traj.schema_version} is not one of {sorted(SUPPORTED_SCHEMA_VERSIONS)}",
+        )
+    if not traj.trajectory_id:
+        raise DecodeError("no_trajectory_id", "trajectory_id is empty")
+    if expected_run_id is not None and traj.run_id != expected_run_id:
+        raise DecodeError("wrong_run", f"run_id {traj.run_id!r} on the topic of run {expected_run_id!r}")
+    if SUBMIT_SEQ_LABEL in traj.labels:
+        try:
+            if int(traj.labels[SUBMIT_SEQ_LABEL]) < 0:
+                raise ValueError
+        except ValueError:
+            raise DecodeError(
+                "bad_submit_seq", f"label {SUBMIT_SEQ_LABEL}={traj.labels[SUBMIT_SEQ_LABEL]!r} is not an int >= 0"
+            ) from None
+    return traj
+
+
+def submit_seq(traj: trajectory_pb2.Trajectory) -> int | None:
+    """The submission sequence number rollout gave the episode, or None when it carries none."""
+    value = traj.labels.get(SUBMIT_SEQ_LABEL)
+    return int(value) if value is not None else None
+
+
+def min_policy_version(traj: trajectory_pb2.Trajectory) -> int | None:
+    """The oldest policy version among the turns (None for a trajectory without turns)."""
+    return min((t.policy_version for t in traj.turns), default=None)

@@ -1,0 +1,144 @@
+"""gRPC front of the data pool: DatapoolService over `forgerl.datapool.manager.DataPool`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from kafka.errors import KafkaError
+
+from forgerl.datapool.feed import KafkaSettings
+from forgerl.datapool.manager import AckError, DataPool, PoolBehindError, PoolSettings, RunPolicy
+from forgerl.services.datapool.config import DatapoolConfig
+from forgerl.v1 import datapool_pb2, datapool_pb2_grpc
+
+log = logging.getLogger("forgerl.datapool")
+
+T = TypeVar("T")
+
+
+def settings_from_config(config: DatapoolConfig) -> PoolSettings:
+    return PoolSettings(
+        kafka=KafkaSettings(
+            bootstrap=config.kafka_bootstrap,
+            group_id=config.group_id,
+            topic_prefix=config.topic_prefix,
+            partitions=config.partitions,
+        ),
+        default_policy=RunPolicy(
+            window=config.fifo_window, max_staleness=None if config.max_staleness < 0 else config.max_staleness
+        ),
+        ack_timeout_s=config.ack_timeout_s,
+        gap_timeout_s=config.gap_timeout_s,
+        max_lag=config.max_lag,
+        runs=tuple(r.strip() for r in config.runs.split(",") if r.strip()),
+    )
+
+
+def store_policy_lookup(config: DatapoolConfig) -> Callable[[str], RunPolicy | None]:
+    """A run's window and staleness bound from its RunConfig in the run store (None when unknown)."""
+    from forgerl.store import Store, default_url
+
+    url = config.database_url or default_url(config.state_dir)
+    store: list[Store] = []
+    default = settings_from_config(config).default_policy
+
+    def lookup(run_id: str) -> RunPolicy | None:
+        if not store:
+            store.append(Store.open(url, migrate=False))
+        run = store[0].runs.find(run_id)
+        if run is None or not run.config.HasField("rl"):
+            return None
+        rl = run.config.rl
+        return RunPolicy(
+            window=rl.fifo_window if 0 < rl.fifo_window <= 1 else default.window,
+            max_staleness=rl.max_staleness if rl.max_staleness > 0 else default.max_staleness,
+        )
+
+    return lookup
+
+
+class DatapoolServicer(datapool_pb2_grpc.DatapoolServiceServicer):
+    def __init__(self, pool: DataPool) -> None:
+        self.pool = pool
+
+    async def start(self) -> None:
+        await self.pool.start()
+
+    async def stop(self) -> None:
+        await self.pool.stop()
+
+    async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except PoolBehindError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except AckError as exc:
+            code = grpc.StatusCode.NOT_FOUND if exc.code == "unknown" else grpc.StatusCode.FAILED_PRECONDITION
+            await context.abort(code, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (KafkaError, TimeoutError, ConnectionError) as exc:
+            log.warning("Kafka unavailable: %s", exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Kafka is unavailable: {exc!r}; retry")
+        except RuntimeError as exc:
+            log.exception("data pool failure")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        raise AssertionError("unreachable")  # context.abort raises
+
+    async def PutTrajectories(
+        self, request: datapool_pb2.PutTrajectoriesRequest, context: grpc.aio.ServicerContext
+    ) -> datapool_pb2.PutTrajectoriesResponse:
+        for i, traj in enumerate(request.trajectories):
+            if not traj.trajectory_id or not traj.run_id:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"trajectories[{i}]: trajectory_id and run_id are required",
+                )
+        accepted = await self._call(context, lambda: self.pool.put(list(request.trajectories)))
+        return datapool_pb2.PutTrajectoriesResponse(accepted=accepted)
+
+    async def FetchBatch(
+        self, request: datapool_pb2.FetchBatchRequest, context: grpc.aio.ServicerContext
+    ) -> datapool_pb2.FetchBatchResponse:
+        if not request.run_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "run_id is required")
+        if request.size <= 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"size {request.size}: ask for at least one")
+        timeout_s = max(0.0, request.timeout_s)
+        remaining = context.time_remaining()
+        if remaining is not None:  # answer before the client's deadline, with what is there
+            timeout_s = min(timeout_s, max(0.0, remaining - 0.2))
+        batch = await self._call(
+            context,
+            lambda: self.pool.fetch(request.run_id, request.size, request.policy_version, timeout_s),
+        )
+        return datapool_pb2.FetchBatchResponse(
+            batch_id=batch.batch_id, trajectories=batch.trajectories, dropped_stale=batch.dropped_stale
+        )
+
+    async def Ack(
+        self, request: datapool_pb2.AckRequest, context: grpc.aio.ServicerContext
+    ) -> datapool_pb2.AckResponse:
+        if not request.run_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "run_id is required")
+        committed = await self._call(context, lambda: self.pool.ack(request.run_id, request.batch_id))
+        return datapool_pb2.AckResponse(committed=committed)
+
+    async def GetPoolStats(
+        self, request: datapool_pb2.GetPoolStatsRequest, context: grpc.aio.ServicerContext
+    ) -> datapool_pb2.GetPoolStatsResponse:
+        if not request.run_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "run_id is required")
+        s = await self._call(context, lambda: self.pool.stats(request.run_id))
+        return datapool_pb2.GetPoolStatsResponse(
+            lag=s.lag,
+            buffered=s.buffered,
+            dropped_stale=s.dropped_stale,
+            dead_lettered=s.dead_lettered,
+            duplicates=s.duplicates,
+            served=s.served,
+            acknowledged=s.acknowledged,
+        )

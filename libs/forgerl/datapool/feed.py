@@ -220,23 +220,23 @@ class RunFeed:
                 log.exception("consumer of run %s failed", self.run_id)
 
     def _handle(self, polled: dict[TopicPartition, list[Any]]) -> None:
-        decoded: list[tuple[int, int, Any, int]] = []
-        dead: list[tuple[int, int, str]] = []
+        # Decode outside the lock; hand over in offset order (the pool expects offsets to increase).
+        items: list[tuple[int, int, Any, int, str]] = []
         for tp, recs in polled.items():
             for rec in recs:
                 try:
                     traj = decode_trajectory(rec.value, expected_run_id=self.run_id)
                 except DecodeError as exc:
                     self._dead_letter(rec, exc)
-                    dead.append((tp.partition, rec.offset, exc.reason))
+                    items.append((tp.partition, rec.offset, None, 0, exc.reason))
                     continue
-                decoded.append((tp.partition, rec.offset, traj, len(rec.value)))
+                items.append((tp.partition, rec.offset, traj, len(rec.value), ""))
         queued = 0
         with self.lock:
-            for p, o, reason in dead:
-                self.pool.dead_lettered(p, o, reason)
-            for p, o, traj, size in decoded:
-                if self.pool.offer(p, o, traj, size) == "queued":
+            for p, o, traj, size, reason in items:
+                if traj is None:
+                    self.pool.dead_lettered(p, o, reason)
+                elif self.pool.offer(p, o, traj, size) == "queued":
                     queued += 1
         if queued:
             self.on_data()

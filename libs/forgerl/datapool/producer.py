@@ -123,13 +123,12 @@ class TrajectoryProducer:
     # -- backpressure -----------------------------------------------------------------------------
 
     def lag(self, run_id: str) -> int:
-        """Records of the run this producer wrote that the data pool has not committed past yet."""
+        """Records on the run's topic that the data pool has not committed past yet.
+
+        The end of each partition is the high watermark of a fetch of its last batch (Tansu's
+        ListOffsets alone under-reports it), and never less than what this producer wrote there."""
         topic = RunTopics(run_id, self.topic_prefix).trajectories
-        with self._lock:
-            ends = {tp: end for tp, end in self._produced_end.items() if tp.topic == topic}
-        if not ends:
-            return 0
-        with self._lag_lock:  # the consumer reading committed offsets is not thread-safe
+        with self._lag_lock:  # the consumer reading offsets is not thread-safe
             if self._offsets_reader is None:
                 self._offsets_reader = KafkaConsumer(
                     bootstrap_servers=self.bootstrap,
@@ -137,9 +136,25 @@ class TrajectoryProducer:
                     enable_auto_commit=False,
                     client_id=f"{self._producer.config['client_id']}-lag",
                 )
+            reader = self._offsets_reader
+            partitions = reader.partitions_for_topic(topic)
+            if not partitions:
+                return 0
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            reader.unsubscribe()  # forget the high watermarks of the last check
+            reader.assign(tps)
+            listed = reader.end_offsets(tps)
+            for tp in tps:
+                reader.seek(tp, max(0, listed[tp] - 1))
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and any(reader.highwater(tp) is None for tp in tps):
+                reader.poll(timeout_ms=100)
+            with self._lock:
+                produced = dict(self._produced_end)
             lag = 0
-            for tp, end in ends.items():
-                committed = self._offsets_reader.committed(tp) or 0
+            for tp in tps:
+                end = max(reader.highwater(tp) or 0, listed[tp], produced.get(tp, 0))
+                committed = reader.committed(tp) or 0
                 lag += max(0, end - committed)
             return lag
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,3 +17,10 @@ async def serve_in_process(spec: ServiceSpec, config: ServiceConfig) -> AsyncIte
     running: RunningServer
     async with started_server(spec, config) as running:
         yield f"127.0.0.1:{running.port}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (the caller binds it next; good enough on loopback in tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,115 @@
+"""The shared server bootstrap on a real loopback port: health, reflection, auth, metrics, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from forgerl.runtime.client import health_status, insecure_channel
+from forgerl.runtime.testing import free_port, serve_in_process
+from forgerl.services.gateway.config import GatewayConfig
+from forgerl.services.gateway.main import build as build_gateway
+from forgerl.v1 import gateway_pb2, gateway_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "s3cret-token"
+
+
+async def in_thread(function, *args):  # type: ignore[no-untyped-def]
+    """Blocking clients run off the event loop that serves them."""
+    return await asyncio.to_thread(function, *args)
+
+
+def reflected_services(address: str, token: str | None = None) -> set[str]:
+    with insecure_channel(address, token) as channel:
+        return set(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+
+async def test_health_reflection_and_unimplemented_placeholder() -> None:
+    async with serve_in_process(build_gateway(GatewayConfig()), GatewayConfig()) as address:
+        assert await in_thread(health_status, address) == "SERVING"
+        assert await in_thread(health_status, address, "forgerl.v1.GatewayService") == "SERVING"
+        assert await in_thread(health_status, address, "forgerl.v1.NoSuchService") == "SERVICE_UNKNOWN"
+        assert {"forgerl.v1.GatewayService", "grpc.health.v1.Health"} <= await in_thread(reflected_services, address)
+        async with grpc.aio.insecure_channel(address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await gateway_pb2_grpc.GatewayServiceStub(channel).OpenEpisode(gateway_pb2.OpenEpisodeRequest())
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "issue 6" in (err.value.details() or "")
+
+
+async def test_token_is_required_when_configured() -> None:
+    config = GatewayConfig(auth_token=TOKEN)
+    async with serve_in_process(build_gateway(config), config) as address:
+        await in_thread(check_token_enforced, address)
+
+
+def check_token_enforced(address: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        reflected_services(address)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as err:
+        reflected_services(address, token="wrong")
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "forgerl.v1.GatewayService" in reflected_services(address, token=TOKEN)
+    # Health stays open for Kubernetes' probes, which cannot send a token.
+    assert health_status(address) == "SERVING"
+    with insecure_channel(address, TOKEN) as channel, pytest.raises(grpc.RpcError) as err:
+        gateway_pb2_grpc.GatewayServiceStub(channel).GetEpisode(gateway_pb2.GetEpisodeRequest())
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # past auth, into the servicer
+
+
+async def test_metrics_endpoint_counts_rpcs() -> None:
+    metrics_port = free_port()
+    config = GatewayConfig(metrics_port=metrics_port)
+    async with serve_in_process(build_gateway(config), config) as address:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for _ in range(3):
+                await stub.Check(health_pb2.HealthCheckRequest())
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        body = (await in_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
+    line = next(x for x in body.splitlines() if x.startswith("forgerl_rpc_total{") and "Health/Check" in x)
+    assert line.endswith(" 3.0"), line
+
+
+def test_sigterm_lets_the_in_flight_call_finish_and_exits_zero() -> None:
+    port = free_port()
+    script = Path(__file__).with_name("slow_service.py")
+    server = subprocess.Popen(
+        [sys.executable, str(script), "--port", str(port), "--grace-s", "10"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        address = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while health_status(address) != "SERVING":
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert time.monotonic() < deadline, "slow service never became SERVING"
+            time.sleep(0.1)
+        with insecure_channel(address) as channel:
+            call = inference_pb2_grpc.InferenceServiceStub(channel).GetStatus.future(
+                inference_pb2.GetStatusRequest(), timeout=20
+            )
+            assert server.stdout is not None
+            assert server.stdout.readline().strip() == "in-flight"
+            server.send_signal(signal.SIGTERM)
+            assert call.result().policy_version == 42
+        assert server.wait(timeout=20) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

@@ -45,7 +45,7 @@ def test_bad_value_names_the_flag_and_the_variable() -> None:
 
 
 def test_unknown_flag_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="unknown flag --bach-size.*--batch-size"):
+    with pytest.raises(ConfigError, match=r"unknown flag --bach-size.*--batch-size"):
         load_config(ToyConfig, "toy", ["--bach-size", "3"], environ={})
 
 

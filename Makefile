@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml package.json
 	npm install --no-audit --no-fund --silent
 	touch $@
 
+# The main job. Until the trainer lands (issue 9) it is the local topology itself: every service SERVING.
 run: setup
-	$(VENV)/bin/forgerl run start examples/tiny-tool-use.yaml --local --follow
+	$(VENV)/bin/forgerl up
 
 test: setup protos-check buf-lint
 	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS)

@@ -271,8 +271,9 @@ class RunFeed:
         for future in futures:
             future.get(timeout=self.settings.request_timeout_s)
 
-    def ack(self, batch_id: str) -> int:
-        """Acknowledge a served batch: log it durably, settle it, commit. Returns how many were
+    def ack(self, batch_id: str, commit: bool = True) -> int:
+        """Acknowledge a served batch: log it durably, settle it, commit (or leave the commit to the
+        next `flush_and_commit`: the log already makes the Ack durable). Returns how many were
         acknowledged (0 for a batch acknowledged before). Raises pool.AckError."""
         with self.lock:
             reserved = self.pool.begin_ack(batch_id)
@@ -292,7 +293,8 @@ class RunFeed:
             raise
         with self.lock:
             n = self.pool.finish_ack(batch)
-        self._commit()
+        if commit:
+            self._commit()
         return n
 
     def _write_settle(self, settle: dict[str, Any]) -> None:

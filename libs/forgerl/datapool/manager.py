@@ -77,6 +77,11 @@ class PoolStats:
     redelivered: int
 
 
+def _log_commit_failure(future: concurrent.futures.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("offset commit failed; the next one retries: %s", future.exception())
+
+
 class _Run:
     def __init__(self, run_id: str, pool: RunPool, feed: RunFeed, policy: RunPolicy) -> None:
         self.run_id = run_id
@@ -85,6 +90,7 @@ class _Run:
         self.policy = policy
         self.lock = feed.lock
         self.data = asyncio.Event()
+        self.commit_queued = False
         self.ack_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"datapool-ack-{run_id}")
 
 
@@ -331,7 +337,18 @@ class DataPool:
             return 0
         run = await self._run(run_id)
         loop = asyncio.get_running_loop()
-        return int(await loop.run_in_executor(run.ack_executor, run.feed.ack, batch_id))
+        n = int(await loop.run_in_executor(run.ack_executor, run.feed.ack, batch_id, False))
+        # The Ack is durable in the state log already; commit the offsets behind the answer (one
+        # queued commit covers every Ack before it runs).
+        if n and not run.commit_queued:
+            run.commit_queued = True
+            run.ack_executor.submit(self._commit, run).add_done_callback(_log_commit_failure)
+        return n
+
+    @staticmethod
+    def _commit(run: _Run) -> None:
+        run.commit_queued = False
+        run.feed.flush_and_commit()
 
     async def stats(self, run_id: str) -> PoolStats:
         run = await self._run(run_id)

@@ -33,7 +33,7 @@ from forgerl.datapool.broker import TansuBroker
 from forgerl.datapool.feed import KafkaSettings, ensure_topics
 from forgerl.datapool.manager import DataPool, PoolSettings, RunPolicy
 from forgerl.datapool.producer import TrajectoryProducer, producer_config
-from forgerl.datapool.topics import RunTopics, encode_trajectory
+from forgerl.datapool.topics import encode_trajectory
 from forgerl.v1 import datapool_pb2, datapool_pb2_grpc, trajectory_pb2
 
 PARTITIONS = 4

@@ -8,8 +8,13 @@ from collections.abc import Sequence
 from forgerl.datapool.manager import DataPool
 from forgerl.runtime import ServiceSpec, load_config, run_service
 from forgerl.services.datapool.config import DatapoolConfig
-from forgerl.services.datapool.servicer import DatapoolServicer, settings_from_config, store_policy_lookup
-from forgerl.v1 import datapool_pb2, datapool_pb2_grpc
+from forgerl.services.datapool.servicer import (
+    DatapoolServicer,
+    add_to_server,
+    settings_from_config,
+    store_policy_lookup,
+)
+from forgerl.v1 import datapool_pb2
 
 SERVICE = datapool_pb2.DESCRIPTOR.services_by_name["DatapoolService"]
 
@@ -20,7 +25,7 @@ def build(config: DatapoolConfig) -> ServiceSpec:
     return ServiceSpec(
         name="datapool",
         services=[SERVICE],
-        register=lambda server: datapool_pb2_grpc.add_DatapoolServiceServicer_to_server(servicer, server),
+        register=lambda server: add_to_server(servicer, server),
         on_start=servicer.start,
         on_stop=servicer.stop,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -58,6 +59,72 @@ def store_policy_lookup(config: DatapoolConfig) -> Callable[[str], RunPolicy | N
         )
 
     return lookup
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+_TRAJECTORIES_TAG = bytes([(2 << 3) | 2])  # FetchBatchResponse.trajectories: field 2, length-delimited
+
+
+@dataclass(slots=True)
+class RawFetchBatchResponse:
+    """A FetchBatchResponse whose trajectories are already serialized (the Kafka record values)."""
+
+    batch_id: str
+    payloads: list[bytes]
+    dropped_stale: int
+
+    def SerializeToString(self) -> bytes:
+        head = datapool_pb2.FetchBatchResponse(batch_id=self.batch_id, dropped_stale=self.dropped_stale)
+        parts = [head.SerializeToString()]
+        for payload in self.payloads:
+            parts += (_TRAJECTORIES_TAG, _varint(len(payload)), payload)
+        return b"".join(parts)
+
+
+def _serialize_fetch(response: RawFetchBatchResponse | datapool_pb2.FetchBatchResponse) -> bytes:
+    return response.SerializeToString()
+
+
+def add_to_server(servicer: DatapoolServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, with FetchBatch answering from raw trajectory bytes."""
+    handlers = {
+        "PutTrajectories": grpc.unary_unary_rpc_method_handler(
+            servicer.PutTrajectories,
+            request_deserializer=datapool_pb2.PutTrajectoriesRequest.FromString,
+            response_serializer=datapool_pb2.PutTrajectoriesResponse.SerializeToString,
+        ),
+        "FetchBatch": grpc.unary_unary_rpc_method_handler(
+            servicer.FetchBatch,
+            request_deserializer=datapool_pb2.FetchBatchRequest.FromString,
+            response_serializer=_serialize_fetch,
+        ),
+        "Ack": grpc.unary_unary_rpc_method_handler(
+            servicer.Ack,
+            request_deserializer=datapool_pb2.AckRequest.FromString,
+            response_serializer=datapool_pb2.AckResponse.SerializeToString,
+        ),
+        "GetPoolStats": grpc.unary_unary_rpc_method_handler(
+            servicer.GetPoolStats,
+            request_deserializer=datapool_pb2.GetPoolStatsRequest.FromString,
+            response_serializer=datapool_pb2.GetPoolStatsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+SERVICE_NAME = "forgerl.v1.DatapoolService"
 
 
 class DatapoolServicer(datapool_pb2_grpc.DatapoolServiceServicer):
@@ -115,9 +182,8 @@ class DatapoolServicer(datapool_pb2_grpc.DatapoolServiceServicer):
             context,
             lambda: self.pool.fetch(request.run_id, request.size, request.policy_version, timeout_s),
         )
-        return datapool_pb2.FetchBatchResponse(
-            batch_id=batch.batch_id, trajectories=batch.trajectories, dropped_stale=batch.dropped_stale
-        )
+        # The trajectories go out as they are on Kafka, never parsed and serialized again.
+        return RawFetchBatchResponse(batch.batch_id, batch.payloads, batch.dropped_stale)  # type: ignore[return-value]
 
     async def Ack(
         self, request: datapool_pb2.AckRequest, context: grpc.aio.ServicerContext

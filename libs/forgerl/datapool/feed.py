@@ -25,7 +25,7 @@ from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from forgerl.datapool.pool import RunPool
-from forgerl.datapool.topics import DecodeError, RunTopics, decode_trajectory
+from forgerl.datapool.topics import DecodeError, RunTopics, TrajectoryIndex, decode_index
 
 __all__ = ["FeedError", "KafkaSettings", "RunFeed", "ensure_topics", "read_to_end"]
 
@@ -46,6 +46,8 @@ class KafkaSettings:
     request_timeout_s: float = 30.0
     # Largest trajectory the pool reads in one fetch per partition (bigger ones still arrive, alone).
     max_partition_fetch_bytes: int = 16 * 1024 * 1024
+    # Parse every trajectory in full before queueing it (else: its envelope, see topics.decode_index).
+    full_validation: bool = False
 
 
 def ensure_topics(admin: KafkaAdminClient, topics: dict[str, int]) -> None:
@@ -221,22 +223,22 @@ class RunFeed:
 
     def _handle(self, polled: dict[TopicPartition, list[Any]]) -> None:
         # Decode outside the lock; hand over in offset order (the pool expects offsets to increase).
-        items: list[tuple[int, int, Any, int, str]] = []
+        items: list[tuple[int, int, TrajectoryIndex | None, bytes, str]] = []
         for tp, recs in polled.items():
             for rec in recs:
                 try:
-                    traj = decode_trajectory(rec.value, expected_run_id=self.run_id)
+                    index = decode_index(rec.value, self.run_id, full=self.settings.full_validation)
                 except DecodeError as exc:
                     self._dead_letter(rec, exc)
-                    items.append((tp.partition, rec.offset, None, 0, exc.reason))
+                    items.append((tp.partition, rec.offset, None, b"", exc.reason))
                     continue
-                items.append((tp.partition, rec.offset, traj, len(rec.value), ""))
+                items.append((tp.partition, rec.offset, index, rec.value, ""))
         queued = 0
         with self.lock:
-            for p, o, traj, size, reason in items:
-                if traj is None:
+            for p, o, found, payload, reason in items:
+                if found is None:
                     self.pool.dead_lettered(p, o, reason)
-                elif self.pool.offer(p, o, traj, size) == "queued":
+                elif self.pool.offer(p, o, found, payload) == "queued":
                     queued += 1
         if queued:
             self.on_data()

@@ -60,8 +60,16 @@ class PoolSettings:
 @dataclass
 class FetchedBatch:
     batch_id: str
-    trajectories: list[trajectory_pb2.Trajectory]
+    # The trajectories as serialized on Kafka; `trajectories` parses them.
+    payloads: list[bytes]
     dropped_stale: int
+
+    @property
+    def trajectories(self) -> list[trajectory_pb2.Trajectory]:
+        return [trajectory_pb2.Trajectory.FromString(p) for p in self.payloads]
+
+    def __len__(self) -> int:
+        return len(self.payloads)
 
 
 @dataclass
@@ -327,7 +335,7 @@ class DataPool:
             log.info("dropped %d stale trajectories of run %s at policy version %d", dropped, run_id, policy_version)
         return FetchedBatch(
             batch_id=batch.batch_id if batch else "",
-            trajectories=[e.trajectory for e in got],
+            payloads=[e.payload for e in got],
             dropped_stale=dropped,
         )
 

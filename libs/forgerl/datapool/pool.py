@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from forgerl.datapool.topics import min_policy_version, submit_seq
+from forgerl.datapool.topics import TrajectoryIndex, min_policy_version, submit_seq
 from forgerl.rl.windowed_fifo import ItemState, WindowedFIFO
 from forgerl.v1 import trajectory_pb2
 
@@ -55,19 +55,21 @@ class AckError(Exception):
 
 @dataclass(eq=False, slots=True)
 class Entry:
+    """One trajectory in the pool: its Kafka position, index fields and the record's bytes, unparsed."""
+
     partition: int
     offset: int
-    trajectory: trajectory_pb2.Trajectory
+    payload: bytes
+    trajectory_id: str
     seq: int
     min_version: int | None
-    size: int
     state: str = BUFFERED
     in_fifo: bool = False
     batch_id: str | None = None
 
     @property
-    def trajectory_id(self) -> str:
-        return self.trajectory.trajectory_id
+    def trajectory(self) -> trajectory_pb2.Trajectory:
+        return trajectory_pb2.Trajectory.FromString(self.payload)
 
 
 @dataclass(eq=False)
@@ -229,21 +231,27 @@ class RunPool:
             return False
         return True
 
-    def offer(self, partition: int, offset: int, traj: trajectory_pb2.Trajectory, size: int = 0) -> str:
-        """A decoded trajectory from Kafka: "queued", "duplicate" or "skipped" (seen before)."""
+    def offer(self, partition: int, offset: int, index: TrajectoryIndex, payload: bytes) -> str:
+        """A checked record from Kafka: "queued", "duplicate" or "skipped" (consumed or settled before)."""
         if not self._consume_offset(partition, offset):
             return "skipped"
-        tid = traj.trajectory_id
+        tid = index.trajectory_id
         if tid in self._seen:
             self.counters.duplicates += 1
             self._settle(partition, offset, tid, "dup")
             return "duplicate"
         self._seen.add(tid)
-        seq = submit_seq(traj)
-        entry = Entry(partition, offset, traj, -1, min_policy_version(traj), size)
+        entry = Entry(partition, offset, payload, tid, -1, index.min_policy_version)
         self._entries[(partition, offset)] = entry
-        self._enqueue(entry, seq)
+        self._enqueue(entry, index.submit_seq)
         return "queued"
+
+    def offer_trajectory(self, partition: int, offset: int, traj: trajectory_pb2.Trajectory) -> str:
+        """offer() for a Trajectory message (tests, tools)."""
+        index = TrajectoryIndex(
+            traj.trajectory_id, traj.run_id, traj.schema_version, submit_seq(traj), min_policy_version(traj)
+        )
+        return self.offer(partition, offset, index, traj.SerializeToString())
 
     def dead_lettered(self, partition: int, offset: int, reason: str) -> bool:
         """A record that went to the dead-letter topic; False when it had been settled before."""

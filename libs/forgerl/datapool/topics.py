@@ -18,8 +18,11 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import Any
 
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError as _PbDecodeError
+from google.protobuf.message import Message
 
 from forgerl.v1 import trajectory_pb2
 
@@ -30,6 +33,8 @@ __all__ = [
     "SUPPORTED_SCHEMA_VERSIONS",
     "DecodeError",
     "RunTopics",
+    "TrajectoryIndex",
+    "decode_index",
     "decode_trajectory",
     "encode_trajectory",
     "min_policy_version",
@@ -86,6 +91,97 @@ class DecodeError(ValueError):
         self.detail = detail
 
 
+def _index_message_class() -> type[Message]:
+    """A pool-internal view of Trajectory with only what the pool indexes by (same field numbers).
+
+    Parsing it checks the record's wire format down to each turn's envelope and skips the bulk (token
+    ids, logprobs, routed experts) as unknown fields: 2-6x cheaper than a full parse."""
+    f = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="forgerl/internal/trajectory_index.proto", package="forgerl.internal", syntax="proto3"
+    )
+    turn = fdp.message_type.add(name="TurnIndex")
+    turn.field.add(name="policy_version", number=5, type=f.TYPE_INT64, label=f.LABEL_OPTIONAL)
+    msg = fdp.message_type.add(name="TrajectoryIndex")
+    msg.field.add(name="schema_version", number=1, type=f.TYPE_INT32, label=f.LABEL_OPTIONAL)
+    msg.field.add(name="trajectory_id", number=2, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    msg.field.add(name="run_id", number=3, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    msg.field.add(
+        name="turns", number=8, type=f.TYPE_MESSAGE, label=f.LABEL_REPEATED, type_name=".forgerl.internal.TurnIndex"
+    )
+    entry = msg.nested_type.add(name="LabelsEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    msg.field.add(
+        name="labels",
+        number=18,
+        type=f.TYPE_MESSAGE,
+        label=f.LABEL_REPEATED,
+        type_name=".forgerl.internal.TrajectoryIndex.LabelsEntry",
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("forgerl.internal.TrajectoryIndex"))
+
+
+_TrajectoryIndexMessage = _index_message_class()
+
+
+@dataclass(frozen=True, slots=True)
+class TrajectoryIndex:
+    """What the data pool needs of a trajectory; the record's bytes travel on unparsed."""
+
+    trajectory_id: str
+    run_id: str
+    schema_version: int
+    submit_seq: int | None
+    min_policy_version: int | None
+
+
+def decode_index(value: bytes | None, expected_run_id: str | None = None, *, full: bool = False) -> TrajectoryIndex:
+    """Check one record value and read its index fields; DecodeError with the reason when unusable.
+
+    full=False parses the envelope (every top-level field and each turn's policy_version) and leaves
+    the bulk unparsed; full=True parses the whole Trajectory."""
+    if full:
+        traj = decode_trajectory(value, expected_run_id)
+        return TrajectoryIndex(
+            traj.trajectory_id, traj.run_id, traj.schema_version, submit_seq(traj), min_policy_version(traj)
+        )
+    if not value:
+        raise DecodeError("empty", "the record has no value")
+    try:
+        idx: Any = _TrajectoryIndexMessage.FromString(value)
+    except (_PbDecodeError, RuntimeError, ValueError) as exc:
+        raise DecodeError("not_protobuf", f"not a Trajectory protobuf ({exc})") from None
+    _check(idx.schema_version, idx.trajectory_id, idx.run_id, idx.labels, expected_run_id)
+    seq = idx.labels.get(SUBMIT_SEQ_LABEL)
+    return TrajectoryIndex(
+        idx.trajectory_id,
+        idx.run_id,
+        idx.schema_version,
+        int(seq) if seq is not None else None,
+        min((t.policy_version for t in idx.turns), default=None),
+    )
+
+
+def _check(schema_version: int, trajectory_id: str, run_id: str, labels: Any, expected_run_id: str | None) -> None:
+    if schema_version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise DecodeError(
+            "schema_version",
+            f"schema_version {schema_version} is not one of {sorted(SUPPORTED_SCHEMA_VERSIONS)}",
+        )
+    if not trajectory_id:
+        raise DecodeError("no_trajectory_id", "trajectory_id is empty")
+    if expected_run_id is not None and run_id != expected_run_id:
+        raise DecodeError("wrong_run", f"run_id {run_id!r} on the topic of run {expected_run_id!r}")
+    if SUBMIT_SEQ_LABEL in labels:
+        value = labels[SUBMIT_SEQ_LABEL]
+        if not (value.isascii() and value.isdigit()):
+            raise DecodeError("bad_submit_seq", f"label {SUBMIT_SEQ_LABEL}={value!r} is not an int >= 0")
+
+
 def encode_trajectory(traj: trajectory_pb2.Trajectory) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
     """(key, value, headers) of a trajectory; schema_version 0 is set to the current version."""
     if not traj.trajectory_id:
@@ -108,23 +204,7 @@ def decode_trajectory(value: bytes | None, expected_run_id: str | None = None) -
         traj.ParseFromString(value)
     except (_PbDecodeError, RuntimeError, ValueError) as exc:
         raise DecodeError("not_protobuf", f"not a Trajectory protobuf ({exc})") from None
-    if traj.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
-        raise DecodeError(
-            "schema_version",
-            f"schema_version {traj.schema_version} is not one of {sorted(SUPPORTED_SCHEMA_VERSIONS)}",
-        )
-    if not traj.trajectory_id:
-        raise DecodeError("no_trajectory_id", "trajectory_id is empty")
-    if expected_run_id is not None and traj.run_id != expected_run_id:
-        raise DecodeError("wrong_run", f"run_id {traj.run_id!r} on the topic of run {expected_run_id!r}")
-    if SUBMIT_SEQ_LABEL in traj.labels:
-        try:
-            if int(traj.labels[SUBMIT_SEQ_LABEL]) < 0:
-                raise ValueError
-        except ValueError:
-            raise DecodeError(
-                "bad_submit_seq", f"label {SUBMIT_SEQ_LABEL}={traj.labels[SUBMIT_SEQ_LABEL]!r} is not an int >= 0"
-            ) from None
+    _check(traj.schema_version, traj.trajectory_id, traj.run_id, traj.labels, expected_run_id)
     return traj
 
 

@@ -9,6 +9,7 @@ from forgerl.datapool.topics import (
     SUBMIT_SEQ_LABEL,
     DecodeError,
     RunTopics,
+    decode_index,
     decode_trajectory,
     encode_trajectory,
     topic_safe,
@@ -84,10 +85,24 @@ def test_encode_decode_roundtrip_and_key():
         ),
     ],
 )
-def test_decode_rejects(value, reason):
+@pytest.mark.parametrize("full", [False, True])
+def test_decode_rejects(value, reason, full):
     with pytest.raises(DecodeError) as err:
-        decode_trajectory(value, expected_run_id="r")
+        decode_index(value, expected_run_id="r", full=full)
     assert err.value.reason == reason
+    if full:
+        with pytest.raises(DecodeError):
+            decode_trajectory(value, expected_run_id="r")
+
+
+def test_index_reads_what_the_pool_needs():
+    t = traj(9, seq=42, version=3)
+    t.turns[0].routed_experts.expert_ids.extend(range(1000))
+    value = t.SerializeToString()
+    for full in (False, True):
+        idx = decode_index(value, "r", full=full)
+        assert (idx.trajectory_id, idx.run_id, idx.schema_version) == ("t9", "r", 1)
+        assert idx.submit_seq == 42 and idx.min_policy_version == 3
 
 
 # -- serving --------------------------------------------------------------------------------------
@@ -97,7 +112,7 @@ def test_arrival_order_fifo_ack_and_commit():
     pool = RunPool("r", window=1)
     pool.restore({0: 0, 1: 0}, [])
     for i in range(6):
-        assert pool.offer(i % 2, i // 2, traj(i)) == "queued"
+        assert pool.offer_trajectory(i % 2, i // 2, traj(i)) == "queued"
     entries, dropped = pool.take(4)
     assert ids(entries) == ["t0", "t1", "t2", "t3"] and dropped == 0
     batch = pool.serve(entries)
@@ -120,15 +135,15 @@ def test_window_holds_back_items_beyond_it():
     # positions only 2 and 3 may go before it.
     pool = RunPool("r", window=3)
     pool.restore({0: 0}, [])
-    pool.offer(0, 0, traj(100, seq=0))  # the head arrives first...
+    pool.offer_trajectory(0, 0, traj(100, seq=0))  # the head arrives first...
     entries, _ = pool.take(1)
     assert ids(entries) == ["t100"]
     for offset, seq in enumerate([9, 2, 3, 4, 5, 6, 7, 8], start=1):
-        pool.offer(0, offset, traj(seq, seq=seq))
+        pool.offer_trajectory(0, offset, traj(seq, seq=seq))
     # seq 1 is in flight: the head; the window (3 positions) covers seqs 1, 2, 3.
     entries, _ = pool.take(10)
     assert ids(entries) == ["t2", "t3"]
-    pool.offer(0, 20, traj(1, seq=1))
+    pool.offer_trajectory(0, 20, traj(1, seq=1))
     entries, _ = pool.take(10)
     assert ids(entries)[:3] == ["t1", "t4", "t5"]
 
@@ -137,8 +152,8 @@ def test_gap_given_up_after_timeout_and_late_arrival_served_first():
     clock = Clock()
     pool = RunPool("r", window=2, gap_timeout_s=10, clock=clock)
     pool.restore({0: 0}, [])
-    pool.offer(0, 0, traj(3, seq=3))  # first arrival: no gaps before it
-    pool.offer(0, 1, traj(6, seq=6))  # 4 and 5 in flight
+    pool.offer_trajectory(0, 0, traj(3, seq=3))  # first arrival: no gaps before it
+    pool.offer_trajectory(0, 1, traj(6, seq=6))  # 4 and 5 in flight
     entries, _ = pool.take(5)
     assert ids(entries) == ["t3"]
     entries, _ = pool.take(5)
@@ -147,8 +162,8 @@ def test_gap_given_up_after_timeout_and_late_arrival_served_first():
     entries, _ = pool.take(5)
     assert ids(entries) == ["t6"]
     assert pool.counters.gaps_expired == 2
-    pool.offer(0, 2, traj(4, seq=4))  # late: the head passed it
-    pool.offer(0, 3, traj(7, seq=7))
+    pool.offer_trajectory(0, 2, traj(4, seq=4))  # late: the head passed it
+    pool.offer_trajectory(0, 3, traj(7, seq=7))
     entries, _ = pool.take(5)
     assert ids(entries) == ["t4", "t7"]
 
@@ -156,9 +171,9 @@ def test_gap_given_up_after_timeout_and_late_arrival_served_first():
 def test_staleness_drops_and_counts():
     pool = RunPool("r", window=1.0)
     pool.restore({0: 0}, [])
-    pool.offer(0, 0, traj(0, version=1))
-    pool.offer(0, 1, traj(1, version=5))
-    pool.offer(0, 2, trajectory_pb2.Trajectory(schema_version=1, trajectory_id="no-turns", run_id="r"))
+    pool.offer_trajectory(0, 0, traj(0, version=1))
+    pool.offer_trajectory(0, 1, traj(1, version=5))
+    pool.offer_trajectory(0, 2, trajectory_pb2.Trajectory(schema_version=1, trajectory_id="no-turns", run_id="r"))
     entries, dropped = pool.take(10, policy_version=6, max_staleness=2)
     assert ids(entries) == ["t1", "no-turns"] and dropped == 1
     assert pool.counters.dropped_stale == 1
@@ -170,8 +185,8 @@ def test_staleness_drops_and_counts():
 def test_duplicates_dropped_and_dead_letters_settled():
     pool = RunPool("r")
     pool.restore({0: 0}, [])
-    assert pool.offer(0, 0, traj(1)) == "queued"
-    assert pool.offer(0, 1, traj(1)) == "duplicate"
+    assert pool.offer_trajectory(0, 0, traj(1)) == "queued"
+    assert pool.offer_trajectory(0, 1, traj(1)) == "duplicate"
     assert pool.dead_lettered(0, 2, "not_protobuf")
     entries, _ = pool.take(10)
     assert ids(entries) == ["t1"]
@@ -187,7 +202,7 @@ def test_unacked_batch_is_served_again_first():
     pool = RunPool("r", window=1.0, ack_timeout_s=5, clock=clock)
     pool.restore({0: 0}, [])
     for i in range(4):
-        pool.offer(0, i, traj(i))
+        pool.offer_trajectory(0, i, traj(i))
     first = pool.serve(pool.take(2)[0])
     clock.t = 6
     entries, _ = pool.take(3)
@@ -202,7 +217,7 @@ def test_late_ack_of_expired_batch_accepted_if_not_served_again():
     clock = Clock()
     pool = RunPool("r", ack_timeout_s=5, clock=clock)
     pool.restore({0: 0}, [])
-    pool.offer(0, 0, traj(0))
+    pool.offer_trajectory(0, 0, traj(0))
     batch = pool.serve(pool.take(1)[0])
     clock.t = 6
     pool.expire()
@@ -216,7 +231,7 @@ def test_give_back_and_abort_ack():
     pool = RunPool("r")
     pool.restore({0: 0}, [])
     for i in range(3):
-        pool.offer(0, i, traj(i))
+        pool.offer_trajectory(0, i, traj(i))
     entries, _ = pool.take(2)
     pool.give_back(entries)
     again, _ = pool.take(3)
@@ -239,8 +254,8 @@ def test_restore_skips_acknowledged_and_rejects_their_duplicates():
     assert pool.counters.acknowledged == 3 and pool.counters.dropped_stale == 1
     assert pool.counters.dead_lettered == 1
     for offset in range(5, 10):
-        pool.offer(0, offset, traj(offset))
-    pool.offer(0, 11, traj(1))  # a duplicate of a trajectory acknowledged before the restart
+        pool.offer_trajectory(0, offset, traj(offset))
+    pool.offer_trajectory(0, 11, traj(1))  # a duplicate of a trajectory acknowledged before the restart
     entries, _ = pool.take(10)
     assert ids(entries) == ["t9"]
     assert pool.counters.duplicates == 1
@@ -250,6 +265,6 @@ def test_restore_skips_acknowledged_and_rejects_their_duplicates():
 def test_refetched_offsets_are_ignored():
     pool = RunPool("r")
     pool.restore({0: 0}, [])
-    assert pool.offer(0, 0, traj(0)) == "queued"
-    assert pool.offer(0, 0, traj(0)) == "skipped"
+    assert pool.offer_trajectory(0, 0, traj(0)) == "queued"
+    assert pool.offer_trajectory(0, 0, traj(0)) == "skipped"
     assert pool.counters.duplicates == 0

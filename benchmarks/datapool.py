@@ -7,9 +7,12 @@ For each trajectory size (2 KB and 200 KB):
 - bare: KafkaProducer (acks=all, the same settings) sends N serialized trajectories while a KafkaConsumer
   with every partition assigned reads them; the clock stops at the N-th record consumed;
 - pool: TrajectoryProducer sends the same N while a trainer loop calls DataPool.fetch + ack (the library
-  the gRPC servicer wraps); the clock stops when the N-th trajectory arrived in a fetched batch;
-- pool_grpc: the same through the real gRPC server (FetchBatch/Ack over loopback) in this process.
-ratio = pool / bare (target >= 0.7). Each figure is the best of `--repeats` rounds.
+  the gRPC servicer wraps); the clock stops when the N-th trajectory arrived in a fetched batch and every
+  Ack was answered (each Ack is sent while the next batch is fetched);
+- pool_grpc: the same through the real gRPC server (FetchBatch/Ack over loopback) in this process, the
+  client parsing every trajectory.
+ratio = pool / bare (target >= 0.7). Rounds alternate bare, pool, pool_grpc; each figure is the best of
+`--repeats` rounds (the machine is shared: best-of is the least noisy estimate of capacity).
 """
 
 from __future__ import annotations

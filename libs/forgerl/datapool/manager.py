@@ -55,6 +55,9 @@ class PoolSettings:
     # Runs to open (and rebuild) at start rather than at their first RPC.
     runs: tuple[str, ...] = ()
     housekeeping_s: float = 1.0
+    # How often a run's policy is read again (from `policy_for`): its staleness bound may change, or the
+    # run may be registered after the pool first saw it. The FIFO window is fixed when a run is opened.
+    policy_refresh_s: float = 30.0
 
 
 @dataclass
@@ -191,8 +194,21 @@ class DataPool:
 
     async def _housekeep(self) -> None:
         loop = asyncio.get_running_loop()
+        next_refresh = loop.time() + self.settings.policy_refresh_s
         while True:
             await asyncio.sleep(self.settings.housekeeping_s)
+            if self._policy_for is not None and loop.time() >= next_refresh:
+                next_refresh = loop.time() + self.settings.policy_refresh_s
+                for run in list(self._runs.values()):
+                    policy = await loop.run_in_executor(self._io, self._policy, run.run_id, True)
+                    if policy.max_staleness != run.policy.max_staleness:
+                        log.info(
+                            "run %s: staleness bound %s -> %s",
+                            run.run_id,
+                            run.policy.max_staleness,
+                            policy.max_staleness,
+                        )
+                    run.policy = RunPolicy(window=run.policy.window, max_staleness=policy.max_staleness)
             for run in list(self._runs.values()):
                 with run.lock:
                     returned = run.pool.expire()
@@ -206,13 +222,14 @@ class DataPool:
 
     # -- runs -------------------------------------------------------------------------------------
 
-    def _policy(self, run_id: str) -> RunPolicy:
+    def _policy(self, run_id: str, quiet: bool = False) -> RunPolicy:
         policy = None
         if self._policy_for is not None:
             try:
                 policy = self._policy_for(run_id)
-            except Exception:
-                log.warning("could not read the policy of run %s; using the default", run_id, exc_info=True)
+            except Exception as exc:
+                if not quiet:
+                    log.warning("could not read the policy of run %s (%s); using the default", run_id, exc)
         return policy or self.settings.default_policy
 
     async def _run(self, run_id: str) -> _Run:

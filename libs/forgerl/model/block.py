@@ -5,7 +5,7 @@ Shape legend: B batch, T positions, S key positions, D hidden, K experts per tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -16,8 +16,9 @@ from forgerl.model.layers import RMSNorm
 from forgerl.model.moe import SparseMoeBlock, sequence_balance_loss
 
 
-@dataclass
-class LayerOutput:
+class LayerOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: FSDP2 finds the output tensors to hook for backward through pytree."""
+
     x_BTD: torch.Tensor
     expert_ids_BTK: torch.Tensor
     load_E: torch.Tensor

@@ -125,8 +125,9 @@ class MiniMaxM2ForCausalLM(nn.Module):
         if not 1 <= len(self.mtp) <= num_modules:
             raise ValueError(f"grow_mtp({num_modules}): have {len(self.mtp)} modules; need 1 <= have <= wanted")
         first = self.mtp[0]
+        reference = self.lm_head.weight  # new modules take the model's device and dtype
         for _ in range(len(self.mtp), num_modules):
-            module = MTPModule(self.config).to(device=first.eh_proj.weight.device, dtype=first.eh_proj.weight.dtype)
+            module = MTPModule(self.config).to(device=reference.device, dtype=reference.dtype)
             module.load_state_dict(first.state_dict())
             self.mtp.append(module)
         self.config = self.config.replace(num_mtp_modules=num_modules)

@@ -47,11 +47,11 @@ def route(
     return Routing(expert_ids_NK, weights_NK, scores_NE)
 
 
-def _grouped_matmul(x_SI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Row block e of x (counts[e] rows, sorted by expert) times w[e]^T: [S, I] x [E, O, I] -> [S, O].
+def _grouped_matmul(x_SI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Row block e of x (counts_E[e] rows, sorted by expert) times w[e]^T: [S, I] x [E, O, I] -> [S, O].
 
-    torch's grouped_mm kernel (float32/bf16, 16-byte aligned rows) does it in one call; other dtypes
-    (float64) and layouts loop over the non-empty experts.
+    torch's grouped_mm kernel (float32/bf16, rows a multiple of 16 bytes) does it in one call without
+    leaving the device; other dtypes (float64) loop over the non-empty experts.
     """
     w_EIO = w_EOI.transpose(-1, -2)
     itemsize = x_SI.element_size()
@@ -61,10 +61,10 @@ def _grouped_matmul(x_SI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) 
         and (x_SI.shape[-1] * itemsize) % 16 == 0
         and (w_EOI.shape[-1] * itemsize) % 16 == 0
     ):
-        offsets_E = torch.tensor(counts, device=x_SI.device).cumsum(0).to(torch.int32)
-        return F.grouped_mm(x_SI, w_EIO, offs=offsets_E)
+        return F.grouped_mm(x_SI, w_EIO, offs=counts_E.cumsum(0).to(torch.int32))
+    counts = counts_E.tolist()
     blocks = x_SI.split(counts)
-    return torch.cat([blocks[e] @ w_EIO[e] for e in range(len(counts)) if counts[e]] or [x_SI[:0] @ w_EIO[0]])
+    return torch.cat([blocks[e] @ w_EIO[e] for e, count in enumerate(counts) if count])
 
 
 class Experts(nn.Module):
@@ -79,15 +79,17 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(e, d, f))  # down projection  [E, D, F]
         self.w3 = nn.Parameter(torch.empty(e, f, d))  # up projection    [E, F, D]
 
-    def forward(self, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-        n, k = expert_ids_NK.shape
-        # Sort the N*K (token, expert) pairs by expert so that each expert sees one contiguous block.
+    def forward(
+        self, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor, counts_E: torch.Tensor
+    ) -> torch.Tensor:
+        """counts_E: how many of the N*K (token, expert) pairs go to each expert (bincount of the ids)."""
+        k = expert_ids_NK.shape[1]
+        # Sort the pairs by expert so that each expert sees one contiguous block.
         order_S = expert_ids_NK.reshape(-1).argsort(stable=True)
         token_S = order_S // k
-        counts = torch.bincount(expert_ids_NK.reshape(-1), minlength=self.w1.shape[0]).tolist()
         x_SD = x_ND[token_S]
-        h_SF = F.silu(_grouped_matmul(x_SD, self.w1, counts)) * _grouped_matmul(x_SD, self.w3, counts)
-        y_SD = _grouped_matmul(h_SF, self.w2, counts)
+        h_SF = F.silu(_grouped_matmul(x_SD, self.w1, counts_E)) * _grouped_matmul(x_SD, self.w3, counts_E)
+        y_SD = _grouped_matmul(h_SF, self.w2, counts_E)
         # Weight in the routing dtype (>= float32), then sum each token's K outputs in expert order.
         y_SD = (y_SD * weights_NK.reshape(-1)[order_S, None]).to(x_ND.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_S, y_SD)
@@ -95,6 +97,9 @@ class Experts(nn.Module):
 
 class SparseMoeBlock(nn.Module):
     """Router + experts. Named `block_sparse_moe` in the decoder layer, as in the HF checkpoint."""
+
+    e_score_correction_bias: torch.Tensor
+    tokens_per_expert: torch.Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -113,12 +118,11 @@ class SparseMoeBlock(nn.Module):
         x_ND = x_BTD.reshape(b * t, d)
         replay_ids_NK = None if replay_ids_BTK is None else replay_ids_BTK.reshape(b * t, self.top_k)
         routing = route(x_ND, self.gate.weight, self.e_score_correction_bias, self.top_k, replay_ids_NK)
-        y_ND = self.experts(x_ND, routing.expert_ids_NK, routing.weights_NK)
-        with torch.no_grad():
-            load_E = torch.bincount(routing.expert_ids_NK.reshape(-1), minlength=self.n_experts)
-            load_E = load_E.to(self.tokens_per_expert.dtype)
-            if self.training:
-                self.tokens_per_expert += load_E
+        counts_E = torch.bincount(routing.expert_ids_NK.reshape(-1), minlength=self.n_experts)
+        y_ND = self.experts(x_ND, routing.expert_ids_NK, routing.weights_NK, counts_E)
+        load_E = counts_E.to(self.tokens_per_expert.dtype)
+        if self.training:
+            self.tokens_per_expert += load_E
         return y_ND.view(b, t, d), routing, load_E
 
 

@@ -1,0 +1,102 @@
+"""Multi-token prediction (DeepSeek-V3 sec. 2.2, used by MiniMax-M2 with K = 3).
+
+Shape legend: B batch, T positions, N = T - k positions module k can use, D hidden, V vocab.
+
+Module k (1-based) at position i combines h^{k-1}_i (h^0 = the main model's last hidden state, before the
+final norm) with the embedding of token i+k and predicts token i+k+1:
+    h^k_i = Block_k(eh_proj([enorm(Emb(x_{i+k})); hnorm(h^{k-1}_i)]))
+    logits = lm_head(shared_head.norm(h^k_i))
+Embedding and output head are the main model's. The concatenation puts the embedding first, as the
+`eh_proj` name says and as vLLM's DeepSeek MTP loader expects. MTP works on linear sequences (token
+i+k is the k-th next one), so it takes no tree mask: prefix-tree-packed batches skip it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from forgerl.model.block import DecoderLayer
+from forgerl.model.config import ModelConfig
+from forgerl.model.layers import RMSNorm, compute_dtype
+
+if TYPE_CHECKING:
+    from forgerl.model.model import MiniMaxM2ForCausalLM
+
+
+class SharedHead(nn.Module):
+    """Only the norm: the head matrix is the main model's lm_head (name kept from the checkpoint)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPModule(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = DecoderLayer(cfg)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(
+        self,
+        h_BND: torch.Tensor,
+        emb_BND: torch.Tensor,
+        rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns h^k (the next module's input) and shared_head.norm(h^k) (the head's input); both in
+        forward, where FSDP2 has this module's parameters gathered."""
+        x_BND = self.eh_proj(torch.cat((self.enorm(emb_BND), self.hnorm(h_BND)), dim=-1))  # [B, N, 2D] -> D
+        h_BND = self.block(x_BND, rope_cos_sin, None).x_BTD
+        return h_BND, self.shared_head.norm(h_BND)
+
+
+def masked_cross_entropy(logits_BNV: torch.Tensor, targets_BN: torch.Tensor, mask_BN: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions where mask is nonzero, in at least float32."""
+    logits = logits_BNV.reshape(-1, logits_BNV.shape[-1]).to(compute_dtype(logits_BNV.dtype))
+    ce_BN = F.cross_entropy(logits, targets_BN.reshape(-1), reduction="none").view_as(targets_BN)
+    mask = mask_BN.to(ce_BN.dtype)
+    return (ce_BN * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def mtp_loss(
+    model: MiniMaxM2ForCausalLM,
+    hidden_BTD: torch.Tensor,
+    input_ids_BT: torch.Tensor,
+    loss_mask_BT: torch.Tensor | None = None,
+    position_ids_BT: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """mtp_loss_weight * mean over modules of each module's masked cross-entropy.
+
+    loss_mask_BT marks the tokens of input_ids that are trained targets (e.g. the completion), the same
+    mask as the main loss's: module k's target at position i is token i+k+1 and uses its mask entry.
+    Metrics: `mtp/loss_k` per module and `mtp/loss` (their mean), unweighted.
+    """
+    b, t = input_ids_BT.shape
+    if loss_mask_BT is None:
+        loss_mask_BT = torch.ones_like(input_ids_BT, dtype=torch.bool)
+    if position_ids_BT is None:
+        position_ids_BT = torch.arange(t, device=input_ids_BT.device).expand(b, t)
+    h_BND = hidden_BTD
+    losses: list[torch.Tensor] = []
+    for k, module in enumerate(model.mtp, start=1):
+        n = t - k  # positions i whose token i+k exists
+        if n < 2:  # no position also has a target i+k+1
+            break
+        emb_BND = model.model.embed_tokens(input_ids_BT[:, k:])
+        rope = model.rope(position_ids_BT[:, :n], h_BND.dtype)
+        h_BND, normed_BND = module(h_BND[:, :n], emb_BND, rope)
+        logits_BNV = model.lm_head(normed_BND[:, : n - 1])
+        losses.append(masked_cross_entropy(logits_BNV, input_ids_BT[:, k + 1 :], loss_mask_BT[:, k + 1 :]))
+    if not losses:
+        return hidden_BTD.new_zeros(()), {}
+    mean_loss = torch.stack(losses).mean()
+    metrics = {f"mtp/loss_{k}": loss.item() for k, loss in enumerate(losses, start=1)}
+    metrics["mtp/loss"] = mean_loss.item()
+    return model.config.mtp_loss_weight * mean_loss, metrics

@@ -357,7 +357,11 @@ class DataPool:
         )
 
     async def ack(self, run_id: str, batch_id: str) -> int:
-        """Acknowledge a batch; raises pool.AckError when it is unknown or was served again."""
+        """Acknowledge a batch: answers once its record is durable in the run's state topic, with how many
+        trajectories it settled; 0 for a batch acknowledged before (a retried Ack, also across a restart
+        of the pool, succeeds). Raises pool.AckError when the batch is unknown (served by an earlier
+        incarnation and never acknowledged: its trajectories are served again) or expired and served
+        again. A trainer should train on a batch only once its Ack succeeded."""
         if not batch_id:
             return 0
         run = await self._run(run_id)

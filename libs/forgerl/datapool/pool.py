@@ -188,6 +188,8 @@ class RunPool:
                 for p, o, tid in record["i"]:
                     self._restore_settled(p, o, tid)
                     self.counters.acknowledged += 1
+                # An Ack that was written but not answered before a crash may be retried: it succeeds.
+                self._remember_acked(record["b"])
             elif kind == "settle":
                 for p, o, tid, reason in record["i"]:
                     self._restore_settled(p, o, tid)
@@ -434,11 +436,14 @@ class RunPool:
             self._entries.pop((entry.partition, entry.offset), None)
             self._tracker(entry.partition).settle(entry.offset)
         self.counters.acknowledged += len(batch.entries)
+        self._remember_acked(batch.batch_id)
+        return len(batch.entries)
+
+    def _remember_acked(self, batch_id: str) -> None:
         if len(self._acked_batches) == self._acked_batches.maxlen:
             self._acked_set.discard(self._acked_batches[0])
-        self._acked_batches.append(batch.batch_id)
-        self._acked_set.add(batch.batch_id)
-        return len(batch.entries)
+        self._acked_batches.append(batch_id)
+        self._acked_set.add(batch_id)
 
     def abort_ack(self, batch: Batch) -> None:
         """Writing the ack record failed: the batch awaits its Ack again."""

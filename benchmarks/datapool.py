@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "partitions": PARTITIONS,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
         "target_ratio": 0.7,
         "cases": [],
     }
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "ratio": round(best["pool"] / best["bare"], 3),
                     "ratio_grpc": round(best["pool_grpc"] / best["bare"], 3),
                     "pool_mb_per_s": round(best["pool"] * mean_bytes / 1e6, 2),
+                    "meets_target": best["pool"] / best["bare"] >= 0.7,
                 }
             )
     text = json.dumps(results, indent=2)

@@ -15,6 +15,7 @@ joins the queue in arrival order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ _TOPIC_SAFE = re.compile(r"[^a-zA-Z0-9_-]")
 _MAX_RUN_PART = 180
 
 
+@functools.lru_cache(maxsize=4096)
 def topic_safe(run_id: str) -> str:
     """The run id as it appears in topic names; ids that needed changes get a hash suffix (no clashes)."""
     if not run_id:

@@ -32,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import IO, Any
 
@@ -123,8 +122,9 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = 30.0, proc: subprocess.Pop
     raise BrokerError(f"broker at {bootstrap} did not answer a Metadata request within {timeout_s:.0f}s")
 
 
-# Processes this module started and has not stopped yet: stopped at interpreter exit.
-_LIVE: weakref.WeakSet[_ManagedProcess] = weakref.WeakSet()
+# Processes this module started and has not stopped yet (strong references, so an object dropped without
+# stop() is still stopped at interpreter exit).
+_LIVE: set[_ManagedProcess] = set()
 _LIVE_LOCK = threading.Lock()
 
 

@@ -59,11 +59,12 @@ def get_speed_fn(name: str) -> SpeedFn:
         raise ValueError(f"unknown speed function {name!r}: choose one of {known}") from None
 
 
-def check_speed_fn(h: SpeedFn, *, bound: float = 1e6) -> None:
-    """Raises ValueError unless `h` is monotone non-increasing and bounded by `bound` on (0, inf).
+def check_speed_fn(h: SpeedFn, *, bound: float = 1.0) -> None:
+    """Raises ValueError unless `h` is monotone non-increasing with values in [-bound, bound].
 
-    Checked on a float64 grid of ratios from 1e-6 to 1e6 (log-spaced, 1,201 points), which is where any
-    real time ratio lies; a user-supplied `h` should be checked once, at configuration time.
+    The speed reward's scale is `beta`'s job, so `h` itself is held to [-1, 1] by default. Checked on a
+    float64 grid of ratios from 1e-6 to 1e6 (log-spaced, 1,201 points), where any real time ratio lies;
+    a user-supplied `h` should be checked once, at configuration time.
     """
     ratios = torch.logspace(-6, 6, 1201, dtype=torch.float64)
     values = h(ratios)

@@ -88,7 +88,8 @@ class TrajectoryProducer:
         key, value, headers = encode_trajectory(traj)
         topic = RunTopics(traj.run_id, self.topic_prefix).trajectories
         future = self._producer.send(topic, key=key, value=value, headers=headers)
-        future.add_callback(self._record_offset)
+        if self.max_lag:  # only backpressure needs to know how far this producer wrote
+            future.add_callback(self._record_offset)
         return future
 
     def send_many(self, trajectories: Iterable[trajectory_pb2.Trajectory], timeout_s: float = 60.0) -> int:

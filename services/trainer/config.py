@@ -1,7 +1,27 @@
 """Configuration of the trainer service (env `FORGERL_TRAINER_<KEY>` or `--key value`)."""
 
+from __future__ import annotations
+
+from pydantic import Field
+
 from forgerl.runtime import ServiceConfig
 
 
 class TrainerConfig(ServiceConfig):
-    """The shared service keys; the trainer's own keys arrive with its implementation."""
+    rollout_address: str = Field("127.0.0.1:50054", description="Rollout service: episodes in flight.")
+    datapool_address: str = Field("127.0.0.1:50052", description="Data pool service: FetchBatch / Ack.")
+    inference_address: str = Field("127.0.0.1:50051", description="Inference service: UpdateWeights.")
+    inference_model_path: str = Field(
+        "", description="The checkpoint inference starts from; a run without init_checkpoint starts from it."
+    )
+    database_url: str | None = Field(None, description="Run store URL; default: SQLite under state_dir.")
+    runs_dir: str = Field("runs", description="Run directories (state, checkpoints, report): <runs_dir>/<run-id>.")
+    threads: int = Field(1, ge=1, description="torch CPU threads of the training loop.")
+    eval_tasks: int = Field(64, ge=1, description="Held-out tasks evaluated greedily in-process.")
+    eval_every: int = Field(10, ge=1, description="RL steps between held-out evaluations.")
+    fetch_timeout_s: float = Field(120.0, gt=0, description="FetchBatch waits up to this long for a full batch.")
+    max_new_tokens: int = Field(48, ge=1, description="Per-turn generation cap of the in-process evaluation.")
+    local_episodes: bool = Field(
+        False, description="Sample RL episodes in-process instead of rollout + data pool (no Kafka; tests)."
+    )
+    resume_on_start: bool = Field(True, description="Resume runs the store shows RUNNING (after a crash).")

@@ -5,15 +5,23 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from forgerl.runtime import ServiceSpec, load_config, placeholder_spec, run_service
+from forgerl.runtime import ServiceSpec, load_config, run_service
 from forgerl.services.trainer.config import TrainerConfig
-from forgerl.v1 import trainer_pb2
+from forgerl.services.trainer.servicer import TrainerServicer
+from forgerl.v1 import trainer_pb2, trainer_pb2_grpc
 
 SERVICE = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"]
 
 
 def build(config: TrainerConfig) -> ServiceSpec:
-    return placeholder_spec("trainer", SERVICE, owner="issue 9: trainer")
+    servicer = TrainerServicer(config)
+    return ServiceSpec(
+        name="trainer",
+        services=[SERVICE],
+        register=lambda server: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, server),
+        on_start=servicer.start,
+        on_stop=servicer.stop,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,0 +1,132 @@
+"""Can a small MiniMax-M2 trained from scratch on CPU learn the tool-use suite, and does RL beat SFT?
+
+In-process, no services: SFT on gold trajectories, then CISPO RL with in-process sampling
+(forgerl.trainer.local_env); held-out greedy success after SFT and after RL. Prints one JSON object.
+
+    python -m forgerl.trainer.learnability --sft-steps 120 --rl-steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import sys
+import time
+from typing import Any
+
+import torch
+
+from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
+from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
+from forgerl.trainer.sft import SftBatches, make_examples, sft_loss_merged
+from forgerl.trainer.step import RlStepConfig, build_batch, rl_step
+
+
+def evaluate(model: MiniMaxM2ForCausalLM, runner: LocalEpisodeRunner, specs: list[Any]) -> dict[str, float]:
+    trajs = runner.run(model, specs, temperature=0.0)
+    by_level: dict[str, list[bool]] = {}
+    for spec, t in zip(specs, trajs, strict=True):
+        by_level.setdefault(spec.task_id, []).append(t.success)
+    return {"success": sum(t.success for t in trajs) / len(trajs)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="debug")
+    p.add_argument("--hidden", type=int, default=0)
+    p.add_argument("--layers", type=int, default=0)
+    p.add_argument("--tokenizer", default="")
+    p.add_argument("--sft-steps", type=int, default=100)
+    p.add_argument("--sft-batch", type=int, default=16)
+    p.add_argument("--sft-lr", type=float, default=3e-3)
+    p.add_argument("--rl-steps", type=int, default=20)
+    p.add_argument("--rl-tasks", type=int, default=8)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--rl-lr", type=float, default=1e-3)
+    p.add_argument("--eps-high", type=float, default=0.28)
+    p.add_argument("--eval-n", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--levels", default="1,2,3,4")
+    p.add_argument("--no-merge", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    from forgerl.model.tokenizer import load_tokenizer, train_tokenizer
+    from forgerl.rollout.suites.tooluse import gold_trajectories
+
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else train_tokenizer(vocab_size=4096)
+    overrides: dict[str, Any] = {}
+    if args.hidden:
+        overrides.update(hidden_size=args.hidden, intermediate_size=args.hidden)
+    if args.layers:
+        overrides["num_hidden_layers"] = args.layers
+    cfg = ModelConfig.from_preset(args.preset, vocab_size=len(tok), **overrides)
+    model = MiniMaxM2ForCausalLM(cfg)
+    levels = {int(x) for x in args.levels.split(",")}
+    items = [it for it in itertools.islice(gold_trajectories("train"), 4000) if it["difficulty"] in levels]
+    examples = make_examples(tok, items[:2000])
+    batches = SftBatches(examples, args.sft_batch, args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    runner = LocalEpisodeRunner(tok, max_new_tokens=args.max_new_tokens)
+    from forgerl.rollout.tasks import get_suite
+
+    test_tasks = [t for t in get_suite("tooluse").tasks("test") if t.difficulty in levels][: args.eval_n]
+    eval_specs = suite_episode_specs("tooluse", "test", [t.id for t in test_tasks])
+    train_tasks = [t for t in get_suite("tooluse").tasks("train") if t.difficulty in levels]
+    result: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters()), "config": vars(args)}
+    log: list[dict[str, Any]] = []
+    t0 = time.time()
+    for step in range(args.sft_steps):
+        loss, m = sft_loss_merged(model, batches.batch(step))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0 or step == args.sft_steps - 1:
+            print(f"sft {step} loss {m['sft/loss']:.3f} t {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    result["sft_time_s"] = time.time() - t0
+    t1 = time.time()
+    result["sft_heldout"] = evaluate(model, runner, eval_specs)["success"]
+    result["eval_time_s"] = time.time() - t1
+    print(f"SFT held-out success {result['sft_heldout']:.3f} (eval {result['eval_time_s']:.0f}s)", file=sys.stderr)
+    for group in opt.param_groups:
+        group["lr"] = args.rl_lr
+    rl_cfg = RlStepConfig(eps_high=args.eps_high, prefix_merge=not args.no_merge, bias_update_rate=cfg.bias_update_rate)
+    rng = random.Random(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    t2 = time.time()
+    for step in range(args.rl_steps):
+        tasks = rng.sample(train_tasks, args.rl_tasks)
+        specs = suite_episode_specs("tooluse", "train", [t.id for t in tasks], group_size=args.group)
+        ts = time.time()
+        trajs = runner.run(model, specs, temperature=1.0, generator=gen)
+        sample_s = time.time() - ts
+        batch = build_batch(trajs, gamma=1.0, policy_version=0)
+        m = rl_step(model, opt, batch, rl_cfg)
+        entry = {
+            "step": step,
+            "reward": m["reward/mean"],
+            "success": m["success_rate"],
+            "entropy": m.get("entropy", 0.0),
+            "clip": m.get("clip_frac", 0.0),
+            "sample_s": sample_s,
+            "train_s": m["step_time_s"],
+        }
+        if (step + 1) % args.eval_every == 0:
+            entry["heldout"] = evaluate(model, runner, eval_specs)["success"]
+        log.append(entry)
+        print(json.dumps(entry), file=sys.stderr, flush=True)
+    result["rl_time_s"] = time.time() - t2
+    result["rl_heldout"] = evaluate(model, runner, eval_specs)["success"]
+    result["log"] = log
+    print(json.dumps({k: v for k, v in result.items() if k != "log"}))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""A training run, start to finish: SFT warm start, then CISPO RL, with checkpoints, weight publication,
+acknowledgements, held-out evaluation, metrics and resume.
+
+    run = TrainingRun(run_id, config, settings, episodes=ServiceEpisodes(...), publisher=InferencePublisher(...),
+                      sink=sink)
+    run.run()          # blocking; `run.stop()` from another thread ends it after the current step
+
+Per RL step: FetchBatch(size, policy_version) -> build rows and advantages -> (prefix-merged) forward
+-> CISPO (+ MTP) -> AdamW -> expert-bias update -> save the training state -> Ack. Every
+`checkpoint_every` steps (and at the end) the weights are also written as a Hugging Face checkpoint and
+published to inference as the next policy version.
+
+Exactly-once training of batches: the state saved after a step names the batch it consumed; the batch
+is acknowledged only after that state is durable. A trainer killed before the save restarts from the
+previous state, and the unacknowledged batch is served again by the data pool (trained once: the first
+attempt's update died with the process). Killed between the save and the Ack, it acknowledges the
+batch named in the state on restart instead of training it again.
+
+Resume state lives in `<runs_dir>/<run_id>/state/` (weights as safetensors, optimizer, RNGs, counters),
+replaced atomically (write a new directory, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig, load_checkpoint, save_checkpoint
+from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
+from forgerl.trainer.sft import SftBatches, make_examples, sft_loss, sft_loss_merged
+from forgerl.trainer.sources import EpisodeSource, NullPublisher, Publisher
+from forgerl.trainer.step import RlStepConfig, build_batch, rl_step
+from forgerl.v1 import run_pb2
+
+log = logging.getLogger("forgerl.trainer")
+
+MetricsSink = Callable[[str, int, dict[str, float]], None]  # (stage, step, values)
+
+
+@dataclass
+class TrainerSettings:
+    runs_dir: Path = Path("runs")
+    threads: int = 1
+    eval_tasks: int = 64  # held-out tasks evaluated greedily in-process
+    eval_every: int = 10  # RL steps between held-out evaluations (and after SFT, and at the end)
+    fetch_timeout_s: float = 120.0
+    max_new_tokens: int = 48
+    sft_examples: int = 2000  # gold trajectories of the train split used for SFT
+    tokenizer_path: str | None = None  # when the run has no init_checkpoint
+    max_tokens_per_pack: int = 2048
+    local_episodes: bool = False  # no episode source given: sample in-process (forgerl.trainer.sources.LocalEpisodes)
+
+
+@dataclass
+class RunProgress:
+    """What the resume state records (JSON)."""
+
+    run_id: str
+    stage: str = "sft"  # "sft" -> "rl" -> "done"
+    sft_step: int = 0  # SFT steps completed
+    rl_step: int = 0  # RL steps completed
+    policy_version: int = 0  # last version published to inference
+    task_cursor: int = 0  # training tasks handed to rollout
+    unacked: list[str] = field(default_factory=list)  # trained batches not yet known acknowledged
+    trained_batches: list[str] = field(default_factory=list)
+    trained_trajectory_ids: list[str] = field(default_factory=list)
+    trained_trajectories: int = 0
+    sft_heldout: float | None = None
+    final_heldout: float | None = None
+    last_checkpoint: str = ""
+
+
+def _suite_gold(suite: str) -> list[dict[str, Any]]:
+    if suite == "tooluse":
+        from forgerl.rollout.suites.tooluse import gold_trajectories
+
+        return list(gold_trajectories("train"))
+    raise ValueError(f"no gold trajectories for suite {suite!r} (SFT needs them; set sft.steps: 0 to skip SFT)")
+
+
+class TrainingRun:
+    def __init__(
+        self,
+        run_id: str,
+        config: run_pb2.RunConfig,
+        settings: TrainerSettings,
+        *,
+        episodes: EpisodeSource | None = None,
+        publisher: Publisher | None = None,
+        sink: MetricsSink | None = None,
+        on_state: Callable[[RunProgress], None] | None = None,
+        on_checkpoint: Callable[[run_pb2.Checkpoint], None] | None = None,
+    ) -> None:
+        self.run_id, self.config, self.settings = run_id, config, settings
+        self.episodes = episodes
+        self.publisher = publisher or NullPublisher()
+        self.sink = sink or (lambda stage, step, values: None)
+        self.on_state = on_state or (lambda p: None)
+        self.on_checkpoint = on_checkpoint or (lambda c: None)
+        self.dir = Path(settings.runs_dir) / run_id
+        self.state_dir = self.dir / "state"
+        self.ckpt_dir = self.dir / "checkpoints"
+        self._stop = threading.Event()
+        self.progress = RunProgress(run_id)
+        self.checkpoints: list[run_pb2.Checkpoint] = []
+
+    # ---- setup --------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def _init_model(self) -> None:
+        from forgerl.model.tokenizer import load_tokenizer, train_tokenizer
+
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        if cfg.init_checkpoint:
+            self.tokenizer = load_tokenizer(cfg.init_checkpoint)
+            self.model = load_checkpoint(cfg.init_checkpoint, dtype=torch.float32, strict=False)
+            if cfg.model_preset and not Path(cfg.init_checkpoint, "config.json").exists():
+                raise ValueError(f"init_checkpoint {cfg.init_checkpoint} has no config.json")
+            # Fresh weights of the checkpoint's shape, seeded: the run starts from scratch unless resumed.
+            if os.environ.get("FORGERL_TRAINER_KEEP_INIT_WEIGHTS", "1") == "0":
+                self.model = MiniMaxM2ForCausalLM(self.model.config)
+        else:
+            path = self.settings.tokenizer_path
+            self.tokenizer = load_tokenizer(path) if path else train_tokenizer(vocab_size=4096)
+            model_cfg = ModelConfig.from_preset(cfg.model_preset or "debug", vocab_size=len(self.tokenizer))
+            self.model = MiniMaxM2ForCausalLM(model_cfg)
+        self.model.train()
+
+    def _optimizer(self, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    # ---- state --------------------------------------------------------------------------------
+
+    def _save_state(self) -> None:
+        tmp = self.dir / "state.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_checkpoint(self.model, self.tokenizer, tmp / "model")
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+                "episode_rng": getattr(getattr(self.episodes, "generator", None), "get_state", lambda: None)(),
+            },
+            tmp / "trainer.pt",
+        )
+        (tmp / "progress.json").write_text(json.dumps(asdict(self.progress), indent=1))
+        old = self.dir / "state.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if self.state_dir.exists():
+            self.state_dir.rename(old)
+        tmp.rename(self.state_dir)
+        if old.exists():
+            shutil.rmtree(old)
+        self.on_state(self.progress)
+
+    def _load_state(self) -> bool:
+        state = self.state_dir if self.state_dir.exists() else self.dir / "state.old"
+        if not (state / "progress.json").exists():
+            return False
+        self.progress = RunProgress(**json.loads((state / "progress.json").read_text()))
+        self.model = load_checkpoint(state / "model", dtype=torch.float32)
+        self.model.train()
+        blob = torch.load(state / "trainer.pt", weights_only=False)
+        lr = self.config.rl.learning_rate if self.progress.stage != "sft" else self.config.sft.learning_rate
+        self.optimizer = self._optimizer(lr)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        torch.set_rng_state(blob["torch_rng"])
+        random.setstate(blob["python_rng"])
+        self._episode_rng = blob.get("episode_rng")
+        log.info("resumed run %s at stage %s step %d/%d", self.run_id, self.progress.stage,
+                 self.progress.sft_step, self.progress.rl_step)  # fmt: skip
+        return True
+
+    def _hf_checkpoint(self, stage: str, step: int) -> run_pb2.Checkpoint:
+        path = self.ckpt_dir / f"{stage}-{step:05d}"
+        tmp = path.with_name(path.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_checkpoint(self.model, self.tokenizer, tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+        ckpt = run_pb2.Checkpoint(
+            checkpoint_id=f"{self.run_id}/{stage}-{step:05d}",
+            run_id=self.run_id,
+            step=step,
+            policy_version=self.progress.policy_version + 1,
+            path=str(path.resolve()),
+            stage=stage,
+        )
+        ckpt.created_at.GetCurrentTime()
+        self.checkpoints.append(ckpt)
+        self.progress.last_checkpoint = str(path.resolve())
+        return ckpt
+
+    def _publish(self, stage: str, step: int) -> run_pb2.Checkpoint:
+        ckpt = self._hf_checkpoint(stage, step)
+        reload_s = self.publisher.publish(ckpt.path, ckpt.policy_version)
+        self.progress.policy_version = ckpt.policy_version
+        self.on_checkpoint(ckpt)
+        self.sink(stage, self._global_step(stage, step), {"publish/reload_s": reload_s,
+                                                           "policy_version": float(ckpt.policy_version)})  # fmt: skip
+        return ckpt
+
+    def _global_step(self, stage: str, step: int) -> int:
+        """One step axis for the whole run: SFT steps first, then RL steps."""
+        return step if stage == "sft" else self.config.sft.steps + step
+
+    # ---- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy held-out success in-process, overall and per difficulty level."""
+        from forgerl.rollout.tasks import get_suite
+
+        suite = get_suite(self.config.suite)
+        tasks = list(suite.tasks("test"))[: self.settings.eval_tasks]
+        specs = suite_episode_specs(self.config.suite, "test", [t.id for t in tasks])
+        runner = LocalEpisodeRunner(self.tokenizer, max_new_tokens=self.settings.max_new_tokens)
+        started = time.perf_counter()
+        trajs = runner.run(self.model, specs, temperature=0.0)
+        out = {"eval/heldout_success": sum(t.success for t in trajs) / max(1, len(trajs))}
+        levels: dict[int, list[bool]] = {}
+        for task, t in zip(tasks, trajs, strict=True):
+            levels.setdefault(task.difficulty, []).append(t.success)
+        for level, hits in sorted(levels.items()):
+            out[f"eval/heldout_success_level{level}"] = sum(hits) / len(hits)
+        out["eval/time_s"] = time.perf_counter() - started
+        return out
+
+    # ---- the run ------------------------------------------------------------------------------
+
+    def run(self) -> RunProgress:
+        torch.set_num_threads(max(1, self.settings.threads))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._episode_rng = None
+        self._init_model()
+        if not self._load_state():
+            self.optimizer = self._optimizer(self.config.sft.learning_rate)
+        if self.progress.stage == "sft":
+            self._run_sft()
+        if self.progress.stage == "rl" and not self.stopped:
+            self._run_rl()
+        if self.progress.stage == "done" or (self.progress.stage == "rl" and self.progress.rl_step >= self.config.rl.steps):
+            self.progress.stage = "done"
+        return self.progress
+
+    def _run_sft(self) -> None:
+        cfg = self.config.sft
+        if cfg.steps > 0 and self.progress.sft_step < cfg.steps:
+            items = _suite_gold(self.config.suite)[: self.settings.sft_examples]
+            batches = SftBatches(make_examples(self.tokenizer, items), max(1, cfg.batch_size), self.config.seed)
+            every = max(1, self.config.checkpoint_every) * 10
+            while self.progress.sft_step < cfg.steps and not self.stopped:
+                step = self.progress.sft_step
+                started = time.perf_counter()
+                examples = batches.batch(step)
+                if self.config.rl.prefix_merge:
+                    loss, metrics = sft_loss_merged(self.model, examples, max_tokens_per_pack=None)
+                else:
+                    from forgerl.trainer.sft import collate
+
+                    ids, mask = collate(examples)
+                    loss, metrics = sft_loss(self.model, ids, mask)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))
+                self.optimizer.step()
+                from forgerl.model import update_expert_bias
+
+                metrics.update(update_expert_bias(self.model, self.model.config.bias_update_rate))
+                metrics["step_time_s"] = time.perf_counter() - started
+                metrics["lr"] = cfg.learning_rate
+                self.progress.sft_step = step + 1
+                self.sink("sft", step + 1, metrics)
+                if self.progress.sft_step % every == 0:
+                    self._save_state()
+            if self.stopped:
+                self._save_state()
+                return
+        # End of SFT: evaluate, publish the warm-started policy (version 1), switch the optimizer to RL.
+        ev = self.evaluate()
+        self.progress.sft_heldout = ev["eval/heldout_success"]
+        self.sink("sft", self.config.sft.steps, ev)
+        self._publish("sft", self.config.sft.steps)
+        self.progress.stage = "rl"
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.rl.learning_rate
+        self._save_state()
+
+    def _rl_step_config(self) -> RlStepConfig:
+        rl = self.config.rl
+        return RlStepConfig(
+            loss=rl.loss or "cispo",
+            eps_high=rl.eps_high,
+            eps_low=rl.eps_low if rl.HasField("eps_low") else None,
+            gamma=rl.gamma if rl.gamma > 0 else 1.0,
+            prefix_merge=rl.prefix_merge,
+            max_tokens_per_pack=self.settings.max_tokens_per_pack,
+            mtp_loss_weight=rl.mtp_loss_weight,
+            routing_replay=rl.routing_replay,
+            bias_update_rate=self.model.config.bias_update_rate,
+        )
+
+    def _run_rl(self) -> None:
+        rl = self.config.rl
+        if self.episodes is None and self.settings.local_episodes:
+            from forgerl.trainer.sources import LocalEpisodes
+
+            self.episodes = LocalEpisodes(lambda: self.model, self.tokenizer, max_new_tokens=self.settings.max_new_tokens)
+        if self.episodes is None:
+            raise RuntimeError("the RL stage needs an episode source")
+        from forgerl.rollout.tasks import get_suite
+
+        task_ids = [t.id for t in get_suite(self.config.suite).tasks("train")]
+        if hasattr(self.episodes, "model_ref"):
+            self.episodes.model_ref = lambda: self.model  # type: ignore[attr-defined]
+        self.episodes.start(self.run_id, rl, self.config.suite, task_ids, self.config.seed, self.progress.task_cursor)
+        if self._episode_rng is not None and hasattr(self.episodes, "generator"):
+            self.episodes.generator.set_state(self._episode_rng)  # type: ignore[attr-defined]
+        # Batches trained before a crash whose Ack may not have happened: acknowledge, never train again.
+        for batch_id in list(self.progress.unacked):
+            self.episodes.ack(batch_id)
+            self.progress.unacked.remove(batch_id)
+        step_cfg = self._rl_step_config()
+        publish_every = max(1, self.config.checkpoint_every)
+        eval_every = max(1, self.settings.eval_every)
+        while self.progress.rl_step < rl.steps and not self.stopped:
+            step = self.progress.rl_step
+            started = time.perf_counter()
+            fetched = self.episodes.fetch(rl.batch_size, self.progress.policy_version, self.settings.fetch_timeout_s)
+            wait_s = time.perf_counter() - started
+            if not fetched.trajectories:
+                if fetched.batch_id:
+                    self.episodes.ack(fetched.batch_id)
+                log.info("run %s: empty batch after %.0f s; waiting for episodes", self.run_id, wait_s)
+                continue
+            seen = set(self.progress.trained_trajectory_ids)
+            fresh = [t for t in fetched.trajectories if t.trajectory_id not in seen]
+            if not fresh:
+                # Served again although trained (its Ack was lost): acknowledge, don't train twice.
+                self.episodes.ack(fetched.batch_id)
+                continue
+            batch = build_batch(
+                fresh,
+                gamma=step_cfg.gamma,
+                policy_version=self.progress.policy_version,
+                num_layers=self.model.config.num_hidden_layers,
+                top_k=self.model.config.num_experts_per_tok,
+            )
+            metrics = rl_step(self.model, self.optimizer, batch, step_cfg)
+            metrics["fetch_wait_s"] = wait_s
+            metrics["batch/dropped_stale"] = float(fetched.dropped_stale)
+            metrics["lr"] = rl.learning_rate
+            self.progress.rl_step = step + 1
+            self.progress.task_cursor = self.episodes.cursor()
+            self.progress.trained_trajectories += len(fresh)
+            self.progress.trained_trajectory_ids.extend(t.trajectory_id for t in fresh)
+            metrics["batch/duplicates_skipped"] = float(len(fetched.trajectories) - len(fresh))
+            self.progress.trained_batches = [*self.progress.trained_batches[-999:], fetched.batch_id]
+            self.progress.unacked.append(fetched.batch_id)
+            final = self.progress.rl_step >= rl.steps
+            if self.progress.rl_step % publish_every == 0 or final:
+                self._publish("rl", self.progress.rl_step)
+            if self.progress.rl_step % eval_every == 0 or final:
+                ev = self.evaluate()
+                metrics.update(ev)
+                if final:
+                    self.progress.final_heldout = ev["eval/heldout_success"]
+            if final:
+                self.progress.stage = "done"
+            self._save_state()  # the batch is trained, durably
+            self.episodes.ack(fetched.batch_id)
+            self.progress.unacked.remove(fetched.batch_id)
+            metrics.update(getattr(self.episodes, "stats", dict)())
+            metrics["policy_version"] = float(self.progress.policy_version)
+            metrics["step_total_s"] = time.perf_counter() - started
+            self.sink("rl", self._global_step("rl", self.progress.rl_step), metrics)
+        if self.stopped:
+            self._save_state()

@@ -1,0 +1,66 @@
+"""Run configurations as YAML: the `RunConfig` message (run.proto) with both stages, plus defaults.
+
+    name: tiny-tool-use
+    model_preset: debug
+    suite: tooluse
+    seed: 0
+    checkpoint_every: 5
+    sft: {steps: 300, batch_size: 16, learning_rate: 3.0e-3}
+    rl: {steps: 40, batch_size: 64, group_size: 8, learning_rate: 1.0e-3, loss: cispo, eps_high: 0.28, ...}
+
+Keys are the proto's field names; unknown keys are an error naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+
+from forgerl.v1 import run_pb2
+
+RL_DEFAULTS: dict[str, Any] = {
+    "steps": 40,
+    "batch_size": 64,
+    "group_size": 8,
+    "learning_rate": 1e-3,
+    "loss": "cispo",
+    "eps_high": 0.28,
+    "gamma": 1.0,
+    "alpha_process": 0.1,
+    "beta_speed": 0.0,
+    "fifo_window": 0.3,
+    "max_staleness": 4,
+    "episodes_in_flight": 64,
+    "scaffold_version": "default",
+    "prefix_merge": True,
+    "mtp_loss_weight": 0.0,
+    "routing_replay": False,
+}
+SFT_DEFAULTS: dict[str, Any] = {"steps": 300, "batch_size": 16, "learning_rate": 3e-3}
+
+
+def run_config_from_dict(data: dict[str, Any]) -> run_pb2.RunConfig:
+    data = dict(data)
+    data.setdefault("model_preset", "debug")
+    data.setdefault("suite", "tooluse")
+    data.setdefault("checkpoint_every", 5)
+    data["sft"] = {**SFT_DEFAULTS, **(data.get("sft") or {})}
+    data["rl"] = {**RL_DEFAULTS, **(data.get("rl") or {})}
+    try:
+        return json_format.ParseDict(data, run_pb2.RunConfig(), ignore_unknown_fields=False)
+    except json_format.ParseError as err:
+        raise ValueError(f"bad run config: {err} (keys are the fields of RunConfig in run.proto)") from None
+
+
+def load_run_config(path: str | Path) -> run_pb2.RunConfig:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a run config is a YAML mapping")
+    return run_config_from_dict(data)
+
+
+def run_config_to_dict(config: run_pb2.RunConfig) -> dict[str, Any]:
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)

@@ -1,0 +1,270 @@
+"""One RL optimizer step on a batch of trajectories: advantages, prefix-merged forward, CISPO, AdamW,
+expert-bias update, metrics.
+
+From trajectories to training rows: every turn of a trajectory is one row, `prompt_token_ids +
+generated_token_ids`; its generated tokens are the trained targets (where the turn's loss_mask is 1),
+with the behaviour log-probabilities the rollout recorded. A turn's prompt is the previous turn's row
+plus the new messages, and every episode of a group starts from the same prompt, so the rows of a batch
+share long prefixes: with `prefix_merge` they are packed into prefix trees (forgerl.rl.prefix_tree) and
+the model runs once per tree; without, once per row (the same numbers, more compute).
+
+Advantages (forgerl.rl.rewards): the step rewards of a trajectory (one per turn; the composite
+alpha*process + beta*speed + performance the rollout computed) -> reward-to-go with `gamma` -> minus
+the mean return of the trajectory's group (same task) -> every generated token of turn t gets A_t.
+
+Shape legend: B rows (turns), L their padded length, N trajectories, S turns per trajectory (padded),
+nL MoE layers, K experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from forgerl.model import MiniMaxM2ForCausalLM, update_expert_bias
+from forgerl.rl.losses import get_policy_loss
+from forgerl.rl.prefix_merge import TokenOutputs, forward_merged
+from forgerl.rl.prefix_tree import PrefixForest
+from forgerl.rl.rewards import group_baseline_advantages, reward_to_go
+from forgerl.v1 import trajectory_pb2
+
+
+@dataclass
+class RlStepConfig:
+    loss: str = "cispo"
+    eps_high: float = 0.28
+    eps_low: float | None = None
+    gamma: float = 1.0
+    normalize_std: bool = True
+    prefix_merge: bool = True
+    max_tokens_per_pack: int | None = 2048
+    mtp_loss_weight: float = 0.0
+    routing_replay: bool = False
+    max_grad_norm: float = 1.0
+    bias_update_rate: float = 1e-3
+
+
+@dataclass
+class RlBatch:
+    input_ids: torch.Tensor  # [B, L] long, right-padded
+    lengths: torch.Tensor  # [B] long
+    old_logprobs: torch.Tensor  # [B, L - 1] float: entry t is the behaviour logprob of token t + 1
+    advantages: torch.Tensor  # [B, L - 1]
+    mask: torch.Tensor  # [B, L - 1] bool: trained targets
+    routed_experts: torch.Tensor | None  # [B, L, nL, K] long, -1 where the rollout recorded none
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def trajectory_step_rewards(traj: trajectory_pb2.Trajectory) -> list[float]:
+    """One reward per turn: the recorded step rewards, or the total reward on the last turn."""
+    rewards = [0.0] * max(1, len(traj.turns))
+    if traj.step_rewards:
+        for sr in traj.step_rewards:
+            if 0 <= sr.turn_index < len(rewards):
+                rewards[sr.turn_index] += sr.components.total
+    else:
+        rewards[-1] = traj.reward.total
+    return rewards
+
+
+def build_batch(
+    trajectories: Sequence[trajectory_pb2.Trajectory],
+    *,
+    gamma: float,
+    policy_version: int,
+    normalize_std: bool = True,
+    num_layers: int | None = None,
+    top_k: int | None = None,
+) -> RlBatch:
+    if not trajectories:
+        raise ValueError("build_batch needs at least one trajectory")
+    n = len(trajectories)
+    per_traj = [trajectory_step_rewards(t) for t in trajectories]
+    s = max(len(r) for r in per_traj)
+    rewards_NS = torch.zeros(n, s, dtype=torch.float64)
+    step_mask_NS = torch.zeros(n, s, dtype=torch.bool)
+    for i, r in enumerate(per_traj):
+        rewards_NS[i, : len(r)] = torch.tensor(r, dtype=torch.float64)
+        step_mask_NS[i, : len(r)] = True
+    group_names = {name: i for i, name in enumerate(dict.fromkeys(t.group_id or t.task_id for t in trajectories))}
+    group_ids = torch.tensor([group_names[t.group_id or t.task_id] for t in trajectories])
+    returns_NS = reward_to_go(rewards_NS, step_mask_NS, gamma)
+    adv_NS = group_baseline_advantages(returns_NS, step_mask_NS, group_ids, normalize_std=normalize_std)
+
+    rows: list[list[int]] = []
+    row_meta: list[tuple[int, int, int]] = []  # (trajectory, turn, prompt length)
+    staleness: list[float] = []
+    for i, traj in enumerate(trajectories):
+        for j, turn in enumerate(traj.turns):
+            if not turn.generated_token_ids:
+                continue
+            rows.append(list(turn.prompt_token_ids) + list(turn.generated_token_ids))
+            row_meta.append((i, j, len(turn.prompt_token_ids)))
+            staleness.append(float(policy_version - turn.policy_version))
+    if not rows:
+        raise ValueError("no trajectory in the batch has generated tokens")
+    b, width = len(rows), max(len(r) for r in rows)
+    input_ids = torch.zeros(b, width, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    old = torch.zeros(b, width - 1)
+    adv = torch.zeros(b, width - 1)
+    mask = torch.zeros(b, width - 1, dtype=torch.bool)
+    routed = None
+    want_routes = num_layers is not None and top_k is not None
+    if want_routes and any(t.turns and any(u.routed_experts.expert_ids for u in t.turns) for t in trajectories):
+        routed = torch.full((b, width, num_layers, top_k), -1, dtype=torch.long)  # type: ignore[arg-type]
+    for row, (tokens, (i, j, p)) in enumerate(zip(rows, row_meta, strict=True)):
+        turn = trajectories[i].turns[j]
+        g = len(turn.generated_token_ids)
+        input_ids[row, : len(tokens)] = torch.tensor(tokens)
+        lps = list(turn.behaviour_logprobs) or [0.0] * g
+        lm = list(turn.loss_mask) or [1] * g
+        old[row, p - 1 : p - 1 + g] = torch.tensor(lps[:g])
+        mask[row, p - 1 : p - 1 + g] = torch.tensor(lm[:g], dtype=torch.bool)
+        adv[row, p - 1 : p - 1 + g] = float(adv_NS[i, j])
+        ids = list(turn.routed_experts.expert_ids)
+        if routed is not None and ids and len(ids) == g * num_layers * top_k:  # type: ignore[operator]
+            routed[row, p : p + g] = torch.tensor(ids).view(g, num_layers, top_k)  # type: ignore[arg-type]
+    stats = {
+        "batch/trajectories": float(n),
+        "batch/rows": float(b),
+        "batch/groups": float(len(group_names)),
+        "staleness/mean": sum(staleness) / len(staleness),
+        "staleness/max": max(staleness),
+        "reward/mean": float(sum(t.reward.total for t in trajectories) / n),
+        "reward/process": float(sum(t.reward.process for t in trajectories) / n),
+        "reward/speed": float(sum(t.reward.speed for t in trajectories) / n),
+        "reward/performance": float(sum(t.reward.performance for t in trajectories) / n),
+        "success_rate": float(sum(t.success for t in trajectories) / n),
+        "turns/mean": float(sum(len(t.turns) for t in trajectories) / n),
+        "advantage/abs_mean": float(adv_NS.abs().sum() / step_mask_NS.sum()),
+    }
+    return RlBatch(input_ids, lengths, old, adv, mask, routed, stats)
+
+
+def _unmerged_forward(
+    model: MiniMaxM2ForCausalLM, batch: RlBatch, routed: torch.Tensor | None, mtp_weight: float
+) -> tuple[TokenOutputs, torch.Tensor | None, dict[str, float]]:
+    """One row per sequence, causal; also the MTP loss on the trained tokens when asked for."""
+    ids = batch.input_ids
+    out = model(ids, routed_experts=routed)
+    logits = out.logits[:, :-1].float()
+    lse = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - lse
+    steps = torch.arange(ids.shape[1] - 1)
+    valid = steps[None, :] < (batch.lengths[:, None] - 1)
+    logprobs = torch.where(valid, logprobs, 0.0)
+    logp_all = logits - lse[..., None]
+    entropy = torch.where(valid, -(logp_all.exp() * logp_all).sum(-1), 0.0)
+    mtp_loss, mtp_metrics = None, {}
+    if mtp_weight > 0 and len(model.mtp) > 0:
+        target_mask = torch.zeros_like(ids, dtype=torch.bool)
+        target_mask[:, 1:] = batch.mask
+        raw, mtp_metrics = model.mtp_loss(out.hidden_states, ids, target_mask)
+        # mtp_loss applies the model's configured weight; rescale to the run's.
+        mtp_loss = raw * (mtp_weight / max(model.config.mtp_loss_weight, 1e-12))
+    return TokenOutputs(logprobs, entropy), mtp_loss, mtp_metrics
+
+
+def _fill_routes(model: MiniMaxM2ForCausalLM, forest: PrefixForest | None, batch: RlBatch) -> torch.Tensor | None:
+    """Routing to replay [B, L, nL, K]: the rollout's expert ids for generated tokens; for positions it
+    recorded none (prompts), the routing a no-grad forward of this batch chooses."""
+    routed = batch.routed_experts
+    if routed is None:
+        return None
+    missing = routed[..., 0, 0] < 0
+    if not bool(missing.any()):
+        return routed
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        fresh = model(batch.input_ids).routed_experts  # [B, L, nL, K]
+    model.train(was_training)
+    return torch.where(missing[..., None, None], fresh, routed)
+
+
+def rl_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: RlBatch,
+    cfg: RlStepConfig,
+    *,
+    core: MiniMaxM2ForCausalLM | None = None,
+) -> dict[str, float]:
+    """Forward (merged or not), policy loss (+ MTP), backward, clip, optimizer step, expert-bias update.
+
+    `model` may be a DDP wrapper; `core` is the bare MiniMaxM2ForCausalLM (default: `model`). Under DDP
+    each rank passes its own shard of rows; the loss is scaled so that the averaged gradient equals the
+    gradient of the loss normalised over every rank's tokens."""
+    started = time.perf_counter()
+    core = core or model  # type: ignore[assignment]
+    assert isinstance(core, MiniMaxM2ForCausalLM)
+    model.train()
+    loss_fn = get_policy_loss(cfg.loss)
+    metrics: dict[str, float] = dict(batch.stats)
+    forest = None
+    routed = _fill_routes(core, None, batch) if cfg.routing_replay else None
+    mtp_loss = None
+    if cfg.prefix_merge:
+        forest = PrefixForest.build(batch.input_ids, batch.lengths, max_tokens_per_pack=cfg.max_tokens_per_pack)
+        outs = forward_merged(model, forest, routed_experts=routed, with_entropy=True)  # type: ignore[arg-type]
+        metrics["tokens/input"] = float(forest.num_input_tokens)
+        metrics["tokens/packed"] = float(forest.num_packed_tokens)
+        metrics["tokens/merged"] = float(forest.num_input_tokens - forest.num_packed_tokens)
+        metrics["tokens/packs"] = float(len(forest.packs))
+    else:
+        outs, mtp_loss, mtp_metrics = _unmerged_forward(core if model is core else model, batch, routed, cfg.mtp_loss_weight)  # type: ignore[arg-type]
+        metrics.update(mtp_metrics)
+        metrics["tokens/input"] = float(batch.lengths.sum())
+        metrics["tokens/packed"] = float(batch.input_ids.numel())
+        metrics["tokens/merged"] = 0.0
+    mask = batch.mask
+    loss, loss_metrics = loss_fn(
+        outs.logprobs,
+        batch.old_logprobs,
+        batch.advantages,
+        mask,
+        eps_high=cfg.eps_high,
+        eps_low=cfg.eps_low,
+        entropy=outs.entropy,
+    )
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        local_n = mask.sum().to(torch.float64)
+        total_n = local_n.clone()
+        dist.all_reduce(total_n)
+        loss = loss * (local_n.clamp(min=1) * world / total_n.clamp(min=1)).to(loss.dtype)
+    total = loss if mtp_loss is None else loss + mtp_loss
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    metrics.update(update_expert_bias(core, cfg.bias_update_rate))
+    for key, value in loss_metrics.items():
+        metrics[key] = float(value)
+    metrics["loss"] = float(total.detach())
+    metrics["policy/loss"] = float(loss.detach())
+    gn = float(grad_norm)
+    metrics["grad_norm"] = gn if math.isfinite(gn) else -1.0
+    prefix = cfg.loss
+    if f"{prefix}/entropy" in metrics:
+        metrics["entropy"] = metrics[f"{prefix}/entropy"]
+    if f"{prefix}/clip_frac" in metrics:
+        metrics["clip_frac"] = metrics[f"{prefix}/clip_frac"]
+    metrics["step_time_s"] = time.perf_counter() - started
+    return metrics
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask.to(values.dtype)
+    return float((values * m).sum() / m.sum().clamp(min=1))
+
+
+__all__ = ["RlBatch", "RlStepConfig", "build_batch", "rl_step", "trajectory_step_rewards", "F"]

@@ -155,7 +155,8 @@ def _unmerged_forward(
     """One row per sequence, causal; also the MTP loss on the trained tokens when asked for."""
     ids = batch.input_ids
     out = model(ids, routed_experts=routed)
-    logits = out.logits[:, :-1].float()
+    logits = out.logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     lse = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - lse
     steps = torch.arange(ids.shape[1] - 1)

@@ -1,0 +1,234 @@
+"""`forgerl run start|status|stop|report`: the gRPC client of the trainer service.
+
+    forgerl run start examples/tiny-tool-use.yaml --local   # the main job (`make run`): topology up, run,
+                                                            # live progress, report, topology down
+    forgerl run start examples/tiny-tool-use.yaml           # against a trainer already running
+    forgerl run status <run-id>
+    forgerl run stop <run-id>
+    forgerl run report <run-id>                             # PNGs + summary under runs/<run-id>/report/
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from forgerl.v1 import run_pb2, trainer_pb2, trainer_pb2_grpc
+
+run_app = typer.Typer(help="Training runs: start, follow, stop, report.", no_args_is_help=True)
+console = Console()
+
+AddressOption = Annotated[
+    str | None, typer.Option("--address", help="Trainer address; default: the local topology's trainer.")
+]
+RunsDirOption = Annotated[Path, typer.Option("--runs-dir", help="Where run directories live.")]
+TokenOption = Annotated[str | None, typer.Option("--token", envvar="FORGERL_AUTH_TOKEN", help="Bearer token.")]
+
+
+def _address(address: str | None) -> str:
+    if address:
+        return address
+    from forgerl.local.topology import LocalTopology
+
+    return LocalTopology.load(None).address("trainer")
+
+
+def _stub(address: str | None, token: str | None = None) -> trainer_pb2_grpc.TrainerServiceStub:
+    from forgerl.runtime.client import insecure_channel
+
+    return trainer_pb2_grpc.TrainerServiceStub(insecure_channel(_address(address), token))
+
+
+def _state(run: run_pb2.Run) -> str:
+    return run_pb2.RunState.Name(run.state).removeprefix("RUN_STATE_").lower()
+
+
+class _Progress:
+    """The live view: stage, step, reward, held-out success, loss, step time, policy version."""
+
+    def __init__(self, run: run_pb2.Run) -> None:
+        self.run = run
+        self.last: dict[str, float] = {}
+        self.stage, self.step = run.stage or "sft", run.step
+        self.sft_heldout: float | None = None
+        self.heldout: float | None = None
+        self.started = time.monotonic()
+
+    def update(self, m: run_pb2.StepMetrics) -> None:
+        self.stage, self.step = m.stage, m.step
+        self.last.update(m.values)
+        if "eval/heldout_success" in m.values:
+            if m.stage == "sft":
+                self.sft_heldout = m.values["eval/heldout_success"]
+            self.heldout = m.values["eval/heldout_success"]
+
+    def render(self) -> Table:
+        cfg = self.run.config
+        total = cfg.sft.steps + cfg.rl.steps
+        rl_step = max(0, self.step - cfg.sft.steps)
+        stage = f"SFT {self.step}/{cfg.sft.steps}" if self.stage == "sft" else f"RL {rl_step}/{cfg.rl.steps}"
+        table = Table(title=f"run {self.run.run_id}  ({time.monotonic() - self.started:.0f} s)", show_header=False)
+        table.add_column("", style="bold")
+        table.add_column("")
+        bar = int(30 * min(1.0, self.step / max(1, total)))
+        table.add_row("stage", f"{stage}  [{'#' * bar}{'.' * (30 - bar)}]")
+        if self.stage == "sft":
+            table.add_row("SFT loss", _f(self.last.get("sft/loss")))
+        else:
+            table.add_row("reward (batch)", _f(self.last.get("reward/mean")))
+            table.add_row("success (batch)", _f(self.last.get("success_rate")))
+            table.add_row("entropy / clip", f"{_f(self.last.get('entropy'))} / {_f(self.last.get('clip_frac'))}")
+            table.add_row("staleness (max)", _f(self.last.get("staleness/max")))
+            table.add_row("tokens merged", _f(self.last.get("tokens/merged")))
+        table.add_row("held-out success", f"SFT {_f(self.sft_heldout)}  ->  now {_f(self.heldout)}")
+        table.add_row("policy version", _f(self.last.get("policy_version")))
+        table.add_row("step time", f"{_f(self.last.get('step_total_s', self.last.get('step_time_s')))} s")
+        return table
+
+
+def _f(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def follow(stub: trainer_pb2_grpc.TrainerServiceStub, run_id: str) -> run_pb2.Run:
+    """Show live progress until the run ends; returns the final Run. Reconnects while the trainer
+    restarts (a killed trainer resumes the run)."""
+    run = stub.GetRun(trainer_pb2.GetRunRequest(run_id=run_id), timeout=30).run
+    view = _Progress(run)
+    from_step = 0
+    with Live(view.render(), console=console, refresh_per_second=2) as live:
+        while True:
+            try:
+                for resp in stub.StreamMetrics(trainer_pb2.StreamMetricsRequest(run_id=run_id, from_step=from_step)):
+                    view.update(resp.metrics)
+                    from_step = max(from_step, resp.metrics.step)
+                    live.update(view.render())
+                run = stub.GetRun(trainer_pb2.GetRunRequest(run_id=run_id), timeout=30).run
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    raise
+                time.sleep(2)  # the trainer is (re)starting
+                continue
+            view.run = run
+            if run.state in (run_pb2.RUN_STATE_SUCCEEDED, run_pb2.RUN_STATE_FAILED, run_pb2.RUN_STATE_STOPPED):
+                live.update(view.render())
+                return run
+            time.sleep(1)
+
+
+def report(
+    stub: trainer_pb2_grpc.TrainerServiceStub, run_id: str, runs_dir: Path, timeout_s: float = 30.0
+) -> dict[str, Any]:
+    from forgerl.trainer.report import summary_rows, write_report
+
+    run = stub.GetRun(trainer_pb2.GetRunRequest(run_id=run_id), timeout=30).run
+    metrics = []
+    try:
+        for resp in stub.StreamMetrics(trainer_pb2.StreamMetricsRequest(run_id=run_id), timeout=timeout_s):
+            metrics.append(resp.metrics)
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # a live run streams on: take what came
+            raise
+    out = runs_dir / run_id / "report"
+    summary = write_report(run, metrics, out)
+    table = Table(title=f"run {run_id}: summary")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary_rows(summary):
+        table.add_row(key, value)
+    console.print(table)
+    console.print(f"report: {out} ({', '.join(summary['plots'])}, summary.json, summary.md)")
+    return summary
+
+
+@run_app.command()
+def start(
+    config: Annotated[Path, typer.Argument(help="Run config YAML (e.g. examples/tiny-tool-use.yaml).")],
+    address: AddressOption = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Bring the local topology up first and down at the end.")
+    ] = False,
+    detach: Annotated[bool, typer.Option("--detach", help="Return once the run started.")] = False,
+    resume: Annotated[str | None, typer.Option("--resume", help="Resume this run id instead.")] = None,
+    runs_dir: RunsDirOption = Path("runs"),
+    token: TokenOption = None,
+) -> None:
+    """Start a run (SFT then RL as the YAML says), follow it live, then write its report."""
+    from forgerl.trainer.run_config import load_run_config
+
+    run_config = load_run_config(config)
+    supervisor = None
+    if local:
+        supervisor = _bring_up()
+    try:
+        stub = _stub(address, token)
+        request = trainer_pb2.StartRunRequest(config=run_config, resume_run_id=resume or "")
+        run = stub.StartRun(request, timeout=60).run
+        console.print(f"run [bold]{run.run_id}[/bold] started ({run.config.name})")
+        if detach:
+            return
+        run = follow(stub, run.run_id)
+        console.print(f"run {run.run_id}: {_state(run)}" + (f" ({run.error})" if run.error else ""))
+        report(stub, run.run_id, runs_dir)
+        if run.state != run_pb2.RUN_STATE_SUCCEEDED:
+            raise typer.Exit(1)
+    finally:
+        if supervisor is not None:
+            supervisor.stop_all()
+            console.print("local topology stopped")
+
+
+def _bring_up() -> Any:
+    from forgerl.local.bootstrap import ensure_initial_checkpoint
+    from forgerl.local.supervisor import Supervisor
+    from forgerl.local.topology import LocalTopology
+
+    topology = LocalTopology.load(None)
+    if Supervisor.attach(topology).processes:
+        console.print("[yellow]using the local topology that already runs[/yellow]")
+        return None
+    if topology.model_path is None:
+        with console.status(f"creating the initial {topology.model_preset} checkpoint"):
+            ensure_initial_checkpoint(topology.initial_model_path, topology.model_preset)
+    supervisor = Supervisor(topology)
+    with console.status("starting the local topology (broker, inference, datapool, gateway, rollout, trainer)"):
+        supervisor.start_all(lambda name, what: None)
+    console.print("local topology SERVING")
+    return supervisor
+
+
+@run_app.command()
+def status(run_id: str, address: AddressOption = None, token: TokenOption = None) -> None:
+    """State, stage, step and policy version of a run."""
+    run = _stub(address, token).GetRun(trainer_pb2.GetRunRequest(run_id=run_id), timeout=30).run
+    table = Table(title=f"run {run_id}")
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in (("state", _state(run)), ("stage", run.stage), ("step", str(run.step)),
+                       ("policy version", str(run.policy_version)), ("error", run.error or "-")):  # fmt: skip
+        table.add_row(key, value)
+    console.print(table)
+
+
+@run_app.command()
+def stop(run_id: str, address: AddressOption = None, token: TokenOption = None) -> None:
+    """Stop a run after its current step (its state is saved; `start --resume` continues it)."""
+    run = _stub(address, token).StopRun(trainer_pb2.StopRunRequest(run_id=run_id), timeout=180).run
+    console.print(f"run {run_id}: {_state(run)} at step {run.step}")
+
+
+@run_app.command(name="report")
+def report_command(
+    run_id: str, address: AddressOption = None, runs_dir: RunsDirOption = Path("runs"), token: TokenOption = None
+) -> None:
+    """Write the PNG plots and the summary of a run under <runs-dir>/<run-id>/report/."""
+    report(_stub(address, token), run_id, runs_dir)

@@ -1,0 +1,147 @@
+"""What a checkpoint directory holds, read without loading a tensor: config.json and safetensors headers.
+
+The inference service checks a new checkpoint against the one it serves before it touches the engine:
+vLLM's in-place reload only logs a warning for weights a checkpoint lacks, and a layer of the wrong shape
+fails half-way through the reload, leaving a mix of two models. A checkpoint that passes these checks has
+the same architecture, the same tensor names and the same shapes as the served one.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class CheckpointError(ValueError):
+    """The directory is not a checkpoint the engine can load; the message says why."""
+
+
+class CheckpointMissing(CheckpointError):
+    """The path does not exist or holds no checkpoint."""
+
+
+# config.json keys that fix tensor shapes or the computation; two checkpoints that differ in one of them
+# are different models, not two versions of one.
+ARCHITECTURE_KEYS = (
+    "architectures",
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rotary_dim",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "scoring_func",
+    "use_routing_bias",
+    "tie_word_embeddings",
+    "attention_type",
+)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    config: dict[str, Any]
+    # tensor name -> (dtype, shape), from the safetensors headers
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or ["?"]
+        return str(archs[0])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get("num_hidden_layers", 0))
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.config.get("num_local_experts", 0))
+
+    @property
+    def experts_per_token(self) -> int:
+        return int(self.config.get("num_experts_per_tok", 0))
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path} is not a safetensors file (shorter than its header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 * 1024 * 1024:
+            raise CheckpointError(f"{path} is not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path} is not a safetensors file ({err})") from None
+    return {
+        name: (str(meta["dtype"]), tuple(int(d) for d in meta["shape"]))
+        for name, meta in header.items()
+        if name != "__metadata__"
+    }
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Read a Hugging Face-layout checkpoint directory; CheckpointError if it is not one."""
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointMissing(f"checkpoint path {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise CheckpointMissing(f"checkpoint path {str(root)!r} is not a directory")
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        raise CheckpointMissing(f"{str(root)!r} has no config.json: not a checkpoint directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict) or "vocab_size" not in config:
+        raise CheckpointError(f"{config_path} does not describe a model (no vocab_size)")
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise CheckpointMissing(f"{str(root)!r} has no *.safetensors weight files")
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for file in files:
+        tensors.update(read_safetensors_header(file))
+    return CheckpointInfo(root, config, tensors)
+
+
+def check_same_architecture(new: CheckpointInfo, served: CheckpointInfo) -> None:
+    """CheckpointError unless `new` can be loaded in place of `served` (same config keys, tensors, shapes)."""
+    diffs = [
+        f"{key}: {new.config.get(key)!r} (served: {served.config.get(key)!r})"
+        for key in ARCHITECTURE_KEYS
+        if new.config.get(key) != served.config.get(key)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {str(new.path)!r} is a different architecture from the served model: " + "; ".join(diffs)
+        )
+    missing = sorted(set(served.tensors) - set(new.tensors))
+    extra = sorted(set(new.tensors) - set(served.tensors))
+    if missing or extra:
+        raise CheckpointError(
+            f"checkpoint {str(new.path)!r} does not have the served model's tensors: "
+            f"{len(missing)} missing {missing[:3]}, {len(extra)} unexpected {extra[:3]}"
+        )
+    shapes = [
+        f"{name} {new.tensors[name][1]} (served: {served.tensors[name][1]})"
+        for name in sorted(served.tensors)
+        if new.tensors[name][1] != served.tensors[name][1]
+    ]
+    if shapes:
+        raise CheckpointError(
+            f"checkpoint {str(new.path)!r} has tensors of other shapes than the served model: " + "; ".join(shapes[:3])
+        )

@@ -1,0 +1,397 @@
+"""vLLM's AsyncLLM behind a small interface: token-in/token-out generation with versioned weight updates.
+
+The engine core runs in its own process (vLLM's design); this object lives in the service's event loop.
+
+Versioning. Every request is stamped with the policy version when it is admitted, and that version made
+all of its tokens: an update closes admission, waits until every admitted request has reached the engine,
+then pauses the engine, which either lets the requests in flight finish on the old weights ("finish") or
+aborts them ("abort"). Only then are the weights reloaded, the prefix cache reset, and admission reopened
+under the new version. Requests that arrive during an update wait for it and run on the new version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from forgerl.inference.checkpoint import CheckpointError, CheckpointInfo, check_same_architecture, inspect_checkpoint
+from forgerl.inference.requests import (
+    GenerationRequest,
+    InvalidRequest,
+    ModelLimits,
+    Sampling,
+    check_request,
+    sampling_kwargs,
+)
+from forgerl.inference.stats import EngineStats, stat_logger_factory
+
+logger = logging.getLogger(__name__)
+
+InFlight = Literal["finish", "abort"]
+_PAUSE_MODE = {"finish": "wait", "abort": "abort"}
+
+
+class FeatureDisabled(Exception):
+    """The request needs something this engine was started without (e.g. routing replay)."""
+
+
+class DuplicateRequest(Exception):
+    """A request with this id is already running."""
+
+
+class EngineFailure(RuntimeError):
+    """The engine could not do what was asked and the caller cannot fix it by changing the request."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model_path: str
+    policy_version: int = 1
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    kv_cache_bytes: int = 256 * 1024 * 1024
+    in_flight: InFlight = "finish"
+    routing_replay: bool = False
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 64
+    enforce_eager: bool = True
+    seed: int = 0
+    logprobs_mode: str = "raw_logprobs"
+    # "mp": the model worker in its own process (vLLM's default); "uni": inside the engine-core process.
+    executor: str = "mp"
+    warmup_tokens: int = 4
+
+
+@dataclass(frozen=True)
+class RoutedRows:
+    """Expert ids per generated token: row i is the forward pass that produced token i."""
+
+    num_layers: int
+    top_k: int
+    expert_ids: np.ndarray  # int16 [num_tokens, num_layers, top_k]
+
+
+@dataclass
+class GenerationChunk:
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "" until the last chunk: "stop", "length" or "abort"
+    policy_version: int
+    cached_prompt_tokens: int
+    routed_experts: RoutedRows | None = None
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    policy_version: int
+    reload_s: float  # reload + prefix-cache reset, the engine paused
+    wait_s: float  # waiting for requests in flight to finish or abort
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    policy_version: int
+    model_path: str
+    running_requests: int
+    waiting_requests: int
+    kv_cache_usage: float
+    prefix_cache_hit_rate: float
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+
+
+@dataclass
+class _Active:
+    version: int
+    prompt_len: int
+    generated: int = 0
+    aborted: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class InferenceEngine:
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.stats = EngineStats()
+        self._llm: Any = None
+        self._served: CheckpointInfo | None = None
+        self._limits: ModelLimits | None = None
+        self._version = settings.policy_version
+        self._active: dict[str, _Active] = {}
+        self._update_lock = asyncio.Lock()
+        self._open = asyncio.Event()
+        self._admitting = 0
+        self._held = 0  # requests waiting for an update to finish before they are admitted
+        self._admitted = asyncio.Condition()
+        self._routing_shape: dict[str, int] | None = None
+
+    # --- life cycle -------------------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def limits(self) -> ModelLimits:
+        if self._limits is None:
+            raise EngineFailure("the engine has not started")
+        return self._limits
+
+    async def start(self) -> None:
+        """Start vLLM on the model path and warm it up; CheckpointError if the path holds no model."""
+        served = inspect_checkpoint(self.settings.model_path)
+        self._served = served
+        # vLLM logs to stdout by default; a service's stdout is not for logs (and benchmarks print JSON there).
+        # Set before vLLM is imported; the engine-core and worker processes inherit it.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        self._limits = ModelLimits(vocab_size=served.vocab_size, max_model_len=self.settings.max_model_len)
+        t0 = time.perf_counter()
+        self._llm = await asyncio.to_thread(self._build)
+        if self.settings.routing_replay:
+            shapes = await self._llm.collective_rpc("forgerl_enable_routing_capture")
+            self._routing_shape = shapes[0]
+        await self._llm.update_weight_version(str(self._version))
+        self._open.set()
+        await self.warm_up()
+        logger.info("engine ready", extra={"model": str(served.path), "start_s": round(time.perf_counter() - t0, 1)})
+
+    def _build(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from forgerl.vllm_plugin.routing import EXTENSION
+
+        s = self.settings
+        engine_kwargs: dict[str, Any] = {"dtype": s.dtype, "logprobs_mode": s.logprobs_mode}
+        args = AsyncEngineArgs(
+            model=str(Path(s.model_path).resolve()),
+            skip_tokenizer_init=True,
+            max_model_len=s.max_model_len,
+            kv_cache_memory_bytes=s.kv_cache_bytes,
+            enable_prefix_caching=s.enable_prefix_caching,
+            max_num_seqs=s.max_num_seqs,
+            enforce_eager=s.enforce_eager,
+            seed=s.seed,
+            distributed_executor_backend=s.executor,
+            worker_extension_cls=EXTENSION if s.routing_replay else "",
+            disable_log_stats=True,
+            **engine_kwargs,
+        )
+        return AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self.stats)])
+
+    async def warm_up(self) -> None:
+        """Run one short greedy request through the engine, then forget its cache statistics."""
+        n = max(1, min(16, self.limits.max_model_len - self.settings.warmup_tokens - 1))
+        request = GenerationRequest(
+            request_id=f"warmup-{uuid.uuid4().hex[:8]}",
+            prompt_token_ids=tuple(i % self.limits.vocab_size for i in range(n)),
+            sampling=Sampling(max_tokens=self.settings.warmup_tokens),
+            return_routed_experts=self.settings.routing_replay,
+        )
+        async for _ in self.generate(request):
+            pass
+        await self._llm.reset_prefix_cache()
+        self.stats.prefix_cache_queried_tokens = 0
+        self.stats.prefix_cache_hit_tokens = 0
+
+    async def stop(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            await asyncio.to_thread(llm.shutdown)
+            # AsyncLLM.__del__ shuts down again, at interpreter exit if something still holds the engine,
+            # when vLLM's module globals are gone (a TypeError on stderr): once is enough.
+            llm.shutdown = lambda timeout=None: None
+
+    # --- generation -------------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream the request's tokens; InvalidRequest / FeatureDisabled / DuplicateRequest before any."""
+        max_tokens = check_request(request, self.limits)
+        if request.return_routed_experts and not self.settings.routing_replay:
+            raise FeatureDisabled(
+                "return_routed_experts needs routing replay, which is off in this inference service: "
+                "start it with routing_replay=true (FORGERL_INFERENCE_ROUTING_REPLAY=true)"
+            )
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        rid = request.request_id or uuid.uuid4().hex
+        kwargs = sampling_kwargs(request, max_tokens)
+        if request.return_routed_experts:
+            from forgerl.vllm_plugin.routing import EXTRA_ARGS_KEY
+
+            kwargs["extra_args"] = {EXTRA_ARGS_KEY: rid}
+        params = SamplingParams(output_kind=RequestOutputKind.DELTA, **kwargs)
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+
+        state = await self._admit(rid, len(request.prompt_token_ids))
+        queue = None
+        finished = False
+        try:
+            try:
+                queue = await self._llm.add_request(rid, prompt, params)
+            finally:
+                await self._admission_done()
+            while not finished:
+                out = queue.get_nowait() or await queue.get()
+                finished = bool(out.finished)
+                chunk = self._chunk(rid, state, out)
+                if finished and request.return_routed_experts:
+                    chunk.routed_experts = await self._take_routing(rid, state)
+                yield chunk
+        finally:
+            if queue is not None:
+                if not finished:
+                    with contextlib.suppress(Exception):
+                        await self._llm.abort(rid, internal=False)
+                queue.close()
+            if request.return_routed_experts and not finished:
+                with contextlib.suppress(Exception):
+                    await self._llm.collective_rpc("forgerl_drop_routed_experts", args=([rid],))
+            self._active.pop(rid, None)
+
+    async def _admit(self, rid: str, prompt_len: int) -> _Active:
+        if not self._open.is_set():
+            self._held += 1
+            try:
+                while not self._open.is_set():
+                    await self._open.wait()
+            finally:
+                self._held -= 1
+        if rid in self._active:
+            raise DuplicateRequest(f"request_id {rid!r} is already running: use a new id per request")
+        state = _Active(version=self._version, prompt_len=prompt_len)
+        self._active[rid] = state
+        self._admitting += 1
+        return state
+
+    async def _admission_done(self) -> None:
+        async with self._admitted:
+            self._admitting -= 1
+            self._admitted.notify_all()
+
+    def _chunk(self, rid: str, state: _Active, out: Any) -> GenerationChunk:
+        completion = out.outputs[0] if out.outputs else None
+        tokens = list(completion.token_ids) if completion is not None else []
+        logprobs: list[float] = []
+        if completion is not None and completion.logprobs:
+            logprobs = [float(step[tok].logprob) for step, tok in zip(completion.logprobs, tokens, strict=True)]
+        state.generated += len(tokens)
+        reason = (completion.finish_reason if completion is not None else None) or ""
+        if out.finished and not reason:
+            reason = "abort"
+        return GenerationChunk(
+            request_id=rid,
+            token_ids=tokens,
+            logprobs=logprobs,
+            finish_reason=str(reason),
+            policy_version=state.version,
+            cached_prompt_tokens=int(out.num_cached_tokens or 0),
+        )
+
+    async def _take_routing(self, rid: str, state: _Active) -> RoutedRows | None:
+        start = state.prompt_len - 1
+        results = await self._llm.collective_rpc(
+            "forgerl_take_routed_experts", args=(rid, start, start + state.generated)
+        )
+        shape, data, missing = results[0]
+        if missing:
+            logger.warning("routing capture missed %d of %d tokens of %s", missing, state.generated, rid)
+        rows = np.frombuffer(data, dtype=np.int16).reshape(shape)
+        return RoutedRows(num_layers=int(shape[1]), top_k=int(shape[2]), expert_ids=rows)
+
+    async def abort(self, request_ids: list[str]) -> int:
+        known = [rid for rid in request_ids if rid in self._active]
+        if known:
+            await self._llm.abort(known)
+        return len(known)
+
+    # --- weights ----------------------------------------------------------------------------------------
+
+    async def update_weights(self, path: str, version: int, in_flight: InFlight | None = None) -> UpdateResult:
+        """Serve the checkpoint at `path` as `version`. CheckpointError / InvalidRequest leave the old one."""
+        mode = in_flight or self.settings.in_flight
+        if mode not in _PAUSE_MODE:
+            raise InvalidRequest(f"in_flight={mode!r}: must be 'finish' or 'abort'")
+        async with self._update_lock:
+            if version <= self._version:
+                raise InvalidRequest(
+                    f"version {version} is not newer than the served policy version {self._version}: "
+                    "versions only go up"
+                )
+            assert self._served is not None
+            new = inspect_checkpoint(path)
+            check_same_architecture(new, self._served)
+            t0 = time.perf_counter()
+            self._open.clear()
+            try:
+                async with self._admitted:
+                    await self._admitted.wait_for(lambda: self._admitting == 0)
+                await self._llm.pause_generation(mode=_PAUSE_MODE[mode], clear_cache=True)
+                t1 = time.perf_counter()
+                try:
+                    await self._reload(new.path)
+                except Exception as err:
+                    logger.exception("reload of %s failed; reloading the served weights", new.path)
+                    await self._reload(self._served.path)
+                    raise EngineFailure(
+                        f"reloading {str(new.path)!r} failed ({err}); version {self._version} keeps serving"
+                    ) from err
+                await self._llm.reset_prefix_cache()
+                await self._llm.update_weight_version(str(version))
+                self._version = version
+                self._served = new
+                t2 = time.perf_counter()
+            finally:
+                with contextlib.suppress(Exception):
+                    await self._llm.resume_generation()
+                self._open.set()
+        logger.info("serving policy version %d from %s (reload %.3f s)", version, new.path, t2 - t1)
+        return UpdateResult(policy_version=version, reload_s=t2 - t1, wait_s=t1 - t0)
+
+    async def _reload(self, path: Path) -> None:
+        await self._llm.collective_rpc(
+            "reload_weights", kwargs={"weights_path": str(path.resolve()), "is_checkpoint_format": True}
+        )
+
+    # --- status -----------------------------------------------------------------------------------------
+
+    def status(self) -> EngineStatus:
+        s = self.stats
+        return EngineStatus(
+            policy_version=self._version,
+            model_path=str(self._served.path if self._served else self.settings.model_path),
+            running_requests=s.running_requests,
+            waiting_requests=s.waiting_requests + self._held,
+            kv_cache_usage=s.kv_cache_usage,
+            prefix_cache_hit_rate=s.prefix_cache_hit_rate,
+            prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
+            prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
+        )
+
+
+__all__ = [
+    "CheckpointError",
+    "DuplicateRequest",
+    "EngineFailure",
+    "EngineSettings",
+    "EngineStatus",
+    "FeatureDisabled",
+    "GenerationChunk",
+    "InferenceEngine",
+    "InvalidRequest",
+    "RoutedRows",
+    "UpdateResult",
+]

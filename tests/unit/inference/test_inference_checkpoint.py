@@ -1,0 +1,81 @@
+"""forgerl.inference.checkpoint: a checkpoint is checked against the served one from headers alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from forgerl.inference.checkpoint import (
+    CheckpointError,
+    CheckpointMissing,
+    check_same_architecture,
+    inspect_checkpoint,
+    read_safetensors_header,
+)
+
+pytestmark = pytest.mark.unit
+
+CONFIG = {"architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2", "vocab_size": 16, "hidden_size": 4}
+
+
+def write(path: Path, config: dict[str, object] | None = None, **tensors: tuple[int, ...]) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config or CONFIG))
+    shapes = tensors or {"embed": (16, 4), "head": (16, 4)}
+    save_file({name: np.zeros(shape, np.float32) for name, shape in shapes.items()}, str(path / "model.safetensors"))
+    return path
+
+
+def test_reads_config_and_tensor_shapes(tmp_path: Path) -> None:
+    info = inspect_checkpoint(write(tmp_path / "a"))
+    assert info.architecture == "MiniMaxM2ForCausalLM" and info.vocab_size == 16
+    assert info.tensors == {"embed": ("F32", (16, 4)), "head": ("F32", (16, 4))}
+
+
+def test_same_architecture_passes(tmp_path: Path) -> None:
+    check_same_architecture(inspect_checkpoint(write(tmp_path / "a")), inspect_checkpoint(write(tmp_path / "b")))
+
+
+def test_missing_paths_are_told_apart(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointMissing, match="does not exist"):
+        inspect_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointMissing, match=r"no config\.json"):
+        inspect_checkpoint(tmp_path / "empty")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps(CONFIG))
+    with pytest.raises(CheckpointMissing, match=r"no \*\.safetensors"):
+        inspect_checkpoint(tmp_path / "noweights")
+
+
+def test_garbage_is_an_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        inspect_checkpoint(bad)
+    (bad / "config.json").write_text(json.dumps(CONFIG))
+    (bad / "model.safetensors").write_bytes(b"\x01")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        read_safetensors_header(bad / "model.safetensors")
+
+
+def test_other_architecture_is_refused(tmp_path: Path) -> None:
+    served = inspect_checkpoint(write(tmp_path / "a"))
+    other = inspect_checkpoint(write(tmp_path / "b", {**CONFIG, "hidden_size": 8}))
+    with pytest.raises(CheckpointError, match="hidden_size: 8 \\(served: 4\\)"):
+        check_same_architecture(other, served)
+
+
+def test_missing_tensor_and_shape_are_refused(tmp_path: Path) -> None:
+    served = inspect_checkpoint(write(tmp_path / "a"))
+    fewer = inspect_checkpoint(write(tmp_path / "b", embed=(16, 4)))
+    with pytest.raises(CheckpointError, match="1 missing \\['head'\\]"):
+        check_same_architecture(fewer, served)
+    reshaped = inspect_checkpoint(write(tmp_path / "c", embed=(16, 4), head=(4, 16)))
+    with pytest.raises(CheckpointError, match="other shapes"):
+        check_same_architecture(reshaped, served)

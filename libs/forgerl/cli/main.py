@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from forgerl.local.bootstrap import ensure_initial_checkpoint
 from forgerl.local.supervisor import Supervisor, status
 from forgerl.local.topology import BROKER, SERVICES, LocalTopology
 from forgerl.runtime.config import ConfigError
@@ -48,18 +49,24 @@ def up(
     if Supervisor.attach(topology).processes:
         console.print(f"[yellow]a local topology already runs ({topology.state_file}); `forgerl down` first[/yellow]")
         raise typer.Exit(1)
+    if topology.model_path is None:
+        with console.status(f"creating the initial {topology.model_preset} checkpoint"):
+            ensure_initial_checkpoint(topology.initial_model_path, topology.model_preset)
     supervisor = Supervisor(topology)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the children too, like Ctrl-C
     started = time.monotonic()
     try:
         _start_with_progress(supervisor)
     except (RuntimeError, TimeoutError) as err:
         console.print(f"[red]start-up failed:[/red] {err}")
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("interrupted: stopped everything")
+        raise typer.Exit(130) from None
     console.print(f"all SERVING in {time.monotonic() - started:.1f} s; logs in {topology.logs_dir}")
     _print_status(topology)
     if detach:
         return
-    console.print("Ctrl-C (or `forgerl down` elsewhere) stops everything.")
     _wait_for_interrupt(supervisor)
     supervisor.stop_all()
     console.print("stopped")
@@ -77,8 +84,8 @@ def _start_with_progress(supervisor: Supervisor) -> None:
 
 
 def _wait_for_interrupt(supervisor: Supervisor) -> None:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
+    try:  # entered before saying so, so that an immediate Ctrl-C is caught here too
+        console.print("Ctrl-C (or `forgerl down` elsewhere) stops everything.")
         while supervisor.topology.state_file.exists():  # `forgerl down` elsewhere removes it
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -109,15 +116,17 @@ def status_command(config: ConfigOption = None, state_dir: StateOption = None) -
 def _print_status(topology: LocalTopology) -> bool:
     processes = Supervisor.attach(topology).processes
     table = Table(title="ForgeRL local topology")
-    for column in ("component", "address", "pid", "health"):
+    for column in ("component", "address", "pid", "ready after", "health"):
         table.add_column(column)
     healthy = True
     for name in (BROKER, *SERVICES):
         health = status(topology, name)
         healthy &= health == "SERVING"
         colour = "green" if health == "SERVING" else "red"
-        pid = str(processes[name].pid) if name in processes else "-"
-        table.add_row(name, topology.address(name), pid, f"[{colour}]{health}[/{colour}]")
+        process = processes.get(name)
+        pid = str(process.pid) if process else "-"
+        ready = f"{process.ready_s:.1f} s" if process and process.ready_s is not None else "-"
+        table.add_row(name, topology.address(name), pid, ready, f"[{colour}]{health}[/{colour}]")
     console.print(table)
     return healthy
 

@@ -27,6 +27,8 @@ class Process:
     name: str
     pid: int
     address: str
+    # Seconds from `forgerl up` to SERVING; None while starting.
+    ready_s: float | None = None
 
 
 def tansu_binary() -> Path:
@@ -102,14 +104,17 @@ class Supervisor:
         self.processes[name] = Process(name, child.pid, self.topology.address(name))
 
     def _wait_ready(self, names: list[str], on_event: Callable[[str, str], None]) -> None:
-        deadline = time.monotonic() + self.topology.ready_timeout_s
+        started = time.monotonic()
+        deadline = started + self.topology.ready_timeout_s
         waiting = list(names)
         while waiting:
             for name in list(waiting):
-                if not _alive(self.processes[name].pid):
+                if not pid_alive(self.processes[name].pid):
                     raise RuntimeError(f"{name} exited during start-up; see {self.log_path(name)}:\n{self.tail(name)}")
                 if status(self.topology, name) == "SERVING":
                     waiting.remove(name)
+                    self.processes[name].ready_s = round(time.monotonic() - started, 2)
+                    self._save()
                     on_event(name, "serving")
             if waiting and time.monotonic() > deadline:
                 raise TimeoutError(
@@ -127,9 +132,8 @@ class Supervisor:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def stop_all(self) -> list[str]:
-        """SIGTERM every process group, wait `grace_s` (+ margin), SIGKILL what is left; returns the killed."""
-        stop_processes(self.processes.values(), self.topology.grace_s + 5.0)
-        killed = [p.name for p in self.processes.values() if _alive(p.pid)]
+        """Stop every process (see `stop_processes`); returns the names that had to be killed."""
+        killed = stop_processes(self.processes.values(), self.topology.grace_s + 5.0)
         self.processes.clear()
         self.topology.state_file.unlink(missing_ok=True)
         return killed
@@ -152,18 +156,23 @@ class Supervisor:
         return supervisor
 
 
-def stop_processes(processes: Iterable[Process], timeout_s: float) -> None:
+def stop_processes(processes: Iterable[Process], timeout_s: float) -> list[str]:
+    """SIGTERM each main process (it stops its own children, as vLLM does), wait up to `timeout_s`,
+    then SIGKILL the whole process group of whatever is left; returns the names that needed SIGKILL."""
     processes = list(processes)
     for process in reversed(processes):  # callers before the services they call
-        _signal_group(process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while any(_alive(p.pid) for p in processes) and time.monotonic() < deadline:
+    while any(pid_alive(p.pid) for p in processes) and time.monotonic() < deadline:
         time.sleep(0.05)
-    for process in processes:
-        if _alive(process.pid):
-            _signal_group(process.pid, signal.SIGKILL)
-    for process in processes:
-        _reap(process.pid)
+    killed = [p.name for p in processes if pid_alive(p.pid)]
+    for process in processes:  # also sweeps up children a main process left behind in its group
+        _signal_group(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0  # SIGKILL is delivered asynchronously
+    while any(pid_alive(p.pid) for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return killed
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -171,13 +180,18 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs; an exited process that nobody has reaped yet (a zombie) counts as gone."""
     _reap(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _reap(pid: int) -> None:

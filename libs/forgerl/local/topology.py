@@ -26,9 +26,15 @@ class LocalTopology:
     # Service i (in SERVICES order) gets grpc_base_port + i and metrics_base_port + i.
     grpc_base_port: int = 50051
     metrics_base_port: int = 19151
+    # The gateway's OpenAI-compatible HTTP endpoint, for agents.
+    gateway_http_port: int = 18080
     state_dir: Path = Path(".forgerl")
     auth_token: str | None = None
-    ready_timeout_s: float = 60.0
+    # The checkpoint inference serves first; unset: a fresh `model_preset` one under state_dir.
+    model_path: Path | None = None
+    model_preset: str = "debug"
+    # vLLM's CPU engine takes about a minute to start on 2 cores; everything else a few seconds.
+    ready_timeout_s: float = 300.0
     grace_s: float = 10.0
 
     @classmethod
@@ -43,8 +49,9 @@ class LocalTopology:
                 raise ValueError(f"{path}: unknown keys {unknown}; known keys: {sorted(known)}")
             values.update(loaded)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if "state_dir" in values:
-            values["state_dir"] = Path(values["state_dir"])
+        for key in ("state_dir", "model_path"):
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
         return cls(**values)
 
     def port(self, service: str) -> int:
@@ -63,6 +70,10 @@ class LocalTopology:
     def state_file(self) -> Path:
         return self.state_dir / "topology.json"
 
+    @property
+    def initial_model_path(self) -> Path:
+        return self.model_path or self.state_dir / "checkpoints" / f"init-{self.model_preset}"
+
     def service_env(self, service: str) -> dict[str, str]:
         """The variables a service process is started with: its own keys and where its peers are."""
         prefix = f"FORGERL_{service.upper()}_"
@@ -78,6 +89,10 @@ class LocalTopology:
         for peer in SERVICES:
             if peer != service:
                 env[f"{prefix}{peer.upper()}_ADDRESS"] = self.address(peer)
+        if service == "gateway":
+            env[prefix + "HTTP_PORT"] = str(self.gateway_http_port)
+        if service == "inference":
+            env[prefix + "MODEL_PATH"] = str(self.initial_model_path.resolve())
         if self.auth_token:
             env["FORGERL_AUTH_TOKEN"] = self.auth_token
         return env
@@ -85,5 +100,6 @@ class LocalTopology:
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["state_dir"] = str(self.state_dir)
+        values["model_path"] = None if self.model_path is None else str(self.model_path)
         values.pop("auth_token")
         return values

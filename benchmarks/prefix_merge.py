@@ -20,7 +20,7 @@ and layer M2 spends ~158 M multiply-adds in projections, router and top-8 expert
 3072 x 1536) and 12.3 K per key of context (48 heads x 128 x 2): the two break even at 12.8 K tokens of
 context. "bench" spends 1.6 M and 128 per key: even at 12.5 K.
 
-Run: `python benchmarks/prefix_merge.py [--repeats 3] [--preset small] [--out results.json]`.
+Run: `python benchmarks/prefix_merge.py [--repeats 3] [--preset small] [--threads 1] [--out results.json]`.
 """
 
 from __future__ import annotations
@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", nargs="+", default=sorted(CASES), choices=sorted(CASES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    # One thread by default: on a shared 2-core machine, two OpenMP threads spin against other processes and
+    # inflate the many small ops of the unmerged runs most (seen: 4.6 s CPU at 1 thread, 16-27 s at 2).
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.threads:

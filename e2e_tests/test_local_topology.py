@@ -114,5 +114,6 @@ def test_ctrl_c_stops_everything(topology_file: Path) -> None:
     finally:
         if up.poll() is None:
             up.kill()
+        if topology.state_file.exists():  # whatever happened, leave no process behind
             _cli("down", "--config", str(topology_file))
     assert pids and not any(pid_alive(pid) for pid in pids)

@@ -21,13 +21,15 @@ SERVICE = datapool_pb2.DESCRIPTOR.services_by_name["DatapoolService"]
 
 def build(config: DatapoolConfig) -> ServiceSpec:
     policy_for = store_policy_lookup(config) if config.run_policy_from_store else None
-    servicer = DatapoolServicer(DataPool(settings_from_config(config), policy_for=policy_for))
+    pool = DataPool(settings_from_config(config), policy_for=policy_for)
+    servicer = DatapoolServicer(pool)
     return ServiceSpec(
         name="datapool",
         services=[SERVICE],
         register=lambda server: add_to_server(servicer, server),
         on_start=servicer.start,
         on_stop=servicer.stop,
+        metrics=pool.registry,  # the pool's counters (dead letters, drops, lag) on the service's /metrics
     )
 
 

@@ -38,6 +38,8 @@ class ServiceSpec:
     on_start: Callable[[], Awaitable[None]] | None = None
     on_stop: Callable[[], Awaitable[None]] | None = None
     extra_names: list[str] = field(default_factory=list)
+    # The service's own Prometheus metrics; the server adds its RPC metrics and serves them on /metrics.
+    metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     @property
     def service_names(self) -> list[str]:
@@ -62,7 +64,7 @@ class RunningServer:
 @asynccontextmanager
 async def started_server(spec: ServiceSpec, config: ServiceConfig) -> AsyncIterator[RunningServer]:
     """Start the server, run `on_start`, report SERVING; on exit drain for `grace_s` and run `on_stop`."""
-    registry = CollectorRegistry()
+    registry = spec.metrics
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(registry, spec.name)]
     if config.auth_token:
         interceptors.insert(0, AuthInterceptor(config.auth_token))

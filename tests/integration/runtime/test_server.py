@@ -14,16 +14,22 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client import Counter
 
+from forgerl.runtime import ServiceConfig, ServiceSpec, placeholder_spec
 from forgerl.runtime.client import health_status, insecure_channel
 from forgerl.runtime.testing import free_port, serve_in_process
-from forgerl.services.gateway.config import GatewayConfig
-from forgerl.services.gateway.main import build as build_gateway
 from forgerl.v1 import gateway_pb2, gateway_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "s3cret-token"
+GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"]
+
+
+def build_gateway(config: ServiceConfig) -> ServiceSpec:
+    """The runtime around a service whose RPCs are all placeholders (independent of the real gateway)."""
+    return placeholder_spec("gateway", GATEWAY, owner="issue 6")
 
 
 async def in_thread(function, *args):  # type: ignore[no-untyped-def]
@@ -37,7 +43,7 @@ def reflected_services(address: str, token: str | None = None) -> set[str]:
 
 
 async def test_health_reflection_and_unimplemented_placeholder() -> None:
-    async with serve_in_process(build_gateway(GatewayConfig()), GatewayConfig()) as address:
+    async with serve_in_process(build_gateway(ServiceConfig()), ServiceConfig()) as address:
         assert await in_thread(health_status, address) == "SERVING"
         assert await in_thread(health_status, address, "forgerl.v1.GatewayService") == "SERVING"
         assert await in_thread(health_status, address, "forgerl.v1.NoSuchService") == "SERVICE_UNKNOWN"
@@ -50,7 +56,7 @@ async def test_health_reflection_and_unimplemented_placeholder() -> None:
 
 
 async def test_token_is_required_when_configured() -> None:
-    config = GatewayConfig(auth_token=TOKEN)
+    config = ServiceConfig(auth_token=TOKEN)
     async with serve_in_process(build_gateway(config), config) as address:
         await in_thread(check_token_enforced, address)
 
@@ -72,8 +78,10 @@ def check_token_enforced(address: str) -> None:
 
 async def test_metrics_endpoint_counts_rpcs() -> None:
     metrics_port = free_port()
-    config = GatewayConfig(metrics_port=metrics_port)
-    async with serve_in_process(build_gateway(config), config) as address:
+    config = ServiceConfig(metrics_port=metrics_port)
+    spec = build_gateway(config)
+    Counter("forgerl_toy_events_total", "a service's own metric", registry=spec.metrics).inc(7)
+    async with serve_in_process(spec, config) as address:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for _ in range(3):
@@ -82,6 +90,7 @@ async def test_metrics_endpoint_counts_rpcs() -> None:
         body = (await in_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
     line = next(x for x in body.splitlines() if x.startswith("forgerl_rpc_total{") and "Health/Check" in x)
     assert line.endswith(" 3.0"), line
+    assert "forgerl_toy_events_total 7.0" in body
 
 
 def test_sigterm_lets_the_in_flight_call_finish_and_exits_zero() -> None:

@@ -1,7 +1,45 @@
 """Configuration of the rollout service (env `FORGERL_ROLLOUT_<KEY>` or `--key value`)."""
 
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
 from forgerl.runtime import ServiceConfig
 
 
 class RolloutConfig(ServiceConfig):
-    """The shared service keys; the rollout's own keys arrive with its implementation."""
+    gateway_address: str = Field(
+        "", description="GatewayService host:port; empty: only scripted scaffolds (oracle, noop) can run."
+    )
+    datapool_address: str = Field(
+        "", description="DatapoolService host:port, for back-pressure on the run's lag; empty: no check."
+    )
+    max_pool_lag: int = Field(
+        0, ge=0, description="Hold new publishing episodes while the pool's lag exceeds this; 0: never."
+    )
+    model: str = Field("forgerl", description="Model name the agents send to the gateway.")
+    max_in_flight: int = Field(8, ge=1, description="Episodes running at once, over all submissions.")
+    max_attempts: int = Field(
+        3, ge=1, description="Attempts per episode when sandboxes fail for infrastructure reasons."
+    )
+    retry_backoff_s: float = Field(0.5, ge=0, description="Wait before a retry, times the attempt number.")
+    scaffold_dir: str = Field(
+        "", description="Directory of scaffold versions (<version>.yaml); default <state_dir>/scaffolds."
+    )
+    sandbox: Literal["local", "kubernetes"] = Field("local", description="Where episodes run.")
+    sandbox_root: str = Field("", description="Local sandboxes' parent directory; default /var/tmp/forgerl-sandboxes.")
+    sandbox_uid_base: int = Field(200_000, ge=1000, description="First of the uids local sandboxes run as.")
+    sandbox_memory_mb: int = Field(1024, ge=64, description="Memory (address space) per sandbox command.")
+    sandbox_file_size_mb: int = Field(64, ge=1, description="Largest file a sandbox command may write.")
+    sandbox_processes: int = Field(64, ge=4, description="Processes and threads per sandbox.")
+    sandbox_cpu_s: int = Field(120, ge=1, description="CPU seconds per sandbox command.")
+    sandbox_command_timeout_s: float = Field(60.0, gt=0, description="Wall clock per sandbox command by default.")
+    k8s_namespace: str = Field("forgerl-sandboxes", description="Namespace of sandbox Pods.")
+    k8s_image: str = Field("python:3.11-slim", description="Image of sandbox Pods.")
+    k8s_kubeconfig: str = Field("", description="Kubeconfig file; empty: in-cluster, then the default kubeconfig.")
+    k8s_runtime_class: str = Field("", description="RuntimeClass of sandbox Pods (e.g. gvisor); empty: the default.")
+    reward_alpha: float = Field(0.1, description="Weight of the process reward.")
+    reward_beta: float = Field(0.1, description="Weight of the speed reward.")
+    speed_fn: str = Field("tanh_log", description="Speed shaping h: tanh_log, linear or exp.")

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--levels", default="1,2,3,4")
     p.add_argument("--no-merge", action="store_true")
+    p.add_argument("--override", default="{}", help="ModelConfig overrides as JSON, e.g. '{\"rope_theta\": 1e4}'.")
+    p.add_argument("--sft-eval-every", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         overrides.update(hidden_size=args.hidden, intermediate_size=args.hidden)
     if args.layers:
         overrides["num_hidden_layers"] = args.layers
+    overrides.update(json.loads(args.override))
     cfg = ModelConfig.from_preset(args.preset, vocab_size=len(tok), **overrides)
     model = MiniMaxM2ForCausalLM(cfg)
     levels = {int(x) for x in args.levels.split(",")}
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_tasks = [t for t in get_suite("tooluse").tasks("train") if t.difficulty in levels]
     result: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters()), "config": vars(args)}
     log: list[dict[str, Any]] = []
+    runner = LocalEpisodeRunner(tok, max_new_tokens=args.max_new_tokens)
     t0 = time.time()
     for step in range(args.sft_steps):
         loss, m = sft_loss_merged(model, batches.batch(step))
@@ -89,6 +93,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         opt.step()
         if step % 20 == 0 or step == args.sft_steps - 1:
             print(f"sft {step} loss {m['sft/loss']:.3f} t {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        if args.sft_eval_every and (step + 1) % args.sft_eval_every == 0 and step + 1 < args.sft_steps:
+            success = evaluate(model, runner, eval_specs)["success"]
+            log.append({"sft_step": step + 1, "heldout": success})
+            print(f"sft {step + 1} held-out success {success:.3f}", file=sys.stderr, flush=True)
     result["sft_time_s"] = time.time() - t0
     t1 = time.time()
     result["sft_heldout"] = evaluate(model, runner, eval_specs)["success"]

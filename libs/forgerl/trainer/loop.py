@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig, load_checkpoint, save_checkpoint
 from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
 from forgerl.trainer.sft import SftBatches, make_examples, sft_loss, sft_loss_merged
 from forgerl.trainer.sources import EpisodeSource, NullPublisher, Publisher
-from forgerl.trainer.step import RlStepConfig, build_batch, rl_step
+from forgerl.trainer.step import RlStepConfig, build_batch, rl_step, shard_rows
 from forgerl.v1 import run_pb2
 
 log = logging.getLogger("forgerl.trainer")
@@ -81,6 +82,26 @@ class RunProgress:
     last_checkpoint: str = ""
 
 
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's object on every rank (a no-op without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _suite_gold(suite: str) -> list[dict[str, Any]]:
     if suite == "tooluse":
         from forgerl.rollout.suites.tooluse import gold_trajectories
@@ -112,6 +133,8 @@ class TrainingRun:
         self.state_dir = self.dir / "state"
         self.ckpt_dir = self.dir / "checkpoints"
         self._stop = threading.Event()
+        self.rank, self.world = _dist()
+        self._ddp: torch.nn.Module | None = None
         self.progress = RunProgress(run_id)
         self.checkpoints: list[run_pb2.Checkpoint] = []
 
@@ -122,7 +145,24 @@ class TrainingRun:
 
     @property
     def stopped(self) -> bool:
-        return self._stop.is_set()
+        """Rank 0 decides (a StopRun reaches it); the other ranks follow at the next step."""
+        return bool(_broadcast(self._stop.is_set()) if self.world > 1 else self._stop.is_set())
+
+    @property
+    def train_model(self) -> torch.nn.Module:
+        """What the forward/backward runs through: the DDP wrapper under torchrun, else the model."""
+        return self._ddp if self._ddp is not None else self.model
+
+    def _wrap(self) -> None:
+        if self.world > 1:
+            from forgerl.model.sharding import apply_ddp
+
+            # MTP modules get no gradient from prefix-merged losses: let DDP skip them.
+            self._ddp = apply_ddp(self.model, find_unused_parameters=True)
+
+    def _emit(self, stage: str, step: int, values: dict[str, float]) -> None:
+        if self.rank == 0:
+            self.sink(stage, step, values)
 
     def _init_model(self) -> None:
         from forgerl.model.tokenizer import load_tokenizer, train_tokenizer
@@ -152,28 +192,31 @@ class TrainingRun:
 
     def _save_state(self) -> None:
         tmp = self.dir / "state.tmp"
-        if tmp.exists():
+        if self.rank == 0 and tmp.exists():
             shutil.rmtree(tmp)
-        save_checkpoint(self.model, self.tokenizer, tmp / "model")
-        torch.save(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(),
-                "episode_rng": getattr(getattr(self.episodes, "generator", None), "get_state", lambda: None)(),
-            },
-            tmp / "trainer.pt",
-        )
-        (tmp / "progress.json").write_text(json.dumps(asdict(self.progress), indent=1))
-        old = self.dir / "state.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if self.state_dir.exists():
-            self.state_dir.rename(old)
-        tmp.rename(self.state_dir)
-        if old.exists():
-            shutil.rmtree(old)
-        self.on_state(self.progress)
+        _barrier()
+        save_checkpoint(self.model, self.tokenizer, tmp / "model")  # every rank calls it; rank 0 writes
+        if self.rank == 0:
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate(),
+                    "episode_rng": getattr(getattr(self.episodes, "generator", None), "get_state", lambda: None)(),
+                },
+                tmp / "trainer.pt",
+            )
+            (tmp / "progress.json").write_text(json.dumps(asdict(self.progress), indent=1))
+            old = self.dir / "state.old"
+            if old.exists():
+                shutil.rmtree(old)
+            if self.state_dir.exists():
+                self.state_dir.rename(old)
+            tmp.rename(self.state_dir)
+            if old.exists():
+                shutil.rmtree(old)
+            self.on_state(self.progress)
+        _barrier()
 
     def _load_state(self) -> bool:
         state = self.state_dir if self.state_dir.exists() else self.dir / "state.old"
@@ -196,12 +239,15 @@ class TrainingRun:
     def _hf_checkpoint(self, stage: str, step: int) -> run_pb2.Checkpoint:
         path = self.ckpt_dir / f"{stage}-{step:05d}"
         tmp = path.with_name(path.name + ".partial")
-        if tmp.exists():
+        if self.rank == 0 and tmp.exists():
             shutil.rmtree(tmp)
+        _barrier()
         save_checkpoint(self.model, self.tokenizer, tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        if self.rank == 0:
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+        _barrier()
         ckpt = run_pb2.Checkpoint(
             checkpoint_id=f"{self.run_id}/{stage}-{step:05d}",
             run_id=self.run_id,
@@ -217,11 +263,13 @@ class TrainingRun:
 
     def _publish(self, stage: str, step: int) -> run_pb2.Checkpoint:
         ckpt = self._hf_checkpoint(stage, step)
-        reload_s = self.publisher.publish(ckpt.path, ckpt.policy_version)
-        self.progress.policy_version = ckpt.policy_version
-        self.on_checkpoint(ckpt)
-        self.sink(stage, self._global_step(stage, step), {"publish/reload_s": reload_s,
-                                                           "policy_version": float(ckpt.policy_version)})  # fmt: skip
+        version, reload_s = self.publisher.publish(ckpt.path, ckpt.policy_version) if self.rank == 0 else (0, 0.0)
+        version = int(_broadcast(version))
+        ckpt.policy_version = version
+        self.progress.policy_version = version
+        if self.rank == 0:
+            self.on_checkpoint(ckpt)
+        self._emit(stage, self._global_step(stage, step), {"publish/reload_s": reload_s, "policy_version": float(version)})
         return ckpt
 
     def _global_step(self, stage: str, step: int) -> int:
@@ -231,7 +279,13 @@ class TrainingRun:
     # ---- evaluation ---------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy held-out success in-process, overall and per difficulty level."""
+        """Greedy held-out success in-process, overall and per difficulty level (computed on rank 0)."""
+        if self.rank != 0:
+            return dict(_broadcast(None))
+        result = self._evaluate()
+        return dict(_broadcast(result))
+
+    def _evaluate(self) -> dict[str, float]:
         from forgerl.rollout.tasks import get_suite
 
         suite = get_suite(self.config.suite)
@@ -258,6 +312,7 @@ class TrainingRun:
         self._init_model()
         if not self._load_state():
             self.optimizer = self._optimizer(self.config.sft.learning_rate)
+        self._wrap()
         if self.progress.stage == "sft":
             self._run_sft()
         if self.progress.stage == "rl" and not self.stopped:
@@ -275,9 +330,9 @@ class TrainingRun:
             while self.progress.sft_step < cfg.steps and not self.stopped:
                 step = self.progress.sft_step
                 started = time.perf_counter()
-                examples = batches.batch(step)
-                if self.config.rl.prefix_merge:
-                    loss, metrics = sft_loss_merged(self.model, examples, max_tokens_per_pack=None)
+                examples = batches.batch(step)[self.rank :: self.world]
+                if self.config.rl.prefix_merge or self.world > 1:
+                    loss, metrics = sft_loss_merged(self.train_model, examples, max_tokens_per_pack=None)
                 else:
                     from forgerl.trainer.sft import collate
 
@@ -293,7 +348,7 @@ class TrainingRun:
                 metrics["step_time_s"] = time.perf_counter() - started
                 metrics["lr"] = cfg.learning_rate
                 self.progress.sft_step = step + 1
-                self.sink("sft", step + 1, metrics)
+                self._emit("sft", step + 1, metrics)
                 if self.progress.sft_step % every == 0:
                     self._save_state()
             if self.stopped:
@@ -302,7 +357,7 @@ class TrainingRun:
         # End of SFT: evaluate, publish the warm-started policy (version 1), switch the optimizer to RL.
         ev = self.evaluate()
         self.progress.sft_heldout = ev["eval/heldout_success"]
-        self.sink("sft", self.config.sft.steps, ev)
+        self._emit("sft", self.config.sft.steps, ev)
         self._publish("sft", self.config.sft.steps)
         self.progress.stage = "rl"
         for group in self.optimizer.param_groups:
@@ -317,7 +372,8 @@ class TrainingRun:
             eps_low=rl.eps_low if rl.HasField("eps_low") else None,
             gamma=rl.gamma if rl.gamma > 0 else 1.0,
             prefix_merge=rl.prefix_merge,
-            max_tokens_per_pack=self.settings.max_tokens_per_pack,
+            # Under DDP one forward per backward: a rank's rows go in one pack.
+            max_tokens_per_pack=self.settings.max_tokens_per_pack if self.world == 1 else None,
             mtp_loss_weight=rl.mtp_loss_weight,
             routing_replay=rl.routing_replay,
             bias_update_rate=self.model.config.bias_update_rate,
@@ -336,31 +392,34 @@ class TrainingRun:
         task_ids = [t.id for t in get_suite(self.config.suite).tasks("train")]
         if hasattr(self.episodes, "model_ref"):
             self.episodes.model_ref = lambda: self.model  # type: ignore[attr-defined]
-        self.episodes.start(self.run_id, rl, self.config.suite, task_ids, self.config.seed, self.progress.task_cursor)
-        if self._episode_rng is not None and hasattr(self.episodes, "generator"):
-            self.episodes.generator.set_state(self._episode_rng)  # type: ignore[attr-defined]
-        # Batches trained before a crash whose Ack may not have happened: acknowledge, never train again.
-        for batch_id in list(self.progress.unacked):
-            self.episodes.ack(batch_id)
-            self.progress.unacked.remove(batch_id)
+        if self.rank == 0:
+            self.episodes.start(self.run_id, rl, self.config.suite, task_ids, self.config.seed, self.progress.task_cursor)
+            if self._episode_rng is not None and hasattr(self.episodes, "generator"):
+                self.episodes.generator.set_state(self._episode_rng)  # type: ignore[attr-defined]
+            # Batches trained before a crash whose Ack may not have happened: acknowledge, never train again.
+            for batch_id in list(self.progress.unacked):
+                self.episodes.ack(batch_id)
+        self.progress.unacked = []
         step_cfg = self._rl_step_config()
         publish_every = max(1, self.config.checkpoint_every)
         eval_every = max(1, self.settings.eval_every)
         while self.progress.rl_step < rl.steps and not self.stopped:
             step = self.progress.rl_step
             started = time.perf_counter()
-            fetched = self.episodes.fetch(rl.batch_size, self.progress.policy_version, self.settings.fetch_timeout_s)
+            fetched = None
+            if self.rank == 0:
+                fetched = self.episodes.fetch(rl.batch_size, self.progress.policy_version, self.settings.fetch_timeout_s)
+            fetched = _broadcast(fetched)
             wait_s = time.perf_counter() - started
-            if not fetched.trajectories:
-                if fetched.batch_id:
-                    self.episodes.ack(fetched.batch_id)
-                log.info("run %s: empty batch after %.0f s; waiting for episodes", self.run_id, wait_s)
-                continue
             seen = set(self.progress.trained_trajectory_ids)
             fresh = [t for t in fetched.trajectories if t.trajectory_id not in seen]
             if not fresh:
-                # Served again although trained (its Ack was lost): acknowledge, don't train twice.
-                self.episodes.ack(fetched.batch_id)
+                # Nothing yet, or served again although trained (its Ack was lost): acknowledge, don't
+                # train twice.
+                if fetched.batch_id and self.rank == 0:
+                    self.episodes.ack(fetched.batch_id)
+                if not fetched.trajectories:
+                    log.info("run %s: empty batch after %.0f s; waiting for episodes", self.run_id, wait_s)
                 continue
             batch = build_batch(
                 fresh,
@@ -369,12 +428,14 @@ class TrainingRun:
                 num_layers=self.model.config.num_hidden_layers,
                 top_k=self.model.config.num_experts_per_tok,
             )
-            metrics = rl_step(self.model, self.optimizer, batch, step_cfg)
+            if self.world > 1:
+                batch = shard_rows(batch, self.rank, self.world)
+            metrics = rl_step(self.train_model, self.optimizer, batch, step_cfg, core=self.model)
             metrics["fetch_wait_s"] = wait_s
             metrics["batch/dropped_stale"] = float(fetched.dropped_stale)
             metrics["lr"] = rl.learning_rate
             self.progress.rl_step = step + 1
-            self.progress.task_cursor = self.episodes.cursor()
+            self.progress.task_cursor = int(_broadcast(self.episodes.cursor() if self.rank == 0 else 0))
             self.progress.trained_trajectories += len(fresh)
             self.progress.trained_trajectory_ids.extend(t.trajectory_id for t in fresh)
             metrics["batch/duplicates_skipped"] = float(len(fetched.trajectories) - len(fresh))
@@ -391,11 +452,12 @@ class TrainingRun:
             if final:
                 self.progress.stage = "done"
             self._save_state()  # the batch is trained, durably
-            self.episodes.ack(fetched.batch_id)
+            if self.rank == 0:
+                self.episodes.ack(fetched.batch_id)
+                metrics.update(getattr(self.episodes, "stats", dict)())
             self.progress.unacked.remove(fetched.batch_id)
-            metrics.update(getattr(self.episodes, "stats", dict)())
             metrics["policy_version"] = float(self.progress.policy_version)
             metrics["step_total_s"] = time.perf_counter() - started
-            self.sink("rl", self._global_step("rl", self.progress.rl_step), metrics)
+            self._emit("rl", self._global_step("rl", self.progress.rl_step), metrics)
         if self.stopped:
             self._save_state()

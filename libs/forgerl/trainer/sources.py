@@ -193,14 +193,16 @@ class LocalEpisodes:
 
 
 class Publisher(Protocol):
-    def publish(self, checkpoint_path: str, version: int) -> float: ...
+    def publish(self, checkpoint_path: str, version: int) -> tuple[int, float]:
+        """Serve the checkpoint as `version` or newer; returns (the version served, reload seconds)."""
+        ...
 
     def close(self) -> None: ...
 
 
 class NullPublisher:
-    def publish(self, checkpoint_path: str, version: int) -> float:
-        return 0.0
+    def publish(self, checkpoint_path: str, version: int) -> tuple[int, float]:
+        return version, 0.0
 
     def close(self) -> None:
         pass
@@ -212,14 +214,19 @@ class InferencePublisher:
         self.stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self.timeout_s = timeout_s
 
-    def publish(self, checkpoint_path: str, version: int) -> float:
+    def publish(self, checkpoint_path: str, version: int) -> tuple[int, float]:
+        # Versions only go up on the engine, which may serve a newer one than the trainer knows (it starts
+        # at 1 with the initial checkpoint, or kept running while the trainer restarted).
+        served = self.stub.GetStatus(inference_pb2.GetStatusRequest(), timeout=30).policy_version
         resp = self.stub.UpdateWeights(
             inference_pb2.UpdateWeightsRequest(
-                checkpoint_path=checkpoint_path, version=version, in_flight=inference_pb2.IN_FLIGHT_POLICY_FINISH
+                checkpoint_path=checkpoint_path,
+                version=max(version, served + 1),
+                in_flight=inference_pb2.IN_FLIGHT_POLICY_FINISH,
             ),
             timeout=self.timeout_s,
         )
-        return float(resp.reload_s)
+        return int(resp.policy_version), float(resp.reload_s)
 
     def close(self) -> None:
         self._channel.close()

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from forgerl.model import MiniMaxM2ForCausalLM, update_expert_bias
@@ -149,8 +148,24 @@ def build_batch(
     return RlBatch(input_ids, lengths, old, adv, mask, routed, stats)
 
 
+def shard_rows(batch: RlBatch, rank: int, world: int) -> RlBatch:
+    """This rank's rows (every world-th, from `rank`) for data-parallel training; the advantages were
+    computed on the whole batch, so groups split over ranks keep their baseline."""
+    rows = torch.arange(rank, batch.input_ids.shape[0], world)
+    width = int(batch.lengths[rows].max()) if rows.numel() else 2
+    return RlBatch(
+        input_ids=batch.input_ids[rows, :width],
+        lengths=batch.lengths[rows],
+        old_logprobs=batch.old_logprobs[rows, : width - 1],
+        advantages=batch.advantages[rows, : width - 1],
+        mask=batch.mask[rows, : width - 1],
+        routed_experts=None if batch.routed_experts is None else batch.routed_experts[rows, :width],
+        stats=dict(batch.stats),
+    )
+
+
 def _unmerged_forward(
-    model: MiniMaxM2ForCausalLM, batch: RlBatch, routed: torch.Tensor | None, mtp_weight: float
+    model: nn.Module, core: MiniMaxM2ForCausalLM, batch: RlBatch, routed: torch.Tensor | None, mtp_weight: float
 ) -> tuple[TokenOutputs, torch.Tensor | None, dict[str, float]]:
     """One row per sequence, causal; also the MTP loss on the trained tokens when asked for."""
     ids = batch.input_ids
@@ -165,16 +180,16 @@ def _unmerged_forward(
     logp_all = logits - lse[..., None]
     entropy = torch.where(valid, -(logp_all.exp() * logp_all).sum(-1), 0.0)
     mtp_loss, mtp_metrics = None, {}
-    if mtp_weight > 0 and len(model.mtp) > 0:
+    if mtp_weight > 0 and len(core.mtp) > 0:
         target_mask = torch.zeros_like(ids, dtype=torch.bool)
         target_mask[:, 1:] = batch.mask
-        raw, mtp_metrics = model.mtp_loss(out.hidden_states, ids, target_mask)
+        raw, mtp_metrics = core.mtp_loss(out.hidden_states, ids, target_mask)
         # mtp_loss applies the model's configured weight; rescale to the run's.
-        mtp_loss = raw * (mtp_weight / max(model.config.mtp_loss_weight, 1e-12))
+        mtp_loss = raw * (mtp_weight / max(core.config.mtp_loss_weight, 1e-12))
     return TokenOutputs(logprobs, entropy), mtp_loss, mtp_metrics
 
 
-def _fill_routes(model: MiniMaxM2ForCausalLM, forest: PrefixForest | None, batch: RlBatch) -> torch.Tensor | None:
+def _fill_routes(model: MiniMaxM2ForCausalLM, batch: RlBatch) -> torch.Tensor | None:
     """Routing to replay [B, L, nL, K]: the rollout's expert ids for generated tokens; for positions it
     recorded none (prompts), the routing a no-grad forward of this batch chooses."""
     routed = batch.routed_experts
@@ -211,7 +226,7 @@ def rl_step(
     loss_fn = get_policy_loss(cfg.loss)
     metrics: dict[str, float] = dict(batch.stats)
     forest = None
-    routed = _fill_routes(core, None, batch) if cfg.routing_replay else None
+    routed = _fill_routes(core, batch) if cfg.routing_replay else None
     mtp_loss = None
     if cfg.prefix_merge:
         forest = PrefixForest.build(batch.input_ids, batch.lengths, max_tokens_per_pack=cfg.max_tokens_per_pack)
@@ -221,7 +236,7 @@ def rl_step(
         metrics["tokens/merged"] = float(forest.num_input_tokens - forest.num_packed_tokens)
         metrics["tokens/packs"] = float(len(forest.packs))
     else:
-        outs, mtp_loss, mtp_metrics = _unmerged_forward(core if model is core else model, batch, routed, cfg.mtp_loss_weight)  # type: ignore[arg-type]
+        outs, mtp_loss, mtp_metrics = _unmerged_forward(model, core, batch, routed, cfg.mtp_loss_weight)
         metrics.update(mtp_metrics)
         metrics["tokens/input"] = float(batch.lengths.sum())
         metrics["tokens/packed"] = float(batch.input_ids.numel())
@@ -268,4 +283,4 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float((values * m).sum() / m.sum().clamp(min=1))
 
 
-__all__ = ["RlBatch", "RlStepConfig", "build_batch", "rl_step", "trajectory_step_rewards", "F"]
+__all__ = ["RlBatch", "RlStepConfig", "build_batch", "rl_step", "shard_rows", "trajectory_step_rewards"]

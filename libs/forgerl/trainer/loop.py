@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import threading
@@ -172,12 +171,9 @@ class TrainingRun:
         random.seed(cfg.seed)
         if cfg.init_checkpoint:
             self.tokenizer = load_tokenizer(cfg.init_checkpoint)
-            self.model = load_checkpoint(cfg.init_checkpoint, dtype=torch.float32, strict=False)
-            if cfg.model_preset and not Path(cfg.init_checkpoint, "config.json").exists():
+            if not Path(cfg.init_checkpoint, "config.json").exists():
                 raise ValueError(f"init_checkpoint {cfg.init_checkpoint} has no config.json")
-            # Fresh weights of the checkpoint's shape, seeded: the run starts from scratch unless resumed.
-            if os.environ.get("FORGERL_TRAINER_KEEP_INIT_WEIGHTS", "1") == "0":
-                self.model = MiniMaxM2ForCausalLM(self.model.config)
+            self.model = load_checkpoint(cfg.init_checkpoint, dtype=torch.float32, strict=False)
         else:
             path = self.settings.tokenizer_path
             self.tokenizer = load_tokenizer(path) if path else train_tokenizer(vocab_size=4096)
@@ -251,7 +247,7 @@ class TrainingRun:
         ckpt = run_pb2.Checkpoint(
             checkpoint_id=f"{self.run_id}/{stage}-{step:05d}",
             run_id=self.run_id,
-            step=step,
+            step=self._global_step(stage, step),
             policy_version=self.progress.policy_version + 1,
             path=str(path.resolve()),
             stage=stage,

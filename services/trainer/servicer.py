@@ -13,6 +13,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -107,7 +108,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         )
         live = _Live(training)
         self.live[run_id] = live
-        live.thread = threading.Thread(target=self._thread_main, args=(run_id, live), name=f"train-{run_id}", daemon=True)
+        live.thread = threading.Thread(
+            target=self._thread_main, args=(run_id, live), name=f"train-{run_id}", daemon=True
+        )
         self.store.runs.update(run_id, state=run_pb2.RUN_STATE_RUNNING)
         live.thread.start()
 
@@ -159,7 +162,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     # ---- RPCs ---------------------------------------------------------------------------------
 
-    async def StartRun(self, request: trainer_pb2.StartRunRequest, context: grpc.aio.ServicerContext) -> trainer_pb2.StartRunResponse:
+    async def StartRun(
+        self, request: trainer_pb2.StartRunRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.StartRunResponse:
         busy = [rid for rid, live in self.live.items() if not live.done]
         if busy:
             await context.abort(
@@ -192,13 +197,17 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self._launch(run_id, config)
         return trainer_pb2.StartRunResponse(run=self.store.runs.get(run_id))
 
-    async def GetRun(self, request: trainer_pb2.GetRunRequest, context: grpc.aio.ServicerContext) -> trainer_pb2.GetRunResponse:
+    async def GetRun(
+        self, request: trainer_pb2.GetRunRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.GetRunResponse:
         run = self.store.runs.find(request.run_id)
         if run is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no run {request.run_id!r}")
         return trainer_pb2.GetRunResponse(run=run)
 
-    async def StreamMetrics(self, request: trainer_pb2.StreamMetricsRequest, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def StreamMetrics(
+        self, request: trainer_pb2.StreamMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[trainer_pb2.StreamMetricsResponse]:
         run = self.store.runs.find(request.run_id)
         if run is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no run {request.run_id!r}")
@@ -224,7 +233,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             if live is not None:
                 live.subscribers.discard(queue)
 
-    async def StopRun(self, request: trainer_pb2.StopRunRequest, context: grpc.aio.ServicerContext) -> trainer_pb2.StopRunResponse:
+    async def StopRun(
+        self, request: trainer_pb2.StopRunRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.StopRunResponse:
         run = self.store.runs.find(request.run_id)
         if run is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no run {request.run_id!r}")

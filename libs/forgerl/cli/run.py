@@ -1,11 +1,11 @@
 """`forgerl run start|status|stop|report`: the gRPC client of the trainer service.
 
-    forgerl run start examples/tiny-tool-use.yaml --local   # the main job (`make run`): topology up, run,
-                                                            # live progress, report, topology down
-    forgerl run start examples/tiny-tool-use.yaml           # against a trainer already running
-    forgerl run status <run-id>
-    forgerl run stop <run-id>
-    forgerl run report <run-id>                             # PNGs + summary under runs/<run-id>/report/
+forgerl run start examples/tiny-tool-use.yaml --local   # the main job (`make run`): topology up, run,
+                                                        # live progress, report, topology down
+forgerl run start examples/tiny-tool-use.yaml           # against a trainer already running
+forgerl run status <run-id>
+forgerl run stop <run-id>
+forgerl run report <run-id>                             # PNGs + summary under runs/<run-id>/report/
 """
 
 from __future__ import annotations
@@ -30,20 +30,25 @@ AddressOption = Annotated[
 ]
 RunsDirOption = Annotated[Path, typer.Option("--runs-dir", help="Where run directories live.")]
 TokenOption = Annotated[str | None, typer.Option("--token", envvar="FORGERL_AUTH_TOKEN", help="Bearer token.")]
+TopologyOption = Annotated[
+    Path | None, typer.Option("--topology", help="Local topology YAML (ports, state dir), as `forgerl up --config`.")
+]
 
 
-def _address(address: str | None) -> str:
+def _address(address: str | None, topology: Path | None = None) -> str:
     if address:
         return address
     from forgerl.local.topology import LocalTopology
 
-    return LocalTopology.load(None).address("trainer")
+    return LocalTopology.load(topology).address("trainer")
 
 
-def _stub(address: str | None, token: str | None = None) -> trainer_pb2_grpc.TrainerServiceStub:
+def _stub(
+    address: str | None, token: str | None = None, topology: Path | None = None
+) -> trainer_pb2_grpc.TrainerServiceStub:
     from forgerl.runtime.client import insecure_channel
 
-    return trainer_pb2_grpc.TrainerServiceStub(insecure_channel(_address(address), token))
+    return trainer_pb2_grpc.TrainerServiceStub(insecure_channel(_address(address, topology), token))
 
 
 def _state(run: run_pb2.Run) -> str:
@@ -161,16 +166,20 @@ def start(
     resume: Annotated[str | None, typer.Option("--resume", help="Resume this run id instead.")] = None,
     runs_dir: RunsDirOption = Path("runs"),
     token: TokenOption = None,
+    topology: TopologyOption = None,
 ) -> None:
     """Start a run (SFT then RL as the YAML says), follow it live, then write its report."""
+    from forgerl.local.topology import LocalTopology
     from forgerl.trainer.run_config import load_run_config
 
     run_config = load_run_config(config)
     supervisor = None
     if local:
-        supervisor = _bring_up()
+        supervisor = _bring_up(topology)
+        if not run_config.init_checkpoint:  # the checkpoint (and tokenizer) inference starts from
+            run_config.init_checkpoint = str(LocalTopology.load(topology).initial_model_path.resolve())
     try:
-        stub = _stub(address, token)
+        stub = _stub(address, token, topology)
         request = trainer_pb2.StartRunRequest(config=run_config, resume_run_id=resume or "")
         run = stub.StartRun(request, timeout=60).run
         console.print(f"run [bold]{run.run_id}[/bold] started ({run.config.name})")
@@ -187,12 +196,12 @@ def start(
             console.print("local topology stopped")
 
 
-def _bring_up() -> Any:
+def _bring_up(path: Path | None) -> Any:
     from forgerl.local.bootstrap import ensure_initial_checkpoint
     from forgerl.local.supervisor import Supervisor
     from forgerl.local.topology import LocalTopology
 
-    topology = LocalTopology.load(None)
+    topology = LocalTopology.load(path)
     if Supervisor.attach(topology).processes:
         console.print("[yellow]using the local topology that already runs[/yellow]")
         return None
@@ -207,9 +216,11 @@ def _bring_up() -> Any:
 
 
 @run_app.command()
-def status(run_id: str, address: AddressOption = None, token: TokenOption = None) -> None:
+def status(
+    run_id: str, address: AddressOption = None, token: TokenOption = None, topology: TopologyOption = None
+) -> None:
     """State, stage, step and policy version of a run."""
-    run = _stub(address, token).GetRun(trainer_pb2.GetRunRequest(run_id=run_id), timeout=30).run
+    run = _stub(address, token, topology).GetRun(trainer_pb2.GetRunRequest(run_id=run_id), timeout=30).run
     table = Table(title=f"run {run_id}")
     table.add_column("field")
     table.add_column("value")
@@ -220,15 +231,21 @@ def status(run_id: str, address: AddressOption = None, token: TokenOption = None
 
 
 @run_app.command()
-def stop(run_id: str, address: AddressOption = None, token: TokenOption = None) -> None:
+def stop(
+    run_id: str, address: AddressOption = None, token: TokenOption = None, topology: TopologyOption = None
+) -> None:
     """Stop a run after its current step (its state is saved; `start --resume` continues it)."""
-    run = _stub(address, token).StopRun(trainer_pb2.StopRunRequest(run_id=run_id), timeout=180).run
+    run = _stub(address, token, topology).StopRun(trainer_pb2.StopRunRequest(run_id=run_id), timeout=180).run
     console.print(f"run {run_id}: {_state(run)} at step {run.step}")
 
 
 @run_app.command(name="report")
 def report_command(
-    run_id: str, address: AddressOption = None, runs_dir: RunsDirOption = Path("runs"), token: TokenOption = None
+    run_id: str,
+    address: AddressOption = None,
+    runs_dir: RunsDirOption = Path("runs"),
+    token: TokenOption = None,
+    topology: TopologyOption = None,
 ) -> None:
     """Write the PNG plots and the summary of a run under <runs-dir>/<run-id>/report/."""
-    report(_stub(address, token), run_id, runs_dir)
+    report(_stub(address, token, topology), run_id, runs_dir)

@@ -77,7 +77,8 @@ def _eval(node: ast.AST, depth: int = 0) -> Any:
             raise ValueError("only string methods on strings")
         return getattr(target, node.func.attr)(*[_eval(a, depth + 1) for a in node.args])
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("len", "str", "int"):
-        fn: Callable[[Any], Any] = {"len": len, "str": str, "int": int}[node.func.id]
+        builtins: dict[str, Callable[..., Any]] = {"len": len, "str": str, "int": int}
+        fn = builtins[node.func.id]
         return fn(*[_eval(a, depth + 1) for a in node.args])
     raise ValueError(f"unsupported syntax: {type(node).__name__}")
 
@@ -193,9 +194,7 @@ class LocalEpisodeRunner:
         self.pad = tokenizer.pad_token_id or 0
 
     def _tool_suffix(self, results: Sequence[str]) -> list[int]:
-        text = "\n" + "".join(
-            f"<|im_start|>tool\n<tool_response>\n{r}\n</tool_response><|im_end|>\n" for r in results
-        )
+        text = "\n" + "".join(f"<|im_start|>tool\n<tool_response>\n{r}\n</tool_response><|im_end|>\n" for r in results)
         return list(self.tokenizer(text + "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
 
     def run(

@@ -265,7 +265,9 @@ class TrainingRun:
         self.progress.policy_version = version
         if self.rank == 0:
             self.on_checkpoint(ckpt)
-        self._emit(stage, self._global_step(stage, step), {"publish/reload_s": reload_s, "policy_version": float(version)})
+        self._emit(
+            stage, self._global_step(stage, step), {"publish/reload_s": reload_s, "policy_version": float(version)}
+        )
         return ckpt
 
     def _global_step(self, stage: str, step: int) -> int:
@@ -313,7 +315,9 @@ class TrainingRun:
             self._run_sft()
         if self.progress.stage == "rl" and not self.stopped:
             self._run_rl()
-        if self.progress.stage == "done" or (self.progress.stage == "rl" and self.progress.rl_step >= self.config.rl.steps):
+        if self.progress.stage == "done" or (
+            self.progress.stage == "rl" and self.progress.rl_step >= self.config.rl.steps
+        ):
             self.progress.stage = "done"
         return self.progress
 
@@ -380,18 +384,22 @@ class TrainingRun:
         if self.episodes is None and self.settings.local_episodes:
             from forgerl.trainer.sources import LocalEpisodes
 
-            self.episodes = LocalEpisodes(lambda: self.model, self.tokenizer, max_new_tokens=self.settings.max_new_tokens)
+            self.episodes = LocalEpisodes(
+                lambda: self.model, self.tokenizer, max_new_tokens=self.settings.max_new_tokens
+            )
         if self.episodes is None:
             raise RuntimeError("the RL stage needs an episode source")
         from forgerl.rollout.tasks import get_suite
 
         task_ids = [t.id for t in get_suite(self.config.suite).tasks("train")]
         if hasattr(self.episodes, "model_ref"):
-            self.episodes.model_ref = lambda: self.model  # type: ignore[attr-defined]
+            self.episodes.model_ref = lambda: self.model
         if self.rank == 0:
-            self.episodes.start(self.run_id, rl, self.config.suite, task_ids, self.config.seed, self.progress.task_cursor)
+            self.episodes.start(
+                self.run_id, rl, self.config.suite, task_ids, self.config.seed, self.progress.task_cursor
+            )
             if self._episode_rng is not None and hasattr(self.episodes, "generator"):
-                self.episodes.generator.set_state(self._episode_rng)  # type: ignore[attr-defined]
+                self.episodes.generator.set_state(self._episode_rng)
             # Batches trained before a crash whose Ack may not have happened: acknowledge, never train again.
             for batch_id in list(self.progress.unacked):
                 self.episodes.ack(batch_id)
@@ -404,7 +412,9 @@ class TrainingRun:
             started = time.perf_counter()
             fetched = None
             if self.rank == 0:
-                fetched = self.episodes.fetch(rl.batch_size, self.progress.policy_version, self.settings.fetch_timeout_s)
+                fetched = self.episodes.fetch(
+                    rl.batch_size, self.progress.policy_version, self.settings.fetch_timeout_s
+                )
             fetched = _broadcast(fetched)
             wait_s = time.perf_counter() - started
             seen = set(self.progress.trained_trajectory_ids)

@@ -15,7 +15,11 @@ from typing import Any
 from forgerl.v1 import run_pb2
 
 PLOTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("reward.png", "Reward (training batches)", ("reward/mean", "reward/performance", "reward/process", "success_rate")),
+    (
+        "reward.png",
+        "Reward (training batches)",
+        ("reward/mean", "reward/performance", "reward/process", "success_rate"),
+    ),
     ("heldout_success.png", "Held-out success (greedy)", ("eval/heldout_success",)),
     ("entropy.png", "Policy entropy", ("entropy",)),
     ("staleness.png", "Policy lag (versions)", ("staleness/mean", "staleness/max")),

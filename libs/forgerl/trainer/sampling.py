@@ -16,6 +16,7 @@ appends one column; a per-row key mask hides the padding and position ids count 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,8 @@ def _forward_cached(
     x_BTD = model.model.embed_tokens(input_ids_BT)
     cos_sin = model.rope(position_ids_BT, x_BTD.dtype)
     routed = []
-    for i, layer in enumerate(model.model.layers):
+    layers: list[Any] = list(model.model.layers)
+    for i, layer in enumerate(layers):
         attn = layer.self_attn
         h_BTD = layer.input_layernorm(x_BTD)
         q = attn.q_norm(attn.q_proj(h_BTD)).view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)
@@ -66,7 +68,9 @@ def _forward_cached(
         q = apply_rotary(q, *cos_sin)
         k = apply_rotary(k, *cos_sin)
         k_all, v_all = cache.append(i, k, v)
-        o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask_BTS[:, None], scale=attn.scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q, k_all, v_all, attn_mask=mask_BTS[:, None], scale=attn.scale, enable_gqa=True
+        )
         x_BTD = x_BTD + attn.o_proj(o.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
         moe_BTD, routing, _ = layer.block_sparse_moe(layer.post_attention_layernorm(x_BTD))
         x_BTD = x_BTD + moe_BTD
@@ -92,8 +96,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        return _generate(
-model, prompts, max_new_tokens, stop_token_ids, temperature, generator, pad_token_id)
+        return _generate(model, prompts, max_new_tokens, stop_token_ids, temperature, generator, pad_token_id)
     finally:
         model.train(was_training)
 

@@ -29,7 +29,9 @@ class SftExample:
     loss_mask: tuple[int, ...]  # 1 where the token is a trained (assistant) target
 
 
-def assistant_spans(tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Any = None) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Any = None
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant outputs (header excluded,
     `<|im_end|>` included). Found by rendering growing prefixes: the template is incremental."""
     full = tokenizer.apply_chat_template(list(messages), tools=tools, tokenize=False)
@@ -37,7 +39,9 @@ def assistant_spans(tokenizer: Any, messages: Sequence[dict[str, Any]], tools: A
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start_text = tokenizer.apply_chat_template(list(messages[:i]), tools=tools, add_generation_prompt=True, tokenize=False)
+        start_text = tokenizer.apply_chat_template(
+            list(messages[:i]), tools=tools, add_generation_prompt=True, tokenize=False
+        )
         end_text = tokenizer.apply_chat_template(list(messages[: i + 1]), tools=tools, tokenize=False)
         if not full.startswith(start_text) or not full.startswith(end_text):
             raise ValueError("the chat template is not incremental: a prefix of the messages renders differently")
@@ -116,7 +120,7 @@ class SftBatches:
 
 
 def sft_loss_merged(
-    model: MiniMaxM2ForCausalLM, examples: Sequence[SftExample], *, max_tokens_per_pack: int | None = 4096
+    model: torch.nn.Module, examples: Sequence[SftExample], *, max_tokens_per_pack: int | None = 4096
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The same masked cross-entropy computed on prefix trees: gold trajectories of a suite share their
     system prompt (and tool signatures), which is then computed once per pack instead of once per

@@ -179,7 +179,8 @@ def _unmerged_forward(
     logprobs = torch.where(valid, logprobs, 0.0)
     logp_all = logits - lse[..., None]
     entropy = torch.where(valid, -(logp_all.exp() * logp_all).sum(-1), 0.0)
-    mtp_loss, mtp_metrics = None, {}
+    mtp_loss: torch.Tensor | None = None
+    mtp_metrics: dict[str, float] = {}
     if mtp_weight > 0 and len(core.mtp) > 0:
         target_mask = torch.zeros_like(ids, dtype=torch.bool)
         target_mask[:, 1:] = batch.mask
@@ -230,7 +231,7 @@ def rl_step(
     mtp_loss = None
     if cfg.prefix_merge:
         forest = PrefixForest.build(batch.input_ids, batch.lengths, max_tokens_per_pack=cfg.max_tokens_per_pack)
-        outs = forward_merged(model, forest, routed_experts=routed, with_entropy=True)  # type: ignore[arg-type]
+        outs = forward_merged(model, forest, routed_experts=routed, with_entropy=True)
         metrics["tokens/input"] = float(forest.num_input_tokens)
         metrics["tokens/packed"] = float(forest.num_packed_tokens)
         metrics["tokens/merged"] = float(forest.num_input_tokens - forest.num_packed_tokens)

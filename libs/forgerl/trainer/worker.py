@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         progress = run.run()
         if rank == 0:
-            print(json.dumps({"run_id": args.run_id, "stage": progress.stage, "rl_step": progress.rl_step,
-                              "sft_heldout": progress.sft_heldout, "final_heldout": progress.final_heldout}))  # fmt: skip
+            summary = {"run_id": args.run_id, "stage": progress.stage, "rl_step": progress.rl_step}
+            summary.update(sft_heldout=progress.sft_heldout, final_heldout=progress.final_heldout)
+            print(json.dumps(summary))
     finally:
         if distributed:
             dist.destroy_process_group()

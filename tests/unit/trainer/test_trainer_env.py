@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
-from forgerl.trainer.local_env import LocalEpisodeRunner, normalize_answer, parse_generation, run_tool, suite_episode_specs
+from forgerl.trainer.local_env import (
+    LocalEpisodeRunner,
+    normalize_answer,
+    parse_generation,
+    run_tool,
+    suite_episode_specs,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +34,8 @@ def test_tools() -> None:
 
 
 def test_parse_generation() -> None:
-    text = '<think>\nI will use the calculator.\n</think>\n\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "1 + 2"}}\n</tool_call><|im_end|>'
+    call = '{"name": "calculator", "arguments": {"expression": "1 + 2"}}'
+    text = f"<think>\nI will use the calculator.\n</think>\n\n<tool_call>\n{call}\n</tool_call><|im_end|>"
     parsed = parse_generation(text)
     assert parsed.reasoning == "I will use the calculator."
     assert parsed.calls == [("calculator", {"expression": "1 + 2"})] and parsed.content == ""

@@ -14,8 +14,12 @@ from forgerl.v1 import trajectory_pb2
 pytestmark = pytest.mark.unit
 
 
-def _traj(group: str, prompt: list[int], gens: list[list[int]], reward: float, version: int = 0) -> trajectory_pb2.Trajectory:
-    traj = trajectory_pb2.Trajectory(trajectory_id=f"{group}-{reward}-{len(gens)}-{gens[0][0]}", group_id=group, task_id=group)
+def _traj(
+    group: str, prompt: list[int], gens: list[list[int]], reward: float, version: int = 0
+) -> trajectory_pb2.Trajectory:
+    traj = trajectory_pb2.Trajectory(
+        trajectory_id=f"{group}-{reward}-{len(gens)}-{gens[0][0]}", group_id=group, task_id=group
+    )
     ids = list(prompt)
     for gen in gens:
         traj.turns.add(
@@ -80,7 +84,9 @@ def test_step_updates_weights_and_expert_bias() -> None:
     model = MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug", vocab_size=64))
     before = copy.deepcopy(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    metrics = rl_step(model, opt, build_batch(_batch(), gamma=1.0, policy_version=1), RlStepConfig(bias_update_rate=1e-3))
+    metrics = rl_step(
+        model, opt, build_batch(_batch(), gamma=1.0, policy_version=1), RlStepConfig(bias_update_rate=1e-3)
+    )
     after = model.state_dict()
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
     bias = "model.layers.0.block_sparse_moe.e_score_correction_bias"

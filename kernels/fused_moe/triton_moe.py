@@ -174,6 +174,11 @@ def fused_moe(
     Returns:
         y [N, D] in x's dtype, expert ids [N, K], renormalised float32 weights [N, K].
     """
+    if not x_ND.dtype == w1_EFD.dtype == w2_EDF.dtype == w3_EFD.dtype:
+        raise ValueError(
+            f"x {x_ND.dtype} and expert weights {w1_EFD.dtype}/{w2_EDF.dtype}/{w3_EFD.dtype} must share one dtype: "
+            "cast the weights to the activation dtype (tl.dot takes equal operand types)"
+        )
     x_ND, w1_EFD, w2_EDF, w3_EFD = (t.contiguous() for t in (x_ND, w1_EFD, w2_EDF, w3_EFD))
     logits_NE = F.linear(x_ND.float(), gate_ED.float())
     if replay_ids_NK is None:

@@ -181,6 +181,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, subtree_end: torch
     b, t, h, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, T, G, D] to match q {tuple(q.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q {q.dtype}, k {k.dtype} and v {v.dtype} must share one dtype")
     if h % k.shape[2]:
         raise ValueError(f"num_heads {h} must be a multiple of num_kv_heads {k.shape[2]}")
     if subtree_end.shape != (b, t):

@@ -53,6 +53,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.store = store or Store.open(config.database_url or default_url(config.state_dir))
         self.live: dict[str, _Live] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._shutting_down = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -66,6 +67,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 self._launch(run.run_id, run.config)
 
     async def stop(self) -> None:
+        # A shutdown is not a StopRun: the runs stay RUNNING in the store and resume when a trainer starts.
+        self._shutting_down = True
         for live in self.live.values():
             live.training.stop()
         for live in list(self.live.values()):
@@ -119,6 +122,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         try:
             progress = training.run()
             if training.stopped and progress.stage != "done":
+                if self._shutting_down:
+                    log.info("run %s paused by the shutdown; a restarted trainer resumes it", run_id)
+                    return
                 state = run_pb2.RUN_STATE_STOPPED
             else:
                 state = run_pb2.RUN_STATE_SUCCEEDED

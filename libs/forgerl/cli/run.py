@@ -175,9 +175,11 @@ def start(
     run_config = load_run_config(config)
     supervisor = None
     if local:
-        supervisor = _bring_up(topology)
+        preset = run_config.model_preset or "debug"
+        supervisor = _bring_up(topology, preset)
         if not run_config.init_checkpoint:  # the checkpoint (and tokenizer) inference starts from
-            run_config.init_checkpoint = str(LocalTopology.load(topology).initial_model_path.resolve())
+            initial = LocalTopology.load(topology, model_preset=preset).initial_model_path
+            run_config.init_checkpoint = str(initial.resolve())
     try:
         stub = _stub(address, token, topology)
         request = trainer_pb2.StartRunRequest(config=run_config, resume_run_id=resume or "")
@@ -196,12 +198,13 @@ def start(
             console.print("local topology stopped")
 
 
-def _bring_up(path: Path | None) -> Any:
-    from forgerl.local.bootstrap import ensure_initial_checkpoint
+def _bring_up(path: Path | None, preset: str) -> Any:
+    """The local topology, serving a fresh checkpoint of the run's model preset first."""
     from forgerl.local.supervisor import Supervisor
     from forgerl.local.topology import LocalTopology
+    from forgerl.trainer.presets import ensure_initial_checkpoint
 
-    topology = LocalTopology.load(path)
+    topology = LocalTopology.load(path, model_preset=preset)
     if Supervisor.attach(topology).processes:
         console.print("[yellow]using the local topology that already runs[/yellow]")
         return None

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig, load_checkpoint, save_checkpoint
+from forgerl.model import MiniMaxM2ForCausalLM, load_checkpoint, save_checkpoint
 from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
+from forgerl.trainer.presets import model_config
 from forgerl.trainer.sft import SftBatches, make_examples, sft_loss, sft_loss_merged
 from forgerl.trainer.sources import EpisodeSource, NullPublisher, Publisher
 from forgerl.trainer.step import RlStepConfig, build_batch, rl_step, shard_rows
@@ -177,7 +178,7 @@ class TrainingRun:
         else:
             path = self.settings.tokenizer_path
             self.tokenizer = load_tokenizer(path) if path else train_tokenizer(vocab_size=4096)
-            model_cfg = ModelConfig.from_preset(cfg.model_preset or "debug", vocab_size=len(self.tokenizer))
+            model_cfg = model_config(cfg.model_preset or "debug", vocab_size=len(self.tokenizer))
             self.model = MiniMaxM2ForCausalLM(model_cfg)
         self.model.train()
 
@@ -334,7 +335,8 @@ class TrainingRun:
                 if self.config.rl.prefix_merge or self.world > 1:
                     loss, metrics = sft_loss_merged(self.train_model, examples, max_tokens_per_pack=None)
                 else:
-                    from forgerl.trainer.sft import collate
+                    from forgerl.trainer.presets import model_config
+from forgerl.trainer.sft import collate
 
                     ids, mask = collate(examples)
                     loss, metrics = sft_loss(self.model, ids, mask)

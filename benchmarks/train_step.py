@@ -8,7 +8,7 @@ the generated tokens of each member from a random point on (seeded). The same ba
 `prefix_merge` on and off, alternating, from the same weights each time; medians of wall time and
 process CPU time are reported with the tokens before and after merging.
 
-Run: `python benchmarks/train_step.py [--tasks 8] [--group 8] [--repeats 5] [--preset debug]`.
+Run: `python benchmarks/train_step.py [--tasks 8] [--group 8] [--repeats 5] [--preset tiny]`.
 """
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ import argparse
 import copy
 import itertools
 import json
+import os
 import platform
 import random
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
+from forgerl.model import MiniMaxM2ForCausalLM
+from forgerl.trainer.presets import model_config
 from forgerl.trainer.sft import make_example
 from forgerl.trainer.step import RlStepConfig, build_batch, rl_step
 from forgerl.v1 import trajectory_pb2
@@ -69,12 +72,22 @@ def _episodes(tokenizer: Any, tasks: int, group: int, seed: int) -> list[traject
     return out
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser()
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--preset", default="debug")
+    p.add_argument("--preset", default="tiny")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -83,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tokenizer = train_tokenizer(vocab_size=4096)
     torch.manual_seed(args.seed)
-    base = MiniMaxM2ForCausalLM(ModelConfig.from_preset(args.preset, vocab_size=len(tokenizer)))
+    base = MiniMaxM2ForCausalLM(model_config(args.preset, vocab_size=len(tokenizer)))
     batch = build_batch(_episodes(tokenizer, args.tasks, args.group, args.seed), gamma=1.0, policy_version=0)
     results: dict[bool, dict[str, list[float]]] = {True: {"wall": [], "cpu": []}, False: {"wall": [], "cpu": []}}
     tokens: dict[bool, dict[str, float]] = {}
@@ -121,6 +134,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": args.repeats,
         "threads": args.threads,
         "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0],
         "torch": torch.__version__,
     }
     print(json.dumps(report, indent=2))

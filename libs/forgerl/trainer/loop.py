@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from forgerl.model import MiniMaxM2ForCausalLM, load_checkpoint, save_checkpoint
+from forgerl.model import MiniMaxM2ForCausalLM, load_checkpoint, save_checkpoint, update_expert_bias
 from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
 from forgerl.trainer.presets import model_config
 from forgerl.trainer.sft import SftBatches, make_examples, sft_loss, sft_loss_merged
@@ -335,8 +335,7 @@ class TrainingRun:
                 if self.config.rl.prefix_merge or self.world > 1:
                     loss, metrics = sft_loss_merged(self.train_model, examples, max_tokens_per_pack=None)
                 else:
-                    from forgerl.trainer.presets import model_config
-from forgerl.trainer.sft import collate
+                    from forgerl.trainer.sft import collate
 
                     ids, mask = collate(examples)
                     loss, metrics = sft_loss(self.model, ids, mask)
@@ -344,8 +343,6 @@ from forgerl.trainer.sft import collate
                 loss.backward()
                 metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))
                 self.optimizer.step()
-                from forgerl.model import update_expert_bias
-
                 metrics.update(update_expert_bias(self.model, self.model.config.bias_update_rate))
                 metrics["step_time_s"] = time.perf_counter() - started
                 metrics["lr"] = cfg.learning_rate

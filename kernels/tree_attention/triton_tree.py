@@ -217,7 +217,7 @@ def tree_attention_bwd(
     grad_out: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv for tree_attention_fwd; grad_out must have q's strides (call .contiguous())."""
+    """dq, dk, dv for tree_attention_fwd; grad_out must have q's strides, k and v the same strides."""
     b, t, h, d = q.shape
     g = k.shape[2]
     cfg = _launch_config(q)
@@ -251,7 +251,8 @@ class _TreeAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, subtree_end, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
-        grad_out = grad_out.contiguous() if grad_out.stride() != q.stride() else grad_out
+        if grad_out.stride() != q.stride():  # the kernels address dO with q's strides
+            grad_out = torch.empty_like(q).copy_(grad_out)
         dq, dk, dv = tree_attention_bwd(q, k, v, subtree_end, out, lse, grad_out, ctx.scale)  # type: ignore[attr-defined]
         return dq, dk, dv, None, None
 
@@ -277,4 +278,6 @@ def tree_attention(
     _check(q, k, v, subtree_end)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if k.stride() != v.stride():  # the kernels address k, v (and dk, dv) with one set of strides
+        k, v = k.contiguous(), v.contiguous()
     return _TreeAttentionFunction.apply(q, k, v, subtree_end.contiguous(), scale)

@@ -1,5 +1,7 @@
 """Tree attention against the float32 dense-mask reference, with trees drawn at random in preorder."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,9 @@ from kernel_cases import DEVICES, rel_err
 
 from forgerl.kernels.tree_attention import tree_attention, tree_attention_backend
 from forgerl.kernels.tree_attention.naive import ancestor_mask, naive_tree_attention
-from forgerl.model.attention import eager_attention
+from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
+from forgerl.model.attention import ATTENTION_BACKENDS, eager_attention
+from forgerl.rl.prefix_merge import forward_merged, forward_unmerged
 from forgerl.rl.prefix_tree import PrefixForest
 
 # Norm-wise relative error bounds: the kernel rounds P to the input dtype before P @ V (as flash attention
@@ -121,3 +125,28 @@ def test_backend_rejects_a_mask_that_is_not_an_ancestor_mask() -> None:
     mask = torch.ones(1, 4, 4, dtype=torch.bool)  # keys after the query: no preorder tree does that
     with pytest.raises(ValueError, match="not a preorder ancestor mask"):
         tree_attention_backend(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), mask, 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_with_the_tree_backend_matches_unmerged_sequences(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The debug model on a merged forest, attention by the kernel, against the unmerged SDPA model."""
+    monkeypatch.setitem(ATTENTION_BACKENDS, "tree", tree_attention_backend)
+    torch.manual_seed(0)
+    reference = MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug")).to(device)
+    merged = MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug", attn_backend="tree")).to(device)
+    merged.load_state_dict(reference.state_dict())
+    ids = torch.tensor([[7, 8, 9, 10, 11, 12, 13], [7, 8, 9, 10, 20, 21, 0], [7, 8, 30, 31, 32, 33, 34]], device=device)
+    lengths = torch.tensor([7, 6, 7])
+    routes = reference(ids).routed_experts  # replayed in both runs: near-ties must not pick other experts
+    weights = torch.randn(3, 6, generator=torch.Generator().manual_seed(1)).to(device)
+    expected = forward_unmerged(reference, ids, lengths, routed_experts=routes)
+    (expected.logprobs * weights).sum().backward()
+    forest = PrefixForest.build(ids.cpu(), lengths)
+    forest = dataclasses.replace(forest, packs=tuple(pack.to(device) for pack in forest.packs))
+    got = forward_merged(merged, forest, routed_experts=routes)
+    (got.logprobs * weights).sum().backward()
+    assert rel_err(got.logprobs, expected.logprobs) < 1e-5
+    ref_params = dict(reference.named_parameters())
+    for name, param in merged.named_parameters():
+        if param.grad is not None:
+            assert rel_err(param.grad, ref_params[name].grad) < 1e-4, name

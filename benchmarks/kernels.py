@@ -6,9 +6,11 @@
 - tree_attention at MiniMax-M2's attention shape (48 query heads, 8 KV heads, head_dim 128), bf16, on a
   prefix forest (a shared prompt and branching completions) against SDPA with the dense ancestor mask and
   against SDPA causal on the unmerged sequences (what prefix merging replaces).
-- msa: not built yet (kernels/msa); reported as such.
+- msa (MiniMax Sparse Attention, index branch included) prefill on one sequence and decode (one query per
+  sequence over a KV cache) at 32K and 128K tokens, against dense causal SDPA (flash) at the same shapes.
 
-Run: `python benchmarks/kernels.py [--moe-tokens 4096 16384 65536] [--tree-tokens 8192 32768] [--out f.json]`.
+Run: `python benchmarks/kernels.py [--moe-tokens 4096 16384 65536] [--tree-tokens 8192 32768]
+[--msa-tokens 32768 131072] [--out f.json]`.
 Without a CUDA GPU it prints a JSON object saying so and exits 0; `--smoke` instead runs tiny shapes on
 CPU under Triton's interpreter (checks the script, the numbers mean nothing). Prints ONE JSON object last.
 """
@@ -61,9 +63,13 @@ def peak_gib(fn: Callable[[], object], device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 3)
 
 
-def measure(fn: Callable[[], object], flops: float, device: str) -> dict[str, Any]:
+def measure(fn: Callable[[], object], flops: float | None, device: str) -> dict[str, Any]:
+    """Time, TFLOP/s (when the useful FLOPs are known) and peak memory of one call of fn."""
     ms = timed_ms(fn, device)
-    return {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 2), "peak_gib": peak_gib(fn, device)}
+    result: dict[str, Any] = {"ms": round(ms, 4), "peak_gib": peak_gib(fn, device)}
+    if flops is not None:
+        result["tflops"] = round(flops / ms / 1e9, 2)
+    return result
 
 
 def moe_case(tokens: int, dims: dict[str, int], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -221,11 +227,59 @@ def bench_tree_attention(tokens: int, dims: dict[str, int], device: str) -> dict
     return result
 
 
+def bench_msa(tokens: int, dims: dict[str, int], device: str) -> dict[str, Any]:
+    """Forward only: prefill of one `tokens`-long sequence, and decode of `decode_batch` such sequences."""
+    import torch.nn.functional as F
+
+    from forgerl.kernels.msa import msa_attention
+
+    heads, kv_heads, head_dim, block, top_k = (dims[k] for k in ("heads", "kv_heads", "head_dim", "block", "top_k"))
+    batch = dims["decode_batch"]
+    gen = torch.Generator(device=device).manual_seed(tokens)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.bfloat16)
+
+    q, k, v = randn(tokens, heads, head_dim), randn(tokens, kv_heads, head_dim), randn(tokens, kv_heads, head_dim)
+    cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+    q_sdpa, k_sdpa, v_sdpa = (t.transpose(0, 1)[None] for t in (q, k, v))
+    cache_k, cache_v = randn(batch * tokens, kv_heads, head_dim), randn(batch * tokens, kv_heads, head_dim)
+    q_dec = randn(batch, heads, head_dim)
+    cu_k = torch.arange(batch + 1, dtype=torch.int32, device=device) * tokens
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    k_dec, v_dec = (t.view(batch, tokens, kv_heads, head_dim).transpose(1, 2) for t in (cache_k, cache_v))
+    kept_keys = min(tokens, (top_k + 2) * block)
+    result: dict[str, Any] = {"tokens": tokens, "block": block, "top_k": top_k, "kept_keys_per_query": kept_keys}
+    with torch.no_grad():
+        result["prefill"] = {
+            "msa": measure(lambda: msa_attention(q, k, v, cu, cu, block=block, top_k=top_k), None, device),
+            "sdpa_causal_dense": measure(
+                lambda: F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, is_causal=True, enable_gqa=True),
+                2.0 * heads * head_dim * tokens**2, device,
+            ),
+        }  # fmt: skip
+        result["decode"] = {
+            "batch": batch,
+            "msa": measure(
+                lambda: msa_attention(q_dec, cache_k, cache_v, cu_q, cu_k, block=block, top_k=top_k), None, device
+            ),
+            "sdpa_dense": measure(
+                lambda: F.scaled_dot_product_attention(q_dec[:, :, None], k_dec, v_dec, enable_gqa=True), None, device
+            ),
+        }
+    for phase, dense in (("prefill", "sdpa_causal_dense"), ("decode", "sdpa_dense")):
+        result[phase]["speedup_vs_dense"] = round(result[phase][dense]["ms"] / result[phase]["msa"]["ms"], 3)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--moe-tokens", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--moe-backward-max-tokens", type=int, default=16384)
     parser.add_argument("--tree-tokens", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--msa-tokens", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--msa-block", type=int, default=64)
+    parser.add_argument("--msa-top-k", type=int, default=16)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
@@ -236,6 +290,7 @@ def main() -> None:
         moe_dims = {"hidden": 48, "experts": 8, "top_k": 2, "ffn": 32}
         attn_dims = {"heads": 4, "kv_heads": 2, "head_dim": 32}
         args.moe_tokens, args.tree_tokens, args.moe_backward_max_tokens = [40], [72], 40
+        args.msa_tokens, args.msa_block, args.msa_top_k = [90], 16, 2
     elif torch.cuda.is_available():
         device = "cuda"
         moe_dims = {"hidden": 3072, "experts": 256, "top_k": 8, "ffn": 1536}  # MiniMax-M2
@@ -246,11 +301,12 @@ def main() -> None:
         print(json.dumps(report))
         return
     report["gpu"] = device == "cuda"
+    msa_dims = {**attn_dims, "block": args.msa_block, "top_k": args.msa_top_k, "decode_batch": 8}
     report["fused_moe"] = [
         bench_fused_moe(n, moe_dims, device, backward=n <= args.moe_backward_max_tokens) for n in args.moe_tokens
     ]
     report["tree_attention"] = [bench_tree_attention(n, attn_dims, device) for n in args.tree_tokens]
-    report["msa"] = "not built yet: kernels/msa is future work"
+    report["msa"] = [bench_msa(n, msa_dims, device) for n in args.msa_tokens]
     text = json.dumps(report)
     if args.out:
         with open(args.out, "w") as out:

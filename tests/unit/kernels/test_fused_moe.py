@@ -8,7 +8,8 @@ from forgerl.kernels.fused_moe import fused_moe
 from forgerl.kernels.fused_moe.naive import naive_fused_moe
 from forgerl.kernels.fused_moe.routing import route
 from forgerl.model.config import ModelConfig
-from forgerl.model.moe import SparseMoeBlock
+from forgerl.model.moe import Experts, SparseMoeBlock
+from forgerl.model.moe import route as model_route
 
 # Norm-wise relative error bounds: bf16 rounds x, the weights, h = silu(a1) * a3 and every GEMM output to
 # 8 mantissa bits (2^-8 = 4e-3 per element, measured ~1e-2 after three chained GEMMs).
@@ -82,3 +83,32 @@ def test_matches_the_model_moe_block_with_replayed_routing(device: str) -> None:
     y, ids, _ = fused_moe(x[0].float().to(device), gate, bias, w1, w2, w3, cfg.num_experts_per_tok, replay)
     assert torch.equal(ids.cpu(), routing.expert_ids_NK)
     assert rel_err(y.cpu(), expected[0]) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replayed_routes_with_idle_experts_match_the_model_experts_and_gradients(device: str) -> None:
+    """Replayed routes that leave experts 2..5 idle, against forgerl.model.moe's route + Experts in float64."""
+    n, d, e, f, k = 23, 24, 6, 20, 2
+    x, gate, bias, w1, w2, w3, grad = _layer(n, d, e, f, torch.float32, device, seed=11)
+    replay = torch.stack([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)], dim=1)
+    replay[::3] = replay[::3].flip(1)  # the order within a token's K slots must not matter
+    leaves = [t.clone().requires_grad_() for t in (x, gate, w1, w2, w3)]
+    y, _, _ = fused_moe(leaves[0], leaves[1], bias, leaves[2], leaves[3], leaves[4], k, replay.to(device))
+    y.backward(grad)
+    experts = Experts(ModelConfig(hidden_size=d, intermediate_size=f, num_local_experts=e, num_experts_per_tok=k))
+    experts = experts.double()
+    ref_x, ref_gate = x.cpu().double().requires_grad_(), gate.cpu().double().requires_grad_()
+    with torch.no_grad():
+        for param, value in zip((experts.w1, experts.w2, experts.w3), (w1, w2, w3), strict=True):
+            param.copy_(value.cpu().double())
+    routing = model_route(ref_x, ref_gate, bias.cpu().double(), k, replay)
+    counts = torch.bincount(replay.reshape(-1), minlength=e)
+    ref_y = experts(ref_x, routing.expert_ids_NK, routing.weights_NK, counts)
+    ref_y.backward(grad.cpu().double())
+    assert rel_err(y.cpu(), ref_y) < TOLERANCE[torch.float32]
+    ref_grads = [ref_x.grad, ref_gate.grad, experts.w1.grad, experts.w2.grad, experts.w3.grad]
+    for name, leaf, ref_grad in zip(("x", "gate", "w1", "w2", "w3"), leaves, ref_grads, strict=True):
+        assert leaf.grad is not None and ref_grad is not None
+        assert rel_err(leaf.grad.cpu(), ref_grad) < TOLERANCE[torch.float32], name
+    dw1 = leaves[2].grad
+    assert dw1 is not None and float(dw1[2:].abs().max()) == 0.0  # idle experts get exactly zero gradient

@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(args.checkpoint)
-    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stop_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert isinstance(stop_id, int), "the tokenizer has no <|im_end|> token"
+    stop = stop_id
     prompts = first_turn_prompts(tokenizer, args.tasks)
     reference = ours(args.checkpoint, prompts, args.max_tokens, stop)
     engines = {"transformers": transformers_greedy}

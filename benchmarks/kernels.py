@@ -197,14 +197,17 @@ def bench_tree_attention(tokens: int, dims: dict[str, int], device: str) -> dict
     visible = float(mask.sum())
     fwd_flops = 4.0 * heads * head_dim * visible
     grad = torch.randn_like(q)
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    groups = heads // kv_heads
+    # SDPA's baselines get K/V expanded to all heads, outside the timed region: with enable_gqa a masked call
+    # may fall back to the math kernel, which materialises [H, T, T] scores.
+    qt = q.detach().transpose(1, 2).requires_grad_()
+    kt, vt = (t.detach().transpose(1, 2).repeat_interleave(groups, dim=1).requires_grad_() for t in (k, v))
     # Unmerged: each completion with its own copy of the prompt, causal.
     seqs = torch.randn(branches, heads, prompt + branch_len, head_dim, device=device, dtype=torch.bfloat16)
-    seqs_kv = seqs[:, :kv_heads].contiguous()
     unmerged_flops = 4.0 * heads * head_dim * branches * (prompt + branch_len) ** 2 / 2
 
     def sdpa_dense() -> torch.Tensor:
-        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
 
     result: dict[str, Any] = {"tokens": total, "prompt": prompt, "branches": branches, "branch_len": branch_len}
     with torch.no_grad():
@@ -212,7 +215,7 @@ def bench_tree_attention(tokens: int, dims: dict[str, int], device: str) -> dict
             "triton": measure(lambda: tree_attention(q, k, v, end), fwd_flops, device),
             "sdpa_dense_mask": measure(sdpa_dense, fwd_flops, device),
             "sdpa_causal_unmerged": measure(
-                lambda: F.scaled_dot_product_attention(seqs, seqs_kv, seqs_kv, is_causal=True, enable_gqa=True),
+                lambda: F.scaled_dot_product_attention(seqs, seqs, seqs, is_causal=True),
                 unmerged_flops, device,
             ),
         }  # fmt: skip
@@ -242,19 +245,24 @@ def bench_msa(tokens: int, dims: dict[str, int], device: str) -> dict[str, Any]:
 
     q, k, v = randn(tokens, heads, head_dim), randn(tokens, kv_heads, head_dim), randn(tokens, kv_heads, head_dim)
     cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
-    q_sdpa, k_sdpa, v_sdpa = (t.transpose(0, 1)[None] for t in (q, k, v))
+    groups = heads // kv_heads  # SDPA gets K/V expanded to all heads (see bench_tree_attention)
+    q_sdpa = q.transpose(0, 1)[None]
+    k_sdpa, v_sdpa = (t.transpose(0, 1)[None].repeat_interleave(groups, dim=1) for t in (k, v))
     cache_k, cache_v = randn(batch * tokens, kv_heads, head_dim), randn(batch * tokens, kv_heads, head_dim)
     q_dec = randn(batch, heads, head_dim)
     cu_k = torch.arange(batch + 1, dtype=torch.int32, device=device) * tokens
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
-    k_dec, v_dec = (t.view(batch, tokens, kv_heads, head_dim).transpose(1, 2) for t in (cache_k, cache_v))
+    k_dec, v_dec = (
+        t.view(batch, tokens, kv_heads, head_dim).transpose(1, 2).repeat_interleave(groups, dim=1)
+        for t in (cache_k, cache_v)
+    )
     kept_keys = min(tokens, (top_k + 2) * block)
     result: dict[str, Any] = {"tokens": tokens, "block": block, "top_k": top_k, "kept_keys_per_query": kept_keys}
     with torch.no_grad():
         result["prefill"] = {
             "msa": measure(lambda: msa_attention(q, k, v, cu, cu, block=block, top_k=top_k), None, device),
             "sdpa_causal_dense": measure(
-                lambda: F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, is_causal=True, enable_gqa=True),
+                lambda: F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, is_causal=True),
                 2.0 * heads * head_dim * tokens**2, device,
             ),
         }  # fmt: skip
@@ -264,12 +272,24 @@ def bench_msa(tokens: int, dims: dict[str, int], device: str) -> dict[str, Any]:
                 lambda: msa_attention(q_dec, cache_k, cache_v, cu_q, cu_k, block=block, top_k=top_k), None, device
             ),
             "sdpa_dense": measure(
-                lambda: F.scaled_dot_product_attention(q_dec[:, :, None], k_dec, v_dec, enable_gqa=True), None, device
+                lambda: F.scaled_dot_product_attention(q_dec[:, :, None], k_dec, v_dec), None, device
             ),
         }
     for phase, dense in (("prefill", "sdpa_causal_dense"), ("decode", "sdpa_dense")):
         result[phase]["speedup_vs_dense"] = round(result[phase][dense]["ms"] / result[phase]["msa"]["ms"], 3)
     return result
+
+
+def guarded(bench: Callable[..., dict[str, Any]], tokens: int, *args: Any) -> dict[str, Any]:
+    """One case; a failure (out of memory at 64K tokens, a kernel that does not compile) is recorded in the
+    JSON beside the cases that ran instead of losing the whole run."""
+    try:
+        return bench(tokens, *args)
+    except Exception as error:  # reported in the output, never swallowed silently
+        return {"tokens": tokens, "error": f"{type(error).__name__}: {error}"[:500]}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -303,10 +323,10 @@ def main() -> None:
     report["gpu"] = device == "cuda"
     msa_dims = {**attn_dims, "block": args.msa_block, "top_k": args.msa_top_k, "decode_batch": 8}
     report["fused_moe"] = [
-        bench_fused_moe(n, moe_dims, device, backward=n <= args.moe_backward_max_tokens) for n in args.moe_tokens
+        guarded(bench_fused_moe, n, moe_dims, device, n <= args.moe_backward_max_tokens) for n in args.moe_tokens
     ]
-    report["tree_attention"] = [bench_tree_attention(n, attn_dims, device) for n in args.tree_tokens]
-    report["msa"] = [bench_msa(n, msa_dims, device) for n in args.msa_tokens]
+    report["tree_attention"] = [guarded(bench_tree_attention, n, attn_dims, device) for n in args.tree_tokens]
+    report["msa"] = [guarded(bench_msa, n, msa_dims, device) for n in args.msa_tokens]
     text = json.dumps(report)
     if args.out:
         with open(args.out, "w") as out:

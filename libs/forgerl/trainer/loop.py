@@ -102,6 +102,12 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def _lag(traj: Any, policy_version: int) -> int:
+    """Policy lag of a trajectory: versions between the oldest policy that generated it and ours."""
+    versions = [turn.policy_version for turn in traj.turns] or [policy_version]
+    return policy_version - min(versions)
+
+
 def _suite_gold(suite: str) -> list[dict[str, Any]]:
     if suite == "tooluse":
         from forgerl.rollout.suites.tooluse import gold_trajectories
@@ -418,6 +424,11 @@ class TrainingRun:
             wait_s = time.perf_counter() - started
             seen = set(self.progress.trained_trajectory_ids)
             fresh = [t for t in fetched.trajectories if t.trajectory_id not in seen]
+            # The data pool drops trajectories past the staleness bound; enforce it here too, so that the
+            # bound holds for every trained token whatever the source.
+            bound = rl.max_staleness if rl.max_staleness > 0 else None
+            within = [t for t in fresh if bound is None or _lag(t, self.progress.policy_version) <= bound]
+            too_stale, fresh = len(fresh) - len(within), within
             if not fresh:
                 # Nothing yet, or served again although trained (its Ack was lost): acknowledge, don't
                 # train twice.
@@ -438,6 +449,7 @@ class TrainingRun:
             metrics = rl_step(self.train_model, self.optimizer, batch, step_cfg, core=self.model)
             metrics["fetch_wait_s"] = wait_s
             metrics["batch/dropped_stale"] = float(fetched.dropped_stale)
+            metrics["batch/dropped_stale_trainer"] = float(too_stale)
             metrics["lr"] = rl.learning_rate
             self.progress.rl_step = step + 1
             self.progress.task_cursor = int(_broadcast(self.episodes.cursor() if self.rank == 0 else 0))

@@ -31,6 +31,47 @@ BRIDGE = Path(__file__).with_name("mini_swe_bridge.py")
 ENV_PYTHON = "FORGERL_MINI_SWE_AGENT_PYTHON"
 
 
+# mini-swe-agent lives in its own virtual environment (its litellm pins clash with vLLM's openai and
+# huggingface_hub): the package without the extras only its interactive and batch runners use.
+MINI_SWE_AGENT = "mini-swe-agent==2.4.6"
+MINI_SWE_AGENT_DEPS = [
+    "litellm[mcp]==1.106.2",
+    "python-dotenv",
+    "platformdirs",
+    "rich",
+    "jinja2",
+    "pydantic",
+    "tenacity",
+    "pyyaml",
+    "requests",
+    "typer",
+]
+
+
+def ensure_mini_swe_agent_env(venv: Path) -> Path:
+    """The Python of a virtual environment with mini-swe-agent at `venv`, built from PyPI the first time
+    (a few minutes); a marker file makes later calls instant and a half-built one is rebuilt."""
+    import subprocess
+
+    python = venv / "bin" / "python"
+    ready = venv / ".forgerl-ready"
+    if ready.exists():
+        return python
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--no-deps", MINI_SWE_AGENT], check=True)
+    subprocess.run([*pip, *MINI_SWE_AGENT_DEPS], check=True)
+    check_env = {
+        **os.environ,
+        "MSWEA_SILENT_STARTUP": "1",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "MSWEA_GLOBAL_CONFIG_DIR": str(venv / "mswea-config"),
+    }
+    subprocess.run([str(python), "-c", "import minisweagent.models.litellm_model"], check=True, env=check_env)
+    ready.write_text(MINI_SWE_AGENT + "\n")
+    return python
+
+
 class AgentUnavailableError(RuntimeError):
     """The third-party agent is not installed where rollout can run it."""
 

@@ -13,6 +13,7 @@ import grpc
 
 from forgerl.gateway.testing import ScriptedInference
 from forgerl.model.tokenizer import load_tokenizer
+from forgerl.rollout.third_party import MINI_SWE_AGENT, ensure_mini_swe_agent_env
 from forgerl.runtime.testing import serve_in_process
 from forgerl.services.gateway.config import GatewayConfig
 from forgerl.services.gateway.main import build
@@ -105,55 +106,16 @@ async def running_gateway(replicas: list[str], **overrides: Any) -> AsyncIterato
         yield RunningGateway(address, gateway_pb2_grpc.GatewayServiceStub(channel), servicer, channel)
 
 
-# mini-swe-agent lives in its own virtual environment (its litellm pins clash with vLLM's openai and
-# huggingface_hub): the package without the extras only its interactive and batch runners use.
-MINI_SWE_AGENT = "mini-swe-agent==2.4.6"
-MINI_SWE_AGENT_DEPS = [
-    "litellm[mcp]==1.106.2",
-    "python-dotenv",
-    "platformdirs",
-    "rich",
-    "jinja2",
-    "pydantic",
-    "tenacity",
-    "pyyaml",
-    "requests",
-    "typer",
-]
 REPO = Path(__file__).resolve().parents[3]
+MINI_SWE_AGENT_VENV = REPO / ".forgerl" / "venvs" / MINI_SWE_AGENT.replace("==", "-")
 
 
 def mini_swe_agent_python() -> Path:
-    """The Python of an environment with mini-swe-agent: $FORGERL_MINI_SWE_AGENT_PYTHON, or one built once
-    under .forgerl/venvs from PyPI (a few minutes the first time)."""
+    """$FORGERL_MINI_SWE_AGENT_PYTHON, or the environment built once under .forgerl/venvs."""
     import os
-    import subprocess
-    import sys
 
     override = os.environ.get("FORGERL_MINI_SWE_AGENT_PYTHON")
-    if override:
-        return Path(override)
-    venv = REPO / ".forgerl" / "venvs" / MINI_SWE_AGENT.replace("==", "-")
-    python = venv / "bin" / "python"
-    ready = venv / ".forgerl-ready"
-    if ready.exists():
-        return python
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "--no-deps", MINI_SWE_AGENT], check=True)
-    subprocess.run([*pip, *MINI_SWE_AGENT_DEPS], check=True)
-    subprocess.run(
-        [str(python), "-c", "import minisweagent.models.litellm_model"],
-        check=True,
-        env={
-            **os.environ,
-            "MSWEA_SILENT_STARTUP": "1",
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-            "MSWEA_GLOBAL_CONFIG_DIR": str(venv / "mswea-config"),
-        },
-    )
-    ready.write_text(MINI_SWE_AGENT + "\n")
-    return python
+    return Path(override) if override else ensure_mini_swe_agent_env(MINI_SWE_AGENT_VENV)
 
 
 async def run_mini_swe_agent(

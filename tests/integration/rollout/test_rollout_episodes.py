@@ -20,6 +20,7 @@ from forgerl.rollout.episode import EpisodeResult, EpisodeRunner, EpisodeSpec, G
 from forgerl.rollout.rewards import RewardSettings
 from forgerl.rollout.sandbox.local import LocalSandboxFactory
 from forgerl.rollout.tasks import Task, get_suite
+from forgerl.rollout.third_party import MINI_SWE_AGENT, ensure_mini_swe_agent_env
 from forgerl.runtime.client import aio_channel
 
 pytestmark = [
@@ -140,14 +141,14 @@ async def test_the_model_scaffold_through_a_gateway(sandbox_root: Path, limits) 
     assert not [p for p in sandbox_root.iterdir() if not p.name.startswith(".")]
 
 
-def _mini_swe_agent_python() -> str | None:
+def _mini_swe_agent_python() -> str:
     import os as _os
 
     override = _os.environ.get("FORGERL_MINI_SWE_AGENT_PYTHON")
     if override:
         return override
-    venv = Path(__file__).resolve().parents[3] / ".forgerl" / "venvs" / "mini-swe-agent-2.4.6"
-    return str(venv / "bin" / "python") if (venv / ".forgerl-ready").exists() else None
+    venv = Path(__file__).resolve().parents[3] / ".forgerl" / "venvs" / MINI_SWE_AGENT.replace("==", "-")
+    return str(ensure_mini_swe_agent_env(venv))
 
 
 async def test_mini_swe_agent_through_the_same_episode_api(
@@ -156,8 +157,6 @@ async def test_mini_swe_agent_through_the_same_episode_api(
     """mini-swe-agent (its own process and environment) as the agent: its model calls go to the gateway with
     the episode key, its bash commands run in our sandbox, the tests grade its work."""
     python = _mini_swe_agent_python()
-    if python is None:
-        pytest.skip("no mini-swe-agent environment (the gateway's tests build .forgerl/venvs/mini-swe-agent-2.4.6)")
     monkeypatch.setenv("FORGERL_MINI_SWE_AGENT_PYTHON", python)
     monkeypatch.setenv("MSWEA_GLOBAL_CONFIG_DIR", str(tmp_path / "mini-swe-agent"))
     task = SUITES["swe"].tasks("test")[1]

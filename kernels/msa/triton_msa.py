@@ -3,12 +3,12 @@
 Shape legend: N sequences, Tq/Tk packed tokens, H query heads, G KV heads, GROUP = H / G, D head_dim,
 NQ query blocks, S kept key blocks per (query block, KV head) from index.py.
 
-One program handles one query block of one KV group: it stacks the GROUP query heads into a
-[GROUP_P * BLOCK, D] tile, so each kept K/V block is loaded once for all heads of the group (the reason the
-index branch selects per group, not per head). Queries sit at the end of their sequence (bottom-right
-causal), so decode is the Tq = 1 case of the same kernel. The backward recomputes probabilities from the
-log-sum-exp; dq stays in registers, dk/dv are accumulated with float32 atomics because a key block
-receives gradient from every query block that kept it.
+One program handles one query block of one KV group, or of a chunk of its heads (see _launch_config): it
+stacks those query heads into a [HEADS * BLOCK, D] tile, so each kept K/V block is loaded once for all of
+them (the reason the index branch selects per group, not per head). Queries sit at the end of their
+sequence (bottom-right causal), so decode is the Tq = 1 case of the same kernel. The backward recomputes
+probabilities from the log-sum-exp; dq stays in registers, dk/dv are accumulated with float32 atomics
+because a key block receives gradient from every query block that kept it.
 """
 
 from __future__ import annotations
@@ -23,18 +23,21 @@ from forgerl.kernels.msa.index import select_blocks
 
 
 @triton.jit
-def _tile_setup(CU_Q, CU_K, pid_q, pid_ng, kv_heads, BLOCK: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr):
-    """Row r of the tile is query head g * GROUP + r // BLOCK at key position blk * BLOCK + r % BLOCK
-    (GROUP_P: GROUP rounded up to a power of two, the extra heads' rows masked)."""
-    n, g = pid_ng // kv_heads, pid_ng % kv_heads
+def _tile_setup(
+    CU_Q, CU_K, pid_q, pid_ngc, kv_heads, chunks, BLOCK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr
+):
+    """Program (n, g, c) takes heads c * HEADS .. of KV group g; row r of its tile is query head
+    g * GROUP + c * HEADS + r // BLOCK at key position blk * BLOCK + r % BLOCK (heads past GROUP masked)."""
+    n, g, c = pid_ngc // (kv_heads * chunks), (pid_ngc // chunks) % kv_heads, pid_ngc % chunks
     q0, k0 = tl.load(CU_Q + n), tl.load(CU_K + n)
     len_q, len_k = tl.load(CU_Q + n + 1) - q0, tl.load(CU_K + n + 1) - k0
     offset = len_k - len_q
     blk = offset // BLOCK + pid_q
-    rows = tl.arange(0, GROUP_P * BLOCK)
-    head = g * GROUP + rows // BLOCK
+    rows = tl.arange(0, HEADS * BLOCK)
+    head_in_group = c * HEADS + rows // BLOCK
+    head = g * GROUP + head_in_group
     pos = blk * BLOCK + rows % BLOCK
-    row_ok = (pos >= offset) & (pos < len_k) & (rows // BLOCK < GROUP)
+    row_ok = (pos >= offset) & (pos < len_k) & (head_in_group < GROUP)
     return n, g, q0 + pos - offset, k0, len_k, head, pos, row_ok, blk * BLOCK < len_k
 
 
@@ -42,12 +45,12 @@ def _tile_setup(CU_Q, CU_K, pid_q, pid_ng, kv_heads, BLOCK: tl.constexpr, GROUP:
 def _msa_fwd_kernel(
     Q, K, V, SEL, CU_Q, CU_K, OUT, LSE,
     sqt, sqh, skt, skh, sot, soh, sel_n, sel_g, sel_q, lse_h,
-    kv_heads, head_dim, scale, S,
-    BLOCK: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BD: tl.constexpr,
+    kv_heads, chunks, head_dim, scale, S,
+    BLOCK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, BD: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_q, pid_ng = tl.program_id(0), tl.program_id(1)
-    tile = _tile_setup(CU_Q, CU_K, pid_q, pid_ng, kv_heads, BLOCK, GROUP, GROUP_P)
+    tile = _tile_setup(CU_Q, CU_K, pid_q, pid_ng, kv_heads, chunks, BLOCK, GROUP, HEADS)
     n, g, q_row, k0, len_k, head, pos, row_ok, live = tile
     if live:
         offs_d = tl.arange(0, BD)
@@ -57,9 +60,9 @@ def _msa_fwd_kernel(
         q = tl.load(Q + q_off, mask=q_mask, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-        m_i = tl.full([GROUP_P * BLOCK], -1.0e30, tl.float32)
-        l_i = tl.zeros([GROUP_P * BLOCK], tl.float32)
-        acc = tl.zeros([GROUP_P * BLOCK, BD], tl.float32)
+        m_i = tl.full([HEADS * BLOCK], -1.0e30, tl.float32)
+        l_i = tl.zeros([HEADS * BLOCK], tl.float32)
+        acc = tl.zeros([HEADS * BLOCK, BD], tl.float32)
         for s_idx in range(S):
             kb = tl.load(SEL + n * sel_n + g * sel_g + pid_q * sel_q + s_idx)
             if kb >= 0:
@@ -91,12 +94,12 @@ def _msa_fwd_kernel(
 def _msa_bwd_kernel(
     Q, K, V, SEL, CU_Q, CU_K, DO, LSE, DELTA, DQ, DK, DV,
     sqt, sqh, skt, skh, sel_n, sel_g, sel_q, lse_h,
-    kv_heads, head_dim, scale, S,
-    BLOCK: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BD: tl.constexpr,
+    kv_heads, chunks, head_dim, scale, S,
+    BLOCK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, BD: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_q, pid_ng = tl.program_id(0), tl.program_id(1)
-    tile = _tile_setup(CU_Q, CU_K, pid_q, pid_ng, kv_heads, BLOCK, GROUP, GROUP_P)
+    tile = _tile_setup(CU_Q, CU_K, pid_q, pid_ng, kv_heads, chunks, BLOCK, GROUP, HEADS)
     n, g, q_row, k0, len_k, head, pos, row_ok, live = tile
     if live:
         offs_d = tl.arange(0, BD)
@@ -109,7 +112,7 @@ def _msa_bwd_kernel(
             q, do = q.to(tl.float32), do.to(tl.float32)
         lse = tl.load(LSE + head * lse_h + q_row, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + head * lse_h + q_row, mask=row_ok, other=0.0)
-        dq = tl.zeros([GROUP_P * BLOCK, BD], tl.float32)
+        dq = tl.zeros([HEADS * BLOCK, BD], tl.float32)
         for s_idx in range(S):
             kb = tl.load(SEL + n * sel_n + g * sel_g + pid_q * sel_q + s_idx)
             if kb >= 0:
@@ -134,15 +137,17 @@ def _msa_bwd_kernel(
 
 
 def _launch_config(q: torch.Tensor, kv_heads: int, block: int) -> dict[str, object]:
-    """Interpreter: float32 dots (its bf16 dot is wrong). GPU: IEEE float32 dots for float32 inputs."""
+    """A program stacks HEADS of its group's query heads (a power of two) into one [HEADS * BLOCK, D] tile:
+    every K/V block it loads serves them all, and at most 128 rows keep the float32 accumulator in
+    registers (M2's 6-head groups at block 64 would be 512 rows). The interpreter caps tiles at 32 rows so
+    that the tests cover both several heads per program and several programs per group. Float32 dots there
+    (its bf16 dot is wrong); IEEE float32 dots for float32 inputs on a GPU."""
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     group = q.shape[1] // kv_heads
+    heads = min(triton.next_power_of_2(group), max(1, (32 if interpreted else 128) // block))
     return {
         "GROUP": group,
-        "GROUP_P": triton.next_power_of_2(group),
-        # A tile stacks the group's heads (GROUP_P * BLOCK rows): 512 rows at M2's 6-head groups and block 64,
-        # so more warps share the accumulator's registers.
-        "num_warps": 8 if triton.next_power_of_2(group) * block >= 256 else 4,
+        "HEADS": heads,
         "BD": max(16, triton.next_power_of_2(q.shape[-1])),
         "UPCAST": interpreted and q.dtype != torch.float32,
         "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
@@ -165,11 +170,13 @@ def msa_fwd(
     n, _, nq, s = selected.shape
     out = torch.empty_like(q)
     lse = torch.empty(heads, tq, dtype=torch.float32, device=q.device)
-    _msa_fwd_kernel[(nq, n * kv_heads)](
+    cfg = _launch_config(q, kv_heads, block)
+    chunks = triton.cdiv(cfg["GROUP"], cfg["HEADS"])  # type: ignore[arg-type]
+    _msa_fwd_kernel[(nq, n * kv_heads * chunks)](
         q, k, v, selected, cu_seqlens_q, cu_seqlens_k, out, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         selected.stride(0), selected.stride(1), selected.stride(2), lse.stride(0),
-        kv_heads, head_dim, scale, s, BLOCK=block, **_launch_config(q, kv_heads, block),
+        kv_heads, chunks, head_dim, scale, s, BLOCK=block, **cfg,
     )  # fmt: skip
     return out, lse
 
@@ -183,11 +190,13 @@ def msa_bwd(
     delta = (grad_out.float() * out.float()).sum(-1).T.contiguous()  # [H, Tq]: rowsum(dO * O)
     dq = torch.empty_like(q)
     dk32, dv32 = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
-    _msa_bwd_kernel[(nq, n * kv_heads)](
+    cfg = _launch_config(q, kv_heads, block)
+    chunks = triton.cdiv(cfg["GROUP"], cfg["HEADS"])  # type: ignore[arg-type]
+    _msa_bwd_kernel[(nq, n * kv_heads * chunks)](
         q, k, v, selected, cu_seqlens_q, cu_seqlens_k, grad_out, lse, delta, dq, dk32, dv32,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         selected.stride(0), selected.stride(1), selected.stride(2), lse.stride(0),
-        kv_heads, head_dim, scale, s, BLOCK=block, **_launch_config(q, kv_heads, block),
+        kv_heads, chunks, head_dim, scale, s, BLOCK=block, **cfg,
     )  # fmt: skip
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 

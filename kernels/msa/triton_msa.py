@@ -171,7 +171,7 @@ def msa_fwd(
     out = torch.empty_like(q)
     lse = torch.empty(heads, tq, dtype=torch.float32, device=q.device)
     cfg = _launch_config(q, kv_heads, block)
-    chunks = triton.cdiv(cfg["GROUP"], cfg["HEADS"])  # type: ignore[arg-type]
+    chunks = triton.cdiv(cfg["GROUP"], cfg["HEADS"])
     _msa_fwd_kernel[(nq, n * kv_heads * chunks)](
         q, k, v, selected, cu_seqlens_q, cu_seqlens_k, out, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
@@ -191,7 +191,7 @@ def msa_bwd(
     dq = torch.empty_like(q)
     dk32, dv32 = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
     cfg = _launch_config(q, kv_heads, block)
-    chunks = triton.cdiv(cfg["GROUP"], cfg["HEADS"])  # type: ignore[arg-type]
+    chunks = triton.cdiv(cfg["GROUP"], cfg["HEADS"])
     _msa_bwd_kernel[(nq, n * kv_heads * chunks)](
         q, k, v, selected, cu_seqlens_q, cu_seqlens_k, grad_out, lse, delta, dq, dk32, dv32,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),

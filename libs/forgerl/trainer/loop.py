@@ -36,12 +36,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from forgerl.model import MiniMaxM2ForCausalLM, load_checkpoint, save_checkpoint, update_expert_bias
+from forgerl.model import MiniMaxM2ForCausalLM, load_checkpoint, save_checkpoint
 from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
 from forgerl.trainer.presets import model_config
 from forgerl.trainer.sft import SftBatches, make_examples, sft_loss, sft_loss_merged
 from forgerl.trainer.sources import EpisodeSource, NullPublisher, Publisher
-from forgerl.trainer.step import RlStepConfig, build_batch, rl_step, shard_rows
+from forgerl.trainer.step import RlStepConfig, build_batch, expert_bias_step, rl_step, shard_rows
 from forgerl.v1 import run_pb2
 
 log = logging.getLogger("forgerl.trainer")
@@ -349,7 +349,7 @@ class TrainingRun:
                 loss.backward()
                 metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))
                 self.optimizer.step()
-                metrics.update(update_expert_bias(self.model, self.model.config.bias_update_rate))
+                metrics.update(expert_bias_step(self.model, self.model.config.bias_update_rate))
                 metrics["step_time_s"] = time.perf_counter() - started
                 metrics["lr"] = cfg.learning_rate
                 self.progress.sft_step = step + 1

@@ -263,7 +263,7 @@ def rl_step(
     total.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     optimizer.step()
-    metrics.update(update_expert_bias(core, cfg.bias_update_rate))
+    metrics.update(expert_bias_step(core, cfg.bias_update_rate))
     for key, value in loss_metrics.items():
         metrics[key] = float(value)
     metrics["loss"] = float(total.detach())
@@ -279,9 +279,29 @@ def rl_step(
     return metrics
 
 
+def expert_bias_step(model: MiniMaxM2ForCausalLM, rate: float) -> dict[str, float]:
+    """update_expert_bias, with the load metrics of MoE layers that routed no token in this step left out
+    (the MTP block when the loss skips MTP): their max violation reads -1 and would drag the mean down."""
+    metrics = update_expert_bias(model, rate)
+    layers = {k: v for k, v in metrics.items() if k.startswith("moe/layer_")}
+    used = {k: v for k, v in layers.items() if v > -1.0}
+    out = dict(used)
+    if used:
+        out["moe/max_violation"] = sum(used.values()) / len(used)
+    return out
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     m = mask.to(values.dtype)
     return float((values * m).sum() / m.sum().clamp(min=1))
 
 
-__all__ = ["RlBatch", "RlStepConfig", "build_batch", "rl_step", "shard_rows", "trajectory_step_rewards"]
+__all__ = [
+    "RlBatch",
+    "RlStepConfig",
+    "build_batch",
+    "expert_bias_step",
+    "rl_step",
+    "shard_rows",
+    "trajectory_step_rewards",
+]

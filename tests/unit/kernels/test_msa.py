@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 from kernel_cases import DEVICES, rel_err
 
-from forgerl.kernels.msa import msa_attention
+from forgerl.kernels.msa import make_msa_backend, msa_attention
 from forgerl.kernels.msa.index import select_blocks
 from forgerl.kernels.msa.naive import naive_msa, naive_select_blocks
+from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
+from forgerl.model.attention import ATTENTION_BACKENDS
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 BLOCK = 16
@@ -75,3 +77,25 @@ def test_keeping_every_block_is_causal_attention(device: str) -> None:
     q_HTD, k_GTD, v_GTD = (t.double().transpose(0, 1) for t in (q, k, v))
     expected = F.scaled_dot_product_attention(q_HTD, k_GTD, v_GTD, is_causal=True, enable_gqa=True).transpose(0, 1)
     assert rel_err(out.cpu(), expected) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_backend_keeping_every_block_matches_sdpa(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The debug model with the msa backend (2 rows of 40 tokens, every block kept) against SDPA: logits and
+    every parameter gradient, so the layouts through the backend and the backward are right."""
+    monkeypatch.setitem(ATTENTION_BACKENDS, "msa", make_msa_backend(block=BLOCK, top_k=4))
+    torch.manual_seed(0)
+    reference = MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug")).to(device)
+    sparse = MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug", attn_backend="msa")).to(device)
+    sparse.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(3)).to(device)
+    routes = reference(ids).routed_experts
+    expected = reference(ids, routed_experts=routes).logits
+    got = sparse(ids, routed_experts=routes).logits
+    assert rel_err(got, expected) < TOLERANCE[torch.float32]
+    expected.float().logsumexp(-1).sum().backward()
+    got.float().logsumexp(-1).sum().backward()
+    ref_params = dict(reference.named_parameters())
+    for name, param in sparse.named_parameters():
+        if param.grad is not None:
+            assert rel_err(param.grad, ref_params[name].grad) < 1e-4, name

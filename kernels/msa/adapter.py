@@ -1,0 +1,39 @@
+"""MSA as a `forgerl.model.attention.AttentionBackend` for causal batches.
+
+The index branch here has no parameters of its own (it scores blocks with the attention's q and k), so
+MSA fits the backend registry: `register_attention_backend("msa", make_msa_backend(block=64, top_k=16))`
+and `cfg.attn_backend = "msa"`. Rows of the batch become packed sequences of equal length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from forgerl.kernels.msa.triton_msa import msa_attention
+
+Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor]
+
+
+def make_msa_backend(block: int = 64, top_k: int = 16) -> Backend:
+    """An attention backend `(q_BHTK, k_BGSK, v_BGSK, mask_BTS, scale) -> o_BHTK` running MSA."""
+
+    def msa_backend(
+        q_BHTK: torch.Tensor,
+        k_BGSK: torch.Tensor,
+        v_BGSK: torch.Tensor,
+        mask_BTS: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        if mask_BTS is not None:
+            raise ValueError("the msa backend is causal only: got an attention mask (use 'sdpa' or 'tree' for masks)")
+        b, h, t, d = q_BHTK.shape
+        g = k_BGSK.shape[1]
+        q_PHD = q_BHTK.transpose(1, 2).reshape(b * t, h, d)  # [B*T, H, D]: rows packed one after another
+        k_PGD, v_PGD = (x.transpose(1, 2).reshape(b * t, g, d) for x in (k_BGSK, v_BGSK))
+        cu_seqlens = torch.arange(b + 1, dtype=torch.int32, device=q_BHTK.device) * t
+        out = msa_attention(q_PHD, k_PGD, v_PGD, cu_seqlens, cu_seqlens, block=block, top_k=top_k, scale=scale)
+        return out.view(b, t, h, d).transpose(1, 2)
+
+    return msa_backend

@@ -12,6 +12,7 @@ tile is one dense GEMM against that expert's weight. Slots keep the token they r
 [E, F, D] serves as D->F and w2 [E, D, F] as F->D without copies); SWIGLU reads w1 and w3 in the same K
 loop (x is loaded once for both) and writes silu(a1) * a3 plus a1, a3 for the backward; SCATTER scales
 by the routing weight and writes to the pair's row, un-permuting in the epilogue.
+SWIGLU_BWD (the backward's dy @ w2) ends in SwiGLU's backward and the routing weights' gradient instead.
 `_grouped_wgrad_kernel`: dW[e] = sum over the expert's slots of a[slot]^T b[slot] (one program per
 output tile and expert).
 """
@@ -75,10 +76,25 @@ def block_m_for(dtype: torch.dtype) -> int:
 
 
 @triton.jit
+def _swiglu_bwd_epilogue(dh_unweighted, slots, offs_n, n_ok, so_m, A1, A3, WEIGHT, DA3, DWEIGHT):
+    """From dh' = dy @ w2 (before the routing weight w): d w += <dh', h> (atomics: a row's F columns span
+    several programs), dh = w dh', then SwiGLU's backward with h = silu(a1) a3 recomputed in float32.
+    Stores da3 and returns da1."""
+    off = slots[:, None] * so_m + offs_n[None, :]
+    a1 = tl.load(A1 + off, mask=n_ok[None, :], other=0.0).to(tl.float32)
+    a3 = tl.load(A3 + off, mask=n_ok[None, :], other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-a1))
+    tl.atomic_add(DWEIGHT + slots, tl.sum(dh_unweighted * a1 * sig * a3, 1))
+    dh = dh_unweighted * tl.load(WEIGHT + slots)[:, None]
+    tl.store(DA3 + off, (dh * a1 * sig).to(DA3.dtype.element_ty), mask=n_ok[None, :])
+    return dh * a3 * sig * (1.0 + a1 * (1.0 - sig))  # d silu(a) / da = sig(a) (1 + a (1 - sig(a)))
+
+
+@triton.jit
 def _grouped_gemm_kernel(
-    A, ROWS, W, W3, OUT, A1OUT, A3OUT, SCALE, OUT_ROWS, TILE_EXPERT,
+    A, ROWS, W, W3, OUT, A1OUT, A3OUT, SCALE, OUT_ROWS, TILE_EXPERT, DA3, DWEIGHT,
     n_out, k_in, sa_m, sw_e, sw_k, sw_n, so_m,
-    GATHER: tl.constexpr, SWIGLU: tl.constexpr, SCATTER: tl.constexpr,
+    GATHER: tl.constexpr, SWIGLU: tl.constexpr, SCATTER: tl.constexpr, SWIGLU_BWD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -111,6 +127,8 @@ def _grouped_gemm_kernel(
             tl.store(A1OUT + out_off, acc.to(A1OUT.dtype.element_ty), mask=n_ok[None, :])
             tl.store(A3OUT + out_off, acc3.to(A3OUT.dtype.element_ty), mask=n_ok[None, :])
             acc = acc / (1.0 + tl.exp(-acc)) * acc3
+        if SWIGLU_BWD:
+            acc = _swiglu_bwd_epilogue(acc, slots, offs_n, n_ok, so_m, A1OUT, A3OUT, SCALE, DA3, DWEIGHT)
         if SCATTER:
             acc = acc * tl.load(SCALE + slots)[:, None]
             out_rows = tl.load(OUT_ROWS + slots)

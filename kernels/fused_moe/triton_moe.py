@@ -3,8 +3,8 @@
 Shape legend: N tokens, D hidden, E experts, F expert FFN width, K experts per token, C slot capacity.
 Forward: route (routing.py) -> align pairs by expert -> [x gathered] @ w1, w3 -> silu(a1) * a3 = h
 (one kernel) -> h @ w2 scaled by the routing weight, written to the pair's row [N*K, D] -> sum over K.
-Backward: dh' = [dy gathered] @ w2 (the unweighted path, so d weight = <dh', h> needs no stored output),
-SwiGLU backward elementwise in float32, dx = da1 @ w1 + da3 @ w3 summed back per token, and per-expert
+Backward: dh' = [dy gathered] @ w2 (the unweighted path, so d weight = <dh', h> needs no stored output)
+with SwiGLU's backward and d weight in its epilogue, dx = da1 @ w1 + da3 @ w3 summed back per token, and per-expert
 weight gradients dW[e] = sum_slots a^T b from the wgrad kernel.
 """
 
@@ -36,20 +36,27 @@ def _gemm(
     w3: torch.Tensor | None = None,
     scatter_to: tuple[torch.Tensor, int] | None = None,
     scale: torch.Tensor | None = None,
+    swiglu_bwd: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """out[slot] = a[token or slot] @ W[e]; returns (out, a1, a3) with a1/a3 only for SwiGLU (w3 given)."""
+    """out[slot] = a[token or slot] @ W[e]; returns (out, a1, a3) with a1/a3 only for SwiGLU (w3 given).
+
+    `swiglu_bwd` = (a1, a3, da3 out, d weight out [C] float32 zeros): out becomes da1 (see the kernel)."""
     capacity, k_in = al.token_of_slot.shape[0], a.shape[1]
     cfg = launch_config(a.dtype)
     out_rows = capacity if scatter_to is None else scatter_to[1]
     out = torch.empty(out_rows, n_out, dtype=a.dtype, device=a.device)
     a1 = torch.empty(capacity, n_out, dtype=a.dtype, device=a.device) if w3 is not None else out
     a3 = torch.empty_like(a1) if w3 is not None else out
+    da3, d_weight = out, al.token_of_slot
+    if swiglu_bwd is not None:
+        a1, a3, da3, d_weight = swiglu_bwd
     grid = (capacity // al.block_m, triton.cdiv(n_out, cfg["BN"]))
     _grouped_gemm_kernel[grid](
         a, al.token_of_slot, w, w if w3 is None else w3, out, a1, a3,
-        al.token_of_slot if scale is None else scale, al.pair_of_slot, al.tile_expert,
+        al.token_of_slot if scale is None else scale, al.pair_of_slot, al.tile_expert, da3, d_weight,
         n_out, k_in, a.stride(0), *w_strides, out.stride(0),
-        GATHER=gather, SWIGLU=w3 is not None, SCATTER=scatter_to is not None, BM=al.block_m, **cfg,
+        GATHER=gather, SWIGLU=w3 is not None, SCATTER=scatter_to is not None, SWIGLU_BWD=swiglu_bwd is not None,
+        BM=al.block_m, **cfg,
     )  # fmt: skip
     return out, (a1 if w3 is not None else None), (a3 if w3 is not None else None)
 
@@ -107,15 +114,14 @@ def experts_bwd(
     n, d = x_ND.shape
     valid_C = al.pair_of_slot >= 0
     pair_V = al.pair_of_slot[valid_C]
-    dh_unweighted_CF, _, _ = _gemm(grad_ND, w2_EDF, _strides(w2_EDF, 1, 2), w2_EDF.shape[2], al, gather=True)
+    da3_CF = torch.empty_like(a3_CF)
+    d_weight_C = torch.zeros_like(weight_C)
+    da1_CF, _, _ = _gemm(
+        grad_ND, w2_EDF, _strides(w2_EDF, 1, 2), w2_EDF.shape[2], al, gather=True, scale=weight_C,
+        swiglu_bwd=(a1_CF, a3_CF, da3_CF, d_weight_C),
+    )  # fmt: skip
     grad_weights = torch.zeros(n * top_k, dtype=torch.float32, device=x_ND.device)
-    grad_weights[pair_V] = (dh_unweighted_CF[valid_C].float() * h_CF[valid_C].float()).sum(-1)
-    # SwiGLU backward in float32: d silu(a) / da = sig(a) (1 + a (1 - sig(a))).
-    a1, a3 = a1_CF.float(), a3_CF.float()
-    dh = dh_unweighted_CF.float() * weight_C[:, None]
-    sig = torch.sigmoid(a1)
-    da1_CF = (dh * a3 * sig * (1.0 + a1 * (1.0 - sig))).to(x_ND.dtype)
-    da3_CF = (dh * a1 * sig).to(x_ND.dtype)
+    grad_weights[pair_V] = d_weight_C[valid_C]
     dx1_CD, _, _ = _gemm(da1_CF, w1_EFD, _strides(w1_EFD, 1, 2), d, al, gather=False)
     dx3_CD, _, _ = _gemm(da3_CF, w3_EFD, _strides(w3_EFD, 1, 2), d, al, gather=False)
     dx_ND = torch.zeros(n, d, dtype=torch.float32, device=x_ND.device)

@@ -33,6 +33,9 @@ class LocalTopology:
     # The checkpoint inference serves first; unset: a fresh `model_preset` one under state_dir.
     model_path: Path | None = None
     model_preset: str = "debug"
+    # The engine's context (prompt + generation), and what a request that names no max_tokens gets.
+    max_model_len: int = 2048
+    default_max_tokens: int = 512
     # vLLM's CPU engine takes about a minute to start on 2 cores; everything else a few seconds.
     ready_timeout_s: float = 300.0
     grace_s: float = 10.0
@@ -91,6 +94,9 @@ class LocalTopology:
                 env[f"{prefix}{peer.upper()}_ADDRESS"] = self.address(peer)
         if service == "gateway":
             env[prefix + "HTTP_PORT"] = str(self.gateway_http_port)
+            env[prefix + "DEFAULT_MAX_TOKENS"] = str(self.default_max_tokens)
+        if service in ("gateway", "inference"):
+            env[prefix + "MAX_MODEL_LEN"] = str(self.max_model_len)
         if service == "inference":
             env[prefix + "MODEL_PATH"] = str(self.initial_model_path.resolve())
         if self.auth_token:

@@ -12,7 +12,8 @@ tile is one dense GEMM against that expert's weight. Slots keep the token they r
 [E, F, D] serves as D->F and w2 [E, D, F] as F->D without copies); SWIGLU reads w1 and w3 in the same K
 loop (x is loaded once for both) and writes silu(a1) * a3 plus a1, a3 for the backward; SCATTER scales
 by the routing weight and writes to the pair's row, un-permuting in the epilogue.
-SWIGLU_BWD (the backward's dy @ w2) ends in SwiGLU's backward and the routing weights' gradient instead.
+DUAL adds a second product in the same loop (dx = da1 @ w1 + da3 @ w3); SWIGLU_BWD (the backward's
+dy @ w2) ends in SwiGLU's backward and the routing weights' gradient instead.
 `_grouped_wgrad_kernel`: dW[e] = sum over the expert's slots of a[slot]^T b[slot] (one program per
 output tile and expert).
 """
@@ -92,9 +93,9 @@ def _swiglu_bwd_epilogue(dh_unweighted, slots, offs_n, n_ok, so_m, A1, A3, WEIGH
 
 @triton.jit
 def _grouped_gemm_kernel(
-    A, ROWS, W, W3, OUT, A1OUT, A3OUT, SCALE, OUT_ROWS, TILE_EXPERT, DA3, DWEIGHT,
+    A, ROWS, W, W3, OUT, A1OUT, A3OUT, SCALE, OUT_ROWS, TILE_EXPERT, DA3, DWEIGHT, A2,
     n_out, k_in, sa_m, sw_e, sw_k, sw_n, so_m,
-    GATHER: tl.constexpr, SWIGLU: tl.constexpr, SCATTER: tl.constexpr, SWIGLU_BWD: tl.constexpr,
+    GATHER: tl.constexpr, SWIGLU: tl.constexpr, SCATTER: tl.constexpr, SWIGLU_BWD: tl.constexpr, DUAL: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -121,6 +122,12 @@ def _grouped_gemm_kernel(
                 if UPCAST:
                     w3 = w3.to(tl.float32)
                 acc3 += tl.dot(a, w3, input_precision=PRECISION)
+            if DUAL:
+                a2 = tl.load(A2 + rows[:, None] * sa_m + offs_k[None, :], mask=a_mask, other=0.0)
+                w3 = tl.load(W3 + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    a2, w3 = a2.to(tl.float32), w3.to(tl.float32)
+                acc += tl.dot(a2, w3, input_precision=PRECISION)
         out_rows = slots
         if SWIGLU:
             out_off = slots[:, None] * so_m + offs_n[None, :]

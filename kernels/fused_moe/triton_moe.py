@@ -4,8 +4,8 @@ Shape legend: N tokens, D hidden, E experts, F expert FFN width, K experts per t
 Forward: route (routing.py) -> align pairs by expert -> [x gathered] @ w1, w3 -> silu(a1) * a3 = h
 (one kernel) -> h @ w2 scaled by the routing weight, written to the pair's row [N*K, D] -> sum over K.
 Backward: dh' = [dy gathered] @ w2 (the unweighted path, so d weight = <dh', h> needs no stored output)
-with SwiGLU's backward and d weight in its epilogue, dx = da1 @ w1 + da3 @ w3 summed back per token, and per-expert
-weight gradients dW[e] = sum_slots a^T b from the wgrad kernel.
+with SwiGLU's backward and d weight in its epilogue; dx = da1 @ w1 + da3 @ w3 in one K loop, summed back
+per token; per-expert weight gradients dW[e] = sum_slots a^T b from the wgrad kernel.
 """
 
 from __future__ import annotations
@@ -37,10 +37,12 @@ def _gemm(
     scatter_to: tuple[torch.Tensor, int] | None = None,
     scale: torch.Tensor | None = None,
     swiglu_bwd: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    second: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """out[slot] = a[token or slot] @ W[e]; returns (out, a1, a3) with a1/a3 only for SwiGLU (w3 given).
 
-    `swiglu_bwd` = (a1, a3, da3 out, d weight out [C] float32 zeros): out becomes da1 (see the kernel)."""
+    `swiglu_bwd` = (a1, a3, da3 out, d weight out [C] float32 zeros): out becomes da1 (see the kernel).
+    `second` = (a2, w2) with a's and W's layouts: out += a2[row] @ w2[e] in the same K loop."""
     capacity, k_in = al.token_of_slot.shape[0], a.shape[1]
     cfg = launch_config(a.dtype)
     out_rows = capacity if scatter_to is None else scatter_to[1]
@@ -50,13 +52,14 @@ def _gemm(
     da3, d_weight = out, al.token_of_slot
     if swiglu_bwd is not None:
         a1, a3, da3, d_weight = swiglu_bwd
+    a2, w_other = second if second is not None else (a, w if w3 is None else w3)  # the kernel's A2, W3
     grid = (capacity // al.block_m, triton.cdiv(n_out, cfg["BN"]))
     _grouped_gemm_kernel[grid](
-        a, al.token_of_slot, w, w if w3 is None else w3, out, a1, a3,
-        al.token_of_slot if scale is None else scale, al.pair_of_slot, al.tile_expert, da3, d_weight,
+        a, al.token_of_slot, w, w_other, out, a1, a3,
+        al.token_of_slot if scale is None else scale, al.pair_of_slot, al.tile_expert, da3, d_weight, a2,
         n_out, k_in, a.stride(0), *w_strides, out.stride(0),
         GATHER=gather, SWIGLU=w3 is not None, SCATTER=scatter_to is not None, SWIGLU_BWD=swiglu_bwd is not None,
-        BM=al.block_m, **cfg,
+        DUAL=second is not None, BM=al.block_m, **cfg,
     )  # fmt: skip
     return out, (a1 if w3 is not None else None), (a3 if w3 is not None else None)
 
@@ -122,10 +125,9 @@ def experts_bwd(
     )  # fmt: skip
     grad_weights = torch.zeros(n * top_k, dtype=torch.float32, device=x_ND.device)
     grad_weights[pair_V] = d_weight_C[valid_C]
-    dx1_CD, _, _ = _gemm(da1_CF, w1_EFD, _strides(w1_EFD, 1, 2), d, al, gather=False)
-    dx3_CD, _, _ = _gemm(da3_CF, w3_EFD, _strides(w3_EFD, 1, 2), d, al, gather=False)
+    dx_CD, _, _ = _gemm(da1_CF, w1_EFD, _strides(w1_EFD, 1, 2), d, al, gather=False, second=(da3_CF, w3_EFD))
     dx_ND = torch.zeros(n, d, dtype=torch.float32, device=x_ND.device)
-    dx_ND.index_add_(0, al.token_of_slot[valid_C], dx1_CD[valid_C].float() + dx3_CD[valid_C].float())
+    dx_ND.index_add_(0, al.token_of_slot[valid_C], dx_CD[valid_C].float())
     dw1 = _wgrad(da1_CF, x_ND, al, gather_a=False, gather_b=True, scale=None)
     dw3 = _wgrad(da3_CF, x_ND, al, gather_a=False, gather_b=True, scale=None)
     dw2 = _wgrad(grad_ND, h_CF, al, gather_a=True, gather_b=False, scale=weight_C)

@@ -26,9 +26,6 @@ from forgerl.trainer.step import RlStepConfig, build_batch, rl_step
 
 def evaluate(model: MiniMaxM2ForCausalLM, runner: LocalEpisodeRunner, specs: list[Any]) -> dict[str, float]:
     trajs = runner.run(model, specs, temperature=0.0)
-    by_level: dict[str, list[bool]] = {}
-    for spec, t in zip(specs, trajs, strict=True):
-        by_level.setdefault(spec.task_id, []).append(t.success)
     return {"success": sum(t.success for t in trajs) / len(trajs)}
 
 
@@ -75,7 +72,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     examples = make_examples(tok, items[:2000])
     batches = SftBatches(examples, args.sft_batch, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
-    runner = LocalEpisodeRunner(tok, max_new_tokens=args.max_new_tokens)
     from forgerl.rollout.tasks import get_suite
 
     test_tasks = [t for t in get_suite("tooluse").tasks("test") if t.difficulty in levels][: args.eval_n]

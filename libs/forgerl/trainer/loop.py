@@ -384,8 +384,7 @@ class TrainingRun:
             bias_update_rate=self.model.config.bias_update_rate,
         )
 
-    def _run_rl(self) -> None:
-        rl = self.config.rl
+    def _start_episodes(self) -> EpisodeSource:
         if self.episodes is None and self.settings.local_episodes:
             from forgerl.trainer.sources import LocalEpisodes
 
@@ -401,7 +400,7 @@ class TrainingRun:
             self.episodes.model_ref = lambda: self.model
         if self.rank == 0:
             self.episodes.start(
-                self.run_id, rl, self.config.suite, task_ids, self.config.seed, self.progress.task_cursor
+                self.run_id, self.config.rl, self.config.suite, task_ids, self.config.seed, self.progress.task_cursor
             )
             if self._episode_rng is not None and hasattr(self.episodes, "generator"):
                 self.episodes.generator.set_state(self._episode_rng)
@@ -409,33 +408,45 @@ class TrainingRun:
             for batch_id in list(self.progress.unacked):
                 self.episodes.ack(batch_id)
         self.progress.unacked = []
+        return self.episodes
+
+    def _fetch(self, episodes: EpisodeSource) -> tuple[Any, list[Any], dict[str, float]]:
+        """Rank 0 fetches, every rank gets the batch; returns it, the trajectories to train, counters."""
+        rl = self.config.rl
+        started = time.perf_counter()
+        fetched = None
+        if self.rank == 0:
+            fetched = episodes.fetch(rl.batch_size, self.progress.policy_version, self.settings.fetch_timeout_s)
+        fetched = _broadcast(fetched)
+        seen = set(self.progress.trained_trajectory_ids)
+        fresh = [t for t in fetched.trajectories if t.trajectory_id not in seen]
+        duplicates = len(fetched.trajectories) - len(fresh)
+        # The data pool drops trajectories past the staleness bound; enforce it here too, so that the bound
+        # holds for every trained token whatever the source.
+        bound = rl.max_staleness if rl.max_staleness > 0 else None
+        within = [t for t in fresh if bound is None or _lag(t, self.progress.policy_version) <= bound]
+        counters = {
+            "fetch_wait_s": time.perf_counter() - started,
+            "batch/dropped_stale": float(fetched.dropped_stale),
+            "batch/dropped_stale_trainer": float(len(fresh) - len(within)),
+            "batch/duplicates_skipped": float(duplicates),
+        }
+        return fetched, within, counters
+
+    def _run_rl(self) -> None:
+        rl = self.config.rl
+        episodes = self._start_episodes()
         step_cfg = self._rl_step_config()
-        publish_every = max(1, self.config.checkpoint_every)
-        eval_every = max(1, self.settings.eval_every)
         while self.progress.rl_step < rl.steps and not self.stopped:
-            step = self.progress.rl_step
             started = time.perf_counter()
-            fetched = None
-            if self.rank == 0:
-                fetched = self.episodes.fetch(
-                    rl.batch_size, self.progress.policy_version, self.settings.fetch_timeout_s
-                )
-            fetched = _broadcast(fetched)
-            wait_s = time.perf_counter() - started
-            seen = set(self.progress.trained_trajectory_ids)
-            fresh = [t for t in fetched.trajectories if t.trajectory_id not in seen]
-            # The data pool drops trajectories past the staleness bound; enforce it here too, so that the
-            # bound holds for every trained token whatever the source.
-            bound = rl.max_staleness if rl.max_staleness > 0 else None
-            within = [t for t in fresh if bound is None or _lag(t, self.progress.policy_version) <= bound]
-            too_stale, fresh = len(fresh) - len(within), within
+            fetched, fresh, counters = self._fetch(episodes)
             if not fresh:
-                # Nothing yet, or served again although trained (its Ack was lost): acknowledge, don't
-                # train twice.
+                # Nothing yet, or all served again although trained (an Ack was lost) or too stale:
+                # acknowledge, don't train twice.
                 if fetched.batch_id and self.rank == 0:
-                    self.episodes.ack(fetched.batch_id)
+                    episodes.ack(fetched.batch_id)
                 if not fetched.trajectories:
-                    log.info("run %s: empty batch after %.0f s; waiting for episodes", self.run_id, wait_s)
+                    log.info("run %s: empty batch after %.0f s; waiting", self.run_id, counters["fetch_wait_s"])
                 continue
             batch = build_batch(
                 fresh,
@@ -447,34 +458,38 @@ class TrainingRun:
             if self.world > 1:
                 batch = shard_rows(batch, self.rank, self.world)
             metrics = rl_step(self.train_model, self.optimizer, batch, step_cfg, core=self.model)
-            metrics["fetch_wait_s"] = wait_s
-            metrics["batch/dropped_stale"] = float(fetched.dropped_stale)
-            metrics["batch/dropped_stale_trainer"] = float(too_stale)
+            metrics.update(counters)
             metrics["lr"] = rl.learning_rate
-            self.progress.rl_step = step + 1
-            self.progress.task_cursor = int(_broadcast(self.episodes.cursor() if self.rank == 0 else 0))
-            self.progress.trained_trajectories += len(fresh)
-            self.progress.trained_trajectory_ids.extend(t.trajectory_id for t in fresh)
-            metrics["batch/duplicates_skipped"] = float(len(fetched.trajectories) - len(fresh))
-            self.progress.trained_batches = [*self.progress.trained_batches[-999:], fetched.batch_id]
-            self.progress.unacked.append(fetched.batch_id)
-            final = self.progress.rl_step >= rl.steps
-            if self.progress.rl_step % publish_every == 0 or final:
-                self._publish("rl", self.progress.rl_step)
-            if self.progress.rl_step % eval_every == 0 or final:
-                ev = self.evaluate()
-                metrics.update(ev)
-                if final:
-                    self.progress.final_heldout = ev["eval/heldout_success"]
-            if final:
-                self.progress.stage = "done"
-            self._save_state()  # the batch is trained, durably
-            if self.rank == 0:
-                self.episodes.ack(fetched.batch_id)
-                metrics.update(getattr(self.episodes, "stats", dict)())
-            self.progress.unacked.remove(fetched.batch_id)
-            metrics["policy_version"] = float(self.progress.policy_version)
+            self._finish_rl_step(episodes, fetched.batch_id, fresh, metrics)
             metrics["step_total_s"] = time.perf_counter() - started
             self._emit("rl", self._global_step("rl", self.progress.rl_step), metrics)
         if self.stopped:
             self._save_state()
+
+    def _finish_rl_step(
+        self, episodes: EpisodeSource, batch_id: str, trained: list[Any], metrics: dict[str, float]
+    ) -> None:
+        """Count the step, publish / evaluate when due, save the state durably, then acknowledge the batch."""
+        rl = self.config.rl
+        self.progress.rl_step += 1
+        self.progress.task_cursor = int(_broadcast(episodes.cursor() if self.rank == 0 else 0))
+        self.progress.trained_trajectories += len(trained)
+        self.progress.trained_trajectory_ids.extend(t.trajectory_id for t in trained)
+        self.progress.trained_batches = [*self.progress.trained_batches[-999:], batch_id]
+        self.progress.unacked.append(batch_id)
+        final = self.progress.rl_step >= rl.steps
+        if self.progress.rl_step % max(1, self.config.checkpoint_every) == 0 or final:
+            self._publish("rl", self.progress.rl_step)
+        if self.progress.rl_step % max(1, self.settings.eval_every) == 0 or final:
+            ev = self.evaluate()
+            metrics.update(ev)
+            if final:
+                self.progress.final_heldout = ev["eval/heldout_success"]
+        if final:
+            self.progress.stage = "done"
+        self._save_state()  # the batch is trained, durably
+        if self.rank == 0:
+            episodes.ack(batch_id)
+            metrics.update(getattr(episodes, "stats", dict)())
+        self.progress.unacked.remove(batch_id)
+        metrics["policy_version"] = float(self.progress.policy_version)

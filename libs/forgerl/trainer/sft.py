@@ -135,9 +135,6 @@ def sft_loss_merged(
     target_mask = mask[:, 1:].to(out.logprobs.dtype)
     n = target_mask.sum().clamp(min=1)
     loss = -(out.logprobs * target_mask).sum() / n
-    with torch.no_grad():
-        nll = -(out.logprobs * target_mask).sum(1)
-        seq_exact = float(((nll < 1e-9) | (target_mask.sum(1) == 0)).float().mean())
     metrics = {
         "sft/loss": loss.item(),
         "sft/tokens": float(target_mask.sum()),
@@ -146,5 +143,4 @@ def sft_loss_merged(
         "tokens/merged": float(forest.num_input_tokens - forest.num_packed_tokens),
         "loss": loss.item(),
     }
-    del seq_exact
     return loss, metrics

@@ -30,8 +30,11 @@ $(STAMP): pyproject.toml package.json
 run: setup
 	$(VENV)/bin/forgerl up
 
+# The kernels run under Triton's CPU interpreter in a pytest process of their own: the interpreter
+# must be on before Triton is first imported, and other areas (vLLM) import it first.
 test: setup protos-check buf-lint
-	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not gpu" --ignore=tests/unit/kernels $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -m "not gpu" tests/unit/kernels $(PYTEST_ARGS)
 
 test-unit: setup
 	$(VENV)/bin/pytest -m unit $(PYTEST_ARGS)

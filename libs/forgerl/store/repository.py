@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -34,6 +34,8 @@ from forgerl.store.models import (
     utcnow,
 )
 from forgerl.v1 import run_pb2
+
+P = TypeVar("P")  # the proto message a repository returns
 
 __all__ = ["AlreadyExistsError", "NotFoundError", "Store", "StoreError"]
 
@@ -77,6 +79,23 @@ class _Repo:
         with self._sessions.begin() as session:
             yield session
 
+    def _insert(self, row: Any, to_proto: Callable[[Any], P], conflict: str) -> P:
+        """Add `row` in its own transaction; AlreadyExistsError(conflict) when a key or reference clashes."""
+        try:
+            with self._tx() as s:
+                s.add(row)
+                s.flush()
+                return to_proto(row)
+        except IntegrityError as exc:
+            raise AlreadyExistsError(conflict) from exc
+
+    def _get(self, row_type: type[Any], key: str, to_proto: Callable[[Any], P], what: str) -> P:
+        with self._tx() as s:
+            row = s.get(row_type, key)
+            if row is None:
+                raise NotFoundError(f"{what} {key!r} not found")
+            return to_proto(row)
+
 
 class RunRepository(_Repo):
     @staticmethod
@@ -110,20 +129,10 @@ class RunRepository(_Repo):
             created_at=created,
             updated_at=created,
         )
-        try:
-            with self._tx() as s:
-                s.add(row)
-                s.flush()
-                return self.to_proto(row)
-        except IntegrityError as exc:
-            raise AlreadyExistsError(f"run {run.run_id!r} already exists") from exc
+        return self._insert(row, self.to_proto, f"run {run.run_id!r} already exists")
 
     def get(self, run_id: str) -> run_pb2.Run:
-        with self._tx() as s:
-            row = s.get(RunRow, run_id)
-            if row is None:
-                raise NotFoundError(f"run {run_id!r} not found")
-            return self.to_proto(row)
+        return self._get(RunRow, run_id, self.to_proto, "run")
 
     def find(self, run_id: str) -> run_pb2.Run | None:
         try:
@@ -266,22 +275,11 @@ class CheckpointRepository(_Repo):
             stage=ckpt.stage,
             created_at=_dt(ckpt.created_at if ckpt.HasField("created_at") else None),
         )
-        try:
-            with self._tx() as s:
-                s.add(row)
-                s.flush()
-                return self.to_proto(row)
-        except IntegrityError as exc:
-            raise AlreadyExistsError(
-                f"checkpoint {ckpt.checkpoint_id!r} exists or run {ckpt.run_id!r} is unknown"
-            ) from exc
+        conflict = f"checkpoint {ckpt.checkpoint_id!r} exists or run {ckpt.run_id!r} is unknown"
+        return self._insert(row, self.to_proto, conflict)
 
     def get(self, checkpoint_id: str) -> run_pb2.Checkpoint:
-        with self._tx() as s:
-            row = s.get(CheckpointRow, checkpoint_id)
-            if row is None:
-                raise NotFoundError(f"checkpoint {checkpoint_id!r} not found")
-            return self.to_proto(row)
+        return self._get(CheckpointRow, checkpoint_id, self.to_proto, "checkpoint")
 
     def list(self, run_id: str) -> list[run_pb2.Checkpoint]:
         with self._tx() as s:
@@ -482,11 +480,7 @@ class IterationRepository(_Repo):
             return self.to_proto(row)
 
     def get(self, iteration_id: str) -> run_pb2.EvolutionIteration:
-        with self._tx() as s:
-            row = s.get(EvolutionIterationRow, iteration_id)
-            if row is None:
-                raise NotFoundError(f"iteration {iteration_id!r} not found")
-            return self.to_proto(row)
+        return self._get(EvolutionIterationRow, iteration_id, self.to_proto, "iteration")
 
     def list(self, *, limit: int = 1000) -> list[run_pb2.EvolutionIteration]:
         with self._tx() as s:
@@ -557,22 +551,11 @@ class EvaluationRepository(_Repo):
             mean_reward=ev.mean_reward,
             mean_wall_clock_s=ev.mean_wall_clock_s,
         )
-        try:
-            with self._tx() as s:
-                s.add(row)
-                s.flush()
-                return self.to_proto(row)
-        except IntegrityError as exc:
-            raise AlreadyExistsError(
-                f"evaluation {ev.evaluation_id!r} exists or iteration {ev.iteration_id!r} is unknown"
-            ) from exc
+        conflict = f"evaluation {ev.evaluation_id!r} exists or iteration {ev.iteration_id!r} is unknown"
+        return self._insert(row, self.to_proto, conflict)
 
     def get(self, evaluation_id: str) -> run_pb2.Evaluation:
-        with self._tx() as s:
-            row = s.get(EvaluationRow, evaluation_id)
-            if row is None:
-                raise NotFoundError(f"evaluation {evaluation_id!r} not found")
-            return self.to_proto(row)
+        return self._get(EvaluationRow, evaluation_id, self.to_proto, "evaluation")
 
     def list(
         self,

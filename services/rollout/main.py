@@ -29,7 +29,7 @@ def build(config: RolloutConfig) -> ServiceSpec:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = load_config(RolloutConfig, "rollout", sys.argv[1:] if argv is None else argv)
-    run_service(build(config), config)
+    run_service(lambda: build(config), config)  # its peer channels belong to the server's loop
 
 
 if __name__ == "__main__":

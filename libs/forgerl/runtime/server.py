@@ -113,9 +113,17 @@ async def serve(spec: ServiceSpec, config: ServiceConfig, stop: asyncio.Event | 
     log.info("stopped")
 
 
-def run_service(spec: ServiceSpec, config: ServiceConfig) -> None:
-    """Blocking entry point of a service process; returns (exit code 0) after a graceful stop."""
-    asyncio.run(serve(spec, config))
+def run_service(spec: ServiceSpec | Callable[[], ServiceSpec], config: ServiceConfig) -> None:
+    """Blocking entry point of a service process; returns (exit code 0) after a graceful stop.
+
+    Pass a factory when building the service creates asyncio objects (grpc.aio channels to its peers):
+    it is called inside the event loop the server runs on, so those objects belong to that loop.
+    """
+
+    async def main() -> None:
+        await serve(spec() if callable(spec) else spec, config)
+
+    asyncio.run(main())
 
 
 def _start_metrics(config: ServiceConfig, registry: CollectorRegistry) -> WSGIServer | None:

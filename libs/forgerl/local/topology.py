@@ -99,6 +99,12 @@ class LocalTopology:
             env[prefix + "MAX_MODEL_LEN"] = str(self.max_model_len)
         if service == "inference":
             env[prefix + "MODEL_PATH"] = str(self.initial_model_path.resolve())
+        if service == "trainer":  # where a run starts from when its config names no checkpoint
+            env[prefix + "INFERENCE_MODEL_PATH"] = str(self.initial_model_path.resolve())
+        if service == "datapool":  # the trainer acks every step: an orphaned batch comes back within a minute
+            env[prefix + "ACK_TIMEOUT_S"] = "60"
+        if service == "rollout":
+            env[prefix + "MAX_IN_FLIGHT"] = "32"
         if self.auth_token:
             env["FORGERL_AUTH_TOKEN"] = self.auth_token
         return env

@@ -15,7 +15,6 @@ _WE_SET_INTERPRET = not torch.cuda.is_available() and "TRITON_INTERPRET" not in 
 if _WE_SET_INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import collections.abc  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -29,12 +28,3 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def interpreter_env(monkeypatch: pytest.MonkeyPatch) -> None:
     if _WE_SET_INTERPRET:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> collections.abc.Iterator[None]:
-    """The interpreter runs numpy per program; on a shared 2-core box extra torch threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

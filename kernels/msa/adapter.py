@@ -12,8 +12,9 @@ from collections.abc import Callable
 import torch
 
 from forgerl.kernels.msa.triton_msa import msa_attention
+from forgerl.model.attention import TreeMask
 
-Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor]
+Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | TreeMask | None, float], torch.Tensor]
 
 
 def make_msa_backend(block: int = 64, top_k: int = 16) -> Backend:
@@ -23,7 +24,7 @@ def make_msa_backend(block: int = 64, top_k: int = 16) -> Backend:
         q_BHTK: torch.Tensor,
         k_BGSK: torch.Tensor,
         v_BGSK: torch.Tensor,
-        mask_BTS: torch.Tensor | None,
+        mask_BTS: torch.Tensor | TreeMask | None,
         scale: float,
     ) -> torch.Tensor:
         if mask_BTS is not None:

@@ -1,10 +1,13 @@
 """The tree-attention kernel as a `forgerl.model.attention.AttentionBackend`.
 
-The model hands its backend a dense bool mask (from `forgerl.rl.prefix_merge.dense_ancestor_mask`);
-in a preorder pack the queries that see key s are exactly [s, subtree_end[s]), so subtree_end is s plus
-the count of column s. The mask is checked against that encoding, so a mask that is not an ancestor mask
-of a preorder pack raises instead of being silently approximated. Register it with
-`register_attention_backend("tree", tree_attention_backend)` and set `cfg.attn_backend = "tree"`.
+Register it with `register_attention_backend("tree", tree_attention_backend)` and set
+`cfg.attn_backend = "tree"`; `forgerl.rl.prefix_merge` then hands the model each pack's `TreeMask`
+(subtree ends [B, T]), which goes to the kernel as is: no [T, T] mask is ever built.
+
+A dense bool mask is accepted too (from `dense_ancestor_mask`, or a caller that builds its own): in a
+preorder pack the queries that see key s are exactly [s, subtree_end[s]), so subtree_end is s plus the
+count of column s. The mask is checked against that encoding, so a mask that is not an ancestor mask of
+a preorder pack raises instead of being silently approximated.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 from forgerl.kernels.tree_attention.naive import ancestor_mask
 from forgerl.kernels.tree_attention.triton_tree import tree_attention
+from forgerl.model.attention import TreeMask
 
 
 def subtree_end_from_mask(mask_BTS: torch.Tensor) -> torch.Tensor:
@@ -32,13 +36,16 @@ def tree_attention_backend(
     q_BHTK: torch.Tensor,
     k_BGSK: torch.Tensor,
     v_BGSK: torch.Tensor,
-    mask_BTS: torch.Tensor | None,
+    mask_BTS: torch.Tensor | TreeMask | None,
     scale: float,
 ) -> torch.Tensor:
-    """AttentionBackend: `mask_BTS` None is causal, else a preorder ancestor mask; returns [B, H, T, K]."""
+    """AttentionBackend: `mask_BTS` None is causal, a `TreeMask` is used as is, a dense mask must be a
+    preorder ancestor mask; returns [B, H, T, K]."""
     b, _, t, _ = q_BHTK.shape
     if mask_BTS is None:
         subtree_end_BT = torch.full((b, t), t, dtype=torch.int32, device=q_BHTK.device)
+    elif isinstance(mask_BTS, TreeMask):
+        subtree_end_BT = mask_BTS.subtree_end_BT.expand(b, t)
     else:
         subtree_end_BT = subtree_end_from_mask(mask_BTS.expand(b, t, t))
     out_BTHK = tree_attention(

@@ -9,7 +9,8 @@ tree costs its queries nothing.
 
 Kernels: `_fwd_kernel` (O and the log-sum-exp per query row), `_bwd_dq_kernel` (one program per query tile
 and head), `_bwd_dkdv_kernel` (one program per key tile and KV head, looping over the group's query heads
-so GQA needs no atomics).
+so GQA needs no atomics). The forward and dq load and score a key tile alike (`_key_tile`); all three
+test visibility with `_visible`, the one place the encoding is written in the kernels.
 """
 
 from __future__ import annotations
@@ -19,6 +20,30 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _visible(offs_m, offs_n, end):
+    """[BM, BN] bool: query offs_m may attend key offs_n, i.e. key <= query < subtree_end[key]."""
+    return (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end[None, :])
+
+
+@triton.jit
+def _key_tile(
+    q, K, V, end, b, g, offs_m, offs_n, offs_d,
+    skb, skt, skh, T, head_dim, scale,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Key tile offs_n of KV head g against a query tile: its k and v [BN, BD], the scaled scores
+    q k^T [BM, BN] and which of them the tree makes visible (the block the forward and dq share)."""
+    kv_off = b * skb + offs_n[:, None] * skt + g * skh + offs_d[None, :]
+    kv_mask = (offs_n[:, None] < T) & (offs_d[None, :] < head_dim)
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    return k, v, s, _visible(offs_m, offs_n, end)
 
 
 @triton.jit
@@ -47,14 +72,8 @@ def _fwd_kernel(
         offs_n = start_n + tl.arange(0, BN)
         end = tl.load(END + b * seb + offs_n, mask=offs_n < T, other=0)
         if tl.max(end, 0) > q_start:
-            kv_off = b * skb + offs_n[:, None] * skt + g * skh + offs_d[None, :]
-            kv_mask = (offs_n[:, None] < T) & d_ok[None, :]
-            k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-            if UPCAST:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end[None, :])
+            _, v, s, visible = _key_tile(q, K, V, end, b, g, offs_m, offs_n, offs_d, skb, skt, skh, T, head_dim,
+                                         scale, UPCAST, PRECISION)  # fmt: skip
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
@@ -99,14 +118,8 @@ def _bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BN)
         end = tl.load(END + b * seb + offs_n, mask=offs_n < T, other=0)
         if tl.max(end, 0) > q_start:
-            kv_off = b * skb + offs_n[:, None] * skt + g * skh + offs_d[None, :]
-            kv_mask = (offs_n[:, None] < T) & d_ok[None, :]
-            k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-            if UPCAST:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end[None, :])
+            k, v, s, visible = _key_tile(q, K, V, end, b, g, offs_m, offs_n, offs_d, skb, skt, skh, T, head_dim,
+                                         scale, UPCAST, PRECISION)  # fmt: skip
             p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -152,8 +165,7 @@ def _bwd_dkdv_kernel(
             lse = tl.load(LSE + row + offs_m, mask=offs_m < T, other=float("inf"))
             delta = tl.load(DELTA + row + offs_m, mask=offs_m < T, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end[None, :])
-            p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+            p = tl.where(_visible(offs_m, offs_n, end), tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])

@@ -9,14 +9,17 @@ Swap points:
 - ATTENTION_MODULES: the whole module, picked by `cfg.attention_type`; MiniMax Sparse Attention (which
   adds an index branch with parameters of its own) registers here.
 
-Mask contract: `mask_BTS` is bool, True where query t may attend key s; None means causal. A dense
-mask is honoured exactly, so prefix-tree packing (ancestor-only mask, depth position ids) computes the
-same thing as the unpacked sequences. A query with no visible key gets a zero output, not NaN.
+Mask contract: `mask_BTS` is bool [B, T, S], True where query t may attend key s; None means causal; or a
+`TreeMask`, the same ancestor-only mask of a preorder prefix-tree pack in O(T) ints, which a tree kernel
+reads as is and every other backend expands with `.dense()`. A dense mask is honoured exactly, so
+prefix-tree packing (ancestor-only mask, depth position ids) computes the same thing as the unpacked
+sequences. A query with no visible key gets a zero output, not NaN.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -27,13 +30,33 @@ from forgerl.model.config import ModelConfig
 from forgerl.model.layers import RMSNorm, apply_rotary
 
 
+@dataclass(frozen=True)
+class TreeMask:
+    """The attention mask of a preorder-packed prefix forest, one int per token instead of T^2 bools.
+
+    In preorder every subtree is the contiguous range [s, subtree_end[s]), so query t may attend key s
+    exactly when s <= t < subtree_end[s] (`forgerl.rl.prefix_tree.TreePack.subtree_end`). The model passes
+    it to its backend untouched: the tree-attention kernel prunes tiles with it, and a backend that needs
+    the dense mask builds it with `dense()`, the same bools as `TreePack.ancestor_mask()`.
+    """
+
+    subtree_end_BT: torch.Tensor  # [B, T] int: one past the last token of each token's subtree
+
+    def dense(self) -> torch.Tensor:
+        """bool [B, T, T]: True where query t may attend key s."""
+        t = self.subtree_end_BT.shape[-1]
+        nodes = torch.arange(t, device=self.subtree_end_BT.device)
+        causal_TS = nodes[None, :] <= nodes[:, None]
+        return causal_TS[None] & (nodes[None, :, None] < self.subtree_end_BT[:, None, :])
+
+
 class AttentionBackend(Protocol):
     def __call__(
         self,
         q_BHTK: torch.Tensor,
         k_BGSK: torch.Tensor,
         v_BGSK: torch.Tensor,
-        mask_BTS: torch.Tensor | None,
+        mask_BTS: torch.Tensor | TreeMask | None,
         scale: float,
     ) -> torch.Tensor: ...
 
@@ -42,10 +65,12 @@ def sdpa_attention(
     q_BHTK: torch.Tensor,
     k_BGSK: torch.Tensor,
     v_BGSK: torch.Tensor,
-    mask_BTS: torch.Tensor | None,
+    mask_BTS: torch.Tensor | TreeMask | None,
     scale: float,
 ) -> torch.Tensor:
     """torch's scaled_dot_product_attention: flash/efficient kernels on GPU, exact maths in float64."""
+    if isinstance(mask_BTS, TreeMask):
+        mask_BTS = mask_BTS.dense()
     if mask_BTS is None:
         return F.scaled_dot_product_attention(q_BHTK, k_BGSK, v_BGSK, is_causal=True, scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(
@@ -57,10 +82,12 @@ def eager_attention(
     q_BHTK: torch.Tensor,
     k_BGSK: torch.Tensor,
     v_BGSK: torch.Tensor,
-    mask_BTS: torch.Tensor | None,
+    mask_BTS: torch.Tensor | TreeMask | None,
     scale: float,
 ) -> torch.Tensor:
     """The written-out reference: softmax(q k^T * scale + mask) v, softmax in at least float32."""
+    if isinstance(mask_BTS, TreeMask):
+        mask_BTS = mask_BTS.dense()
     groups = q_BHTK.shape[1] // k_BGSK.shape[1]
     k_BHSK = k_BGSK.repeat_interleave(groups, dim=1)
     v_BHSK = v_BGSK.repeat_interleave(groups, dim=1)
@@ -114,7 +141,7 @@ class Attention(nn.Module):
         self,
         x_BTD: torch.Tensor,
         rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
-        mask_BTS: torch.Tensor | None,
+        mask_BTS: torch.Tensor | TreeMask | None,
     ) -> torch.Tensor:
         b, t, _ = x_BTD.shape
         q_BTHK = self.q_norm(self.q_proj(x_BTD)).view(b, t, self.n_heads, self.head_dim)

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from forgerl.model.attention import build_attention
+from forgerl.model.attention import TreeMask, build_attention
 from forgerl.model.config import ModelConfig
 from forgerl.model.layers import RMSNorm
 from forgerl.model.moe import SparseMoeBlock, sequence_balance_loss
@@ -40,7 +40,7 @@ class DecoderLayer(nn.Module):
         self,
         x_BTD: torch.Tensor,
         rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
-        mask_BTS: torch.Tensor | None,
+        mask_BTS: torch.Tensor | TreeMask | None,
         replay_ids_BTK: torch.Tensor | None = None,
     ) -> LayerOutput:
         h_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), rope_cos_sin, mask_BTS)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from forgerl.model.attention import TreeMask
 from forgerl.model.block import DecoderLayer
 from forgerl.model.config import ModelConfig
 from forgerl.model.layers import RMSNorm, rotary_cos_sin
@@ -74,12 +75,13 @@ class MiniMaxM2ForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | TreeMask | None = None,
         routed_experts: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, T] long; position_ids [B, T] (None: 0..T-1); attention_mask bool [B, T, T],
-        True where query t may attend key s (None: causal); routed_experts long [B, T, L, K] to replay
-        the rollout's routing instead of routing afresh."""
+        True where query t may attend key s (None: causal), or a prefix-tree pack's `TreeMask` (handed to
+        the attention backend as is); routed_experts long [B, T, L, K] to replay the rollout's routing
+        instead of routing afresh."""
         cfg = self.config
         b, t = input_ids.shape
         _check_inputs(cfg, b, t, position_ids, attention_mask, routed_experts)
@@ -138,12 +140,20 @@ def _check_inputs(
     b: int,
     t: int,
     position_ids: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | TreeMask | None,
     routed_experts: torch.Tensor | None,
 ) -> None:
     if position_ids is not None and tuple(position_ids.shape) != (b, t):
         raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected [B, T] = {(b, t)}")
-    if attention_mask is not None and (tuple(attention_mask.shape) != (b, t, t) or attention_mask.dtype != torch.bool):
+    if isinstance(attention_mask, TreeMask):
+        ends = attention_mask.subtree_end_BT
+        if tuple(ends.shape) != (b, t) or ends.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"TreeMask.subtree_end_BT is {ends.dtype} {tuple(ends.shape)}; expected int32/int64 [B, T] = {(b, t)}"
+            )
+    elif attention_mask is not None and (
+        tuple(attention_mask.shape) != (b, t, t) or attention_mask.dtype != torch.bool
+    ):
         raise ValueError(
             f"attention_mask is {attention_mask.dtype} {tuple(attention_mask.shape)}; expected bool [B, T, T] = "
             f"{(b, t, t)}, True where query t may attend key s"

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
         forward_merged,
         forward_pack,
         forward_unmerged,
+        subtree_end_mask,
+        tree_attention_for,
     )
     from forgerl.rl.prefix_tree import PrefixForest, TreePack
     from forgerl.rl.rewards import (
@@ -68,7 +70,9 @@ _MODULE_OF = {
     "reward_to_go": "forgerl.rl.rewards",
     "speed_reward": "forgerl.rl.rewards",
     "step_rewards": "forgerl.rl.rewards",
+    "subtree_end_mask": "forgerl.rl.prefix_merge",
     "token_advantages": "forgerl.rl.rewards",
+    "tree_attention_for": "forgerl.rl.prefix_merge",
 }
 
 __all__ = [
@@ -97,7 +101,9 @@ __all__ = [
     "reward_to_go",
     "speed_reward",
     "step_rewards",
+    "subtree_end_mask",
     "token_advantages",
+    "tree_attention_for",
 ]
 
 

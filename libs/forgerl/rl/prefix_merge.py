@@ -8,8 +8,10 @@ gradient of a loss summed over sequences' tokens accumulates over every sequence
 as the separate computations would.
 
 The model is anything with the call signature of `forgerl.model.MiniMaxM2ForCausalLM` (`CausalLM`). How
-a pack's tree structure reaches the model's attention is a `TreeAttention` hook: the default passes the
-dense ancestor mask (SDPA on CPU); a GPU tree-attention kernel plugs in here with its own inputs.
+a pack's tree structure reaches the model's attention is a `TreeAttention` hook: `dense_ancestor_mask`
+builds the bool [T, T] mask once per pack, for any backend that honours masks (SDPA on CPU);
+`subtree_end_mask` hands over the pack's O(T) `TreeMask`, which the tree-attention kernel reads without
+the T^2 mask ever existing. By default the hook follows the model's `config.attn_backend`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from forgerl.model.attention import TreeMask
 from forgerl.rl.prefix_tree import PrefixForest, TreePack
 
 
@@ -37,7 +40,7 @@ class CausalLM(Protocol):
         self,
         input_ids: Tensor,  # [B, T] long
         position_ids: Tensor | None = None,  # [B, T] long; None: 0..T-1
-        attention_mask: Tensor | None = None,  # bool [B, T, T], True where query t sees key s; None: causal
+        attention_mask: Tensor | TreeMask | None = None,  # bool [B, T, T] or TreeMask; None: causal
         routed_experts: Tensor | None = None,  # long [B, T, n_layers, top_k]: routing to replay
     ) -> LogitsOutput: ...
 
@@ -45,15 +48,33 @@ class CausalLM(Protocol):
 class TreeAttention(Protocol):
     """Model keyword arguments (batched, leading dim 1) that make attention follow a pack's tree."""
 
-    def __call__(self, pack: TreePack) -> dict[str, Tensor]: ...
+    def __call__(self, pack: TreePack) -> dict[str, Tensor | TreeMask]: ...
 
 
-def dense_ancestor_mask(pack: TreePack) -> dict[str, Tensor]:
+def dense_ancestor_mask(pack: TreePack) -> dict[str, Tensor | TreeMask]:
     """The dense bool [1, T, T] ancestor-only mask: exact with any attention kernel that honours masks."""
     return {"attention_mask": pack.ancestor_mask()[None]}
 
 
-TREE_ATTENTION: Mapping[str, TreeAttention] = {"dense": dense_ancestor_mask}
+def subtree_end_mask(pack: TreePack) -> dict[str, Tensor | TreeMask]:
+    """The pack's subtree ends [1, T] as a `TreeMask`: O(T) memory for a backend that reads them directly
+    (the tree-attention kernel); any other backend rebuilds the dense mask from it in every layer."""
+    return {"attention_mask": TreeMask(pack.subtree_end()[None])}
+
+
+TREE_ATTENTION: Mapping[str, TreeAttention] = {"dense": dense_ancestor_mask, "subtree_end": subtree_end_mask}
+
+# Attention backends (`ModelConfig.attn_backend`) that take a pack's subtree ends; every other backend
+# gets the dense mask, built once per pack rather than once per layer.
+SUBTREE_END_BACKENDS = frozenset({"tree"})
+
+
+def tree_attention_for(model: CausalLM) -> TreeAttention:
+    """`subtree_end_mask` when the model's `config.attn_backend` reads subtree ends, else
+    `dense_ancestor_mask` (also for a model without a config). A DDP wrapper is looked through."""
+    core = getattr(model, "module", model)
+    backend = getattr(getattr(core, "config", None), "attn_backend", None)
+    return subtree_end_mask if backend in SUBTREE_END_BACKENDS else dense_ancestor_mask
 
 
 @dataclass(frozen=True)
@@ -67,10 +88,14 @@ def forward_merged(
     forest: PrefixForest,
     *,
     routed_experts: Tensor | None = None,
-    tree_attention: TreeAttention = dense_ancestor_mask,
+    tree_attention: TreeAttention | None = None,
     with_entropy: bool = False,
 ) -> TokenOutputs:
-    """One model call per pack; `routed_experts` [B, L, n_layers, top_k] is packed alongside the tokens."""
+    """One model call per pack; `routed_experts` [B, L, n_layers, top_k] is packed alongside the tokens.
+
+    `tree_attention` None picks the hook by the model's attention backend (`tree_attention_for`)."""
+    if tree_attention is None:
+        tree_attention = tree_attention_for(model)
     routes = forest.pack_per_token(routed_experts) if routed_experts is not None else [None] * len(forest.packs)
     outputs = [
         forward_pack(model, pack, routed_experts=route, tree_attention=tree_attention, with_entropy=with_entropy)
@@ -91,13 +116,16 @@ def forward_pack(
     pack: TreePack,
     *,
     routed_experts: Tensor | None = None,
-    tree_attention: TreeAttention = dense_ancestor_mask,
+    tree_attention: TreeAttention | None = None,
     with_entropy: bool = False,
 ) -> TokenOutputs:
     """One pack: outputs [S, L_pack - 1] for the pack's sequences (rows `pack.sequence_rows`).
 
     For gradient accumulation pack by pack, call this per pack and backward each pack's loss.
+    `tree_attention` None picks the hook by the model's attention backend (`tree_attention_for`).
     """
+    if tree_attention is None:
+        tree_attention = tree_attention_for(model)
     out = model(
         pack.input_ids[None],
         position_ids=pack.position_ids[None],

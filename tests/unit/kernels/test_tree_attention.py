@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from kernel_cases import DEVICES, rel_err
 
-from forgerl.kernels.tree_attention import tree_attention, tree_attention_backend
+from forgerl.kernels.tree_attention import adapter, tree_attention, tree_attention_backend
 from forgerl.kernels.tree_attention.naive import ancestor_mask, naive_tree_attention
 from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
-from forgerl.model.attention import ATTENTION_BACKENDS, eager_attention
-from forgerl.rl.prefix_merge import forward_merged, forward_unmerged
-from forgerl.rl.prefix_tree import PrefixForest
+from forgerl.model.attention import ATTENTION_BACKENDS, TreeMask, eager_attention
+from forgerl.rl.prefix_merge import dense_ancestor_mask, forward_merged, forward_unmerged
+from forgerl.rl.prefix_tree import PrefixForest, TreePack
 
 # Norm-wise relative error bounds: the kernel rounds P to the input dtype before P @ V (as flash attention
 # does); bf16 keeps 8 mantissa bits (2^-8 = 4e-3 per element), fp16 11 bits.
@@ -116,8 +116,12 @@ def test_backend_matches_eager_attention_on_a_prefix_forest(device: str) -> None
     t = pack.num_tokens
     generator = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, n, t, 16, generator=generator, dtype=torch.float64).to(device) for n in (4, 2, 2))
+    expected = eager_attention(q, k, v, mask_BTS, 0.25)
     out = tree_attention_backend(q.float(), k.float(), v.float(), mask_BTS, 0.25)
-    assert rel_err(out, eager_attention(q, k, v, mask_BTS, 0.25)) < TOLERANCE[torch.float32]
+    assert rel_err(out, expected) < TOLERANCE[torch.float32]
+    tree_mask = TreeMask(pack.subtree_end()[None].to(device))  # the pack's own encoding, no dense mask
+    out = tree_attention_backend(q.float(), k.float(), v.float(), tree_mask, 0.25)
+    assert rel_err(out, expected) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.unit
@@ -127,10 +131,23 @@ def test_backend_rejects_a_mask_that_is_not_an_ancestor_mask() -> None:
         tree_attention_backend(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), mask, 1.0)
 
 
+def _no_dense_mask(*args: object) -> torch.Tensor:
+    raise AssertionError("a dense [T, T] mask was built on the subtree-end path")
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_model_with_the_tree_backend_matches_unmerged_sequences(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The debug model on a merged forest, attention by the kernel, against the unmerged SDPA model."""
+@pytest.mark.parametrize("hook", ["picked", "dense"])
+def test_model_with_the_tree_backend_matches_unmerged_sequences(
+    device: str, hook: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The debug model on a merged forest, attention by the kernel, against the unmerged SDPA model: with
+    the hook forward_merged picks for attn_backend "tree" (each pack's subtree ends, and no [T, T] mask
+    anywhere: building one fails the test) and with the dense mask the adapter converts back."""
     monkeypatch.setitem(ATTENTION_BACKENDS, "tree", tree_attention_backend)
+    tree_attention = dense_ancestor_mask if hook == "dense" else None
+    if hook == "picked":
+        for owner, name in ((TreePack, "ancestor_mask"), (TreeMask, "dense"), (adapter, "subtree_end_from_mask")):
+            monkeypatch.setattr(owner, name, _no_dense_mask)
     torch.manual_seed(0)
     reference = MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug")).to(device)
     merged = MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug", attn_backend="tree")).to(device)
@@ -143,10 +160,11 @@ def test_model_with_the_tree_backend_matches_unmerged_sequences(device: str, mon
     (expected.logprobs * weights).sum().backward()
     forest = PrefixForest.build(ids.cpu(), lengths)
     forest = dataclasses.replace(forest, packs=tuple(pack.to(device) for pack in forest.packs))
-    got = forward_merged(merged, forest, routed_experts=routes)
+    got = forward_merged(merged, forest, routed_experts=routes, tree_attention=tree_attention)
     (got.logprobs * weights).sum().backward()
     assert rel_err(got.logprobs, expected.logprobs) < 1e-5
     ref_params = dict(reference.named_parameters())
+    assert sum(param.grad is not None for param in merged.parameters()) > 10
     for name, param in merged.named_parameters():
         if param.grad is not None:
             assert rel_err(param.grad, ref_params[name].grad) < 1e-4, name

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
-from forgerl.model.attention import eager_attention, sdpa_attention
+from forgerl.model.attention import TreeMask, eager_attention, sdpa_attention
 from forgerl.model.moe import route
 
 pytestmark = pytest.mark.unit
@@ -86,6 +86,11 @@ def test_prefix_tree_mask_with_depth_positions_equals_both_branches() -> None:
     full_b = model(torch.cat([prefix, branch_b], dim=1)).logits
     torch.testing.assert_close(out.logits[:, :7], full_a, rtol=0, atol=1e-10)
     torch.testing.assert_close(out.logits[:, 7:], full_b[:, 4:], rtol=0, atol=1e-10)
+    # The same tree as subtree ends (P's subtree runs to the end, A's stops where B starts): the backend
+    # expands it to the very same mask, so the output is bit for bit the dense mask's.
+    tree_mask = TreeMask(torch.tensor([[9, 9, 9, 9, 7, 7, 7, 9, 9]]))
+    assert torch.equal(tree_mask.dense(), mask)
+    assert torch.equal(model(tree, position_ids=depth, attention_mask=tree_mask).logits, out.logits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -167,6 +172,8 @@ def test_rejects_inputs_of_the_wrong_shape() -> None:
     ids = torch.randint(0, 4096, (2, 5))
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, attention_mask=torch.ones(2, 5, 5))  # float, not bool
+    with pytest.raises(ValueError, match="TreeMask"):
+        model(ids, attention_mask=TreeMask(torch.full((1, 5), 5)))  # one row for a batch of two
     with pytest.raises(ValueError, match="position_ids"):
         model(ids, position_ids=torch.arange(5))
     with pytest.raises(ValueError, match="routed_experts"):

@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
+from forgerl.model.attention import ATTENTION_BACKENDS, TreeMask, eager_attention
 from forgerl.rl.losses import cispo_loss
-from forgerl.rl.prefix_merge import forward_merged, forward_pack, forward_unmerged
-from forgerl.rl.prefix_tree import PrefixForest
+from forgerl.rl.prefix_merge import (
+    dense_ancestor_mask,
+    forward_merged,
+    forward_pack,
+    forward_unmerged,
+    subtree_end_mask,
+    tree_attention_for,
+)
+from forgerl.rl.prefix_tree import PrefixForest, TreePack
 
 pytestmark = pytest.mark.unit
 
@@ -55,6 +64,7 @@ def test_ancestor_mask_is_the_parent_chain() -> None:
             ancestor = int(pack.parent[ancestor])
         assert int(pack.position_ids[node]) == int(expected[node].sum()) - 1  # depth = number of ancestors
     assert torch.equal(pack.ancestor_mask(), expected)
+    assert torch.equal(TreeMask(pack.subtree_end()[None]).dense(), expected[None])
     # Every sequence reads back its own tokens through its node path.
     for row, nodes, length in zip(pack.sequence_rows, pack.node_index, pack.lengths, strict=True):
         assert pack.input_ids[nodes[:length]].tolist() == seqs[row]
@@ -129,16 +139,24 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _parity(
-    model: MiniMaxM2ForCausalLM, seqs: list[list[int]], *, max_tokens: int | None, replay: bool, seed: int
+    model: MiniMaxM2ForCausalLM,
+    seqs: list[list[int]],
+    *,
+    max_tokens: int | None,
+    replay: bool,
+    seed: int,
+    reference: MiniMaxM2ForCausalLM | None = None,
 ) -> tuple[float, float, float]:
-    """Worst relative differences (logprobs, entropy, parameter gradients) merged vs unmerged."""
+    """Worst relative differences (logprobs, entropy, parameter gradients) merged vs unmerged; the
+    unmerged run uses `reference` (the same weights) when given, else `model` itself."""
+    reference = reference or model
     dtype = next(model.parameters()).dtype
     ids, lengths = _pad(seqs)
     weights = torch.randn(ids.shape[0], ids.shape[1] - 1, dtype=dtype, generator=torch.Generator().manual_seed(seed))
-    routes = model(ids).routed_experts if replay else None  # the rollout's routing, replayed in both runs
-    ref = forward_unmerged(model, ids, lengths, routed_experts=routes, with_entropy=True)
+    routes = reference(ids).routed_experts if replay else None  # the rollout's routing, replayed in both runs
+    ref = forward_unmerged(reference, ids, lengths, routed_experts=routes, with_entropy=True)
     ((ref.logprobs + 0.1 * ref.entropy) * weights).sum().backward()
-    ref_grads = _grads(model)
+    ref_grads = _grads(reference)
     forest = PrefixForest.build(ids, lengths, max_tokens_per_pack=max_tokens)
     assert forest.num_packed_tokens < forest.num_input_tokens
     out = forward_merged(model, forest, routed_experts=routes, with_entropy=True)
@@ -174,6 +192,42 @@ def test_merged_equals_unmerged_in_float32(kind: str, seed: int) -> None:
     max_tokens = 64 if kind == "mixed" else None
     errors = _parity(model, seqs, max_tokens=max_tokens, replay=True, seed=seed)
     assert max(errors) <= 1e-5, errors
+
+
+def test_a_tree_backend_gets_subtree_ends_and_the_same_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """attn_backend "tree" makes the merged forward hand each pack's O(T) TreeMask to the backend, and no
+    [T, T] mask is built on the way; a stand-in backend (eager attention on the expanded mask) then
+    matches the unmerged SDPA model. The kernel itself is tested against this in tests/unit/kernels."""
+    masks: list[torch.Tensor | TreeMask | None] = []
+
+    def stand_in(
+        q_BHTK: torch.Tensor,
+        k_BGSK: torch.Tensor,
+        v_BGSK: torch.Tensor,
+        mask_BTS: torch.Tensor | TreeMask | None,
+        scale: float,
+    ) -> torch.Tensor:
+        masks.append(mask_BTS)
+        return eager_attention(q_BHTK, k_BGSK, v_BGSK, mask_BTS, scale)
+
+    def no_dense_mask(pack: TreePack) -> torch.Tensor:
+        raise AssertionError("the merged forward built a pack's dense ancestor mask")
+
+    monkeypatch.setitem(ATTENTION_BACKENDS, "tree", stand_in)
+    torch.manual_seed(0)
+    reference = MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug")).double()
+    model = MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug", attn_backend="tree")).double()
+    model.load_state_dict(reference.state_dict())
+    assert tree_attention_for(reference) is dense_ancestor_mask
+    assert tree_attention_for(model) is subtree_end_mask
+    assert tree_attention_for(SimpleNamespace(module=model)) is subtree_end_mask  # DDP keeps it in .module
+    monkeypatch.setattr(TreePack, "ancestor_mask", no_dense_mask)
+    seqs = _mixed_batch(torch.Generator().manual_seed(3))
+    errors = _parity(model, seqs, max_tokens=64, replay=False, seed=3, reference=reference)
+    assert max(errors) <= 1e-10, errors
+    packs = len(PrefixForest.build(*_pad(seqs), max_tokens_per_pack=64).packs)
+    assert packs > 1 and len(masks) == packs * model.config.num_hidden_layers
+    assert all(isinstance(mask, TreeMask) for mask in masks)
 
 
 def test_cispo_loss_and_gradients_match() -> None:

@@ -14,12 +14,14 @@ import json
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
 from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
+from forgerl.trainer.schedule import learning_rate, set_learning_rate
 from forgerl.trainer.sft import SftBatches, make_examples, sft_loss_merged
 from forgerl.trainer.step import RlStepConfig, build_batch, rl_step
 
@@ -38,6 +40,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sft-steps", type=int, default=100)
     p.add_argument("--sft-batch", type=int, default=16)
     p.add_argument("--sft-lr", type=float, default=3e-3)
+    p.add_argument("--sft-schedule", default="constant")
+    p.add_argument("--sft-warmup", type=int, default=0)
+    p.add_argument("--sft-min-lr", type=float, default=0.1, help="cosine: final rate as a fraction of --sft-lr")
+    p.add_argument("--rl-schedule", default="constant")
+    p.add_argument("--rl-min-lr", type=float, default=0.1)
+    p.add_argument("--rl-warmup", type=int, default=0)
+    p.add_argument("--rl-freeze", default="", help="comma-separated parameter-name parts not trained in RL")
+    p.add_argument("--rl-fresh-opt", action="store_true", help="a new AdamW for RL (else SFT's moments carry over)")
     p.add_argument("--rl-steps", type=int, default=20)
     p.add_argument("--rl-tasks", type=int, default=8)
     p.add_argument("--group", type=int, default=8)
@@ -50,8 +60,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--levels", default="1,2,3,4")
     p.add_argument("--no-merge", action="store_true")
+    p.add_argument("--std", action="store_true", help="advantages: scale by the group's return std (GRPO)")
+    p.add_argument("--bias-rate", type=float, default=-1.0, help="expert-bias update rate in RL (default: model's)")
+    p.add_argument("--pos-only", action="store_true", help="train on positive advantages only (ablation)")
     p.add_argument("--override", default="{}", help="ModelConfig overrides as JSON, e.g. '{\"rope_theta\": 1e4}'.")
     p.add_argument("--sft-eval-every", type=int, default=0)
+    p.add_argument("--sft-cache", default="", help="a file: load the SFT model and optimizer from it, or save them")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -81,7 +95,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log: list[dict[str, Any]] = []
     runner = LocalEpisodeRunner(tok, max_new_tokens=args.max_new_tokens)
     t0 = time.time()
-    for step in range(args.sft_steps):
+    cached = bool(args.sft_cache) and Path(args.sft_cache).exists()
+    if cached:
+        blob = torch.load(args.sft_cache, weights_only=False)
+        model.load_state_dict(blob["model"])
+        opt.load_state_dict(blob["optimizer"])
+    for step in range(0 if cached else args.sft_steps):
+        lr = learning_rate(step, args.sft_steps, args.sft_lr, args.sft_schedule, args.sft_warmup, args.sft_min_lr)
+        set_learning_rate(opt, lr)
         loss, m = sft_loss_merged(model, batches.batch(step))
         opt.zero_grad()
         loss.backward()
@@ -94,23 +115,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log.append({"sft_step": step + 1, "heldout": success})
             print(f"sft {step + 1} held-out success {success:.3f}", file=sys.stderr, flush=True)
     result["sft_time_s"] = time.time() - t0
+    if args.sft_cache and not cached:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, args.sft_cache)
     t1 = time.time()
     result["sft_heldout"] = evaluate(model, runner, eval_specs)["success"]
     result["eval_time_s"] = time.time() - t1
     print(f"SFT held-out success {result['sft_heldout']:.3f} (eval {result['eval_time_s']:.0f}s)", file=sys.stderr)
-    for group in opt.param_groups:
-        group["lr"] = args.rl_lr
-    rl_cfg = RlStepConfig(eps_high=args.eps_high, prefix_merge=not args.no_merge, bias_update_rate=cfg.bias_update_rate)
+    bias_rate = cfg.bias_update_rate if args.bias_rate < 0 else args.bias_rate
+    rl_cfg = RlStepConfig(eps_high=args.eps_high, prefix_merge=not args.no_merge, bias_update_rate=bias_rate)
+    frozen = [part for part in args.rl_freeze.split(",") if part]
+    for name, param in model.named_parameters():
+        param.requires_grad_(not any(part in name for part in frozen))
+    if args.rl_fresh_opt:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=args.rl_lr, weight_decay=0.0, betas=(0.9, 0.95))
     rng = random.Random(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     t2 = time.time()
     for step in range(args.rl_steps):
+        set_learning_rate(
+            opt, learning_rate(step, args.rl_steps, args.rl_lr, args.rl_schedule, args.rl_warmup, args.rl_min_lr)
+        )
         tasks = rng.sample(train_tasks, args.rl_tasks)
         specs = suite_episode_specs("tooluse", "train", [t.id for t in tasks], group_size=args.group)
         ts = time.time()
         trajs = runner.run(model, specs, temperature=1.0, generator=gen)
         sample_s = time.time() - ts
-        batch = build_batch(trajs, gamma=1.0, policy_version=0)
+        batch = build_batch(trajs, gamma=1.0, policy_version=0, normalize_std=args.std)
+        if args.pos_only:
+            batch.advantages.clamp_(min=0.0)
         m = rl_step(model, opt, batch, rl_cfg)
         entry = {
             "step": step,

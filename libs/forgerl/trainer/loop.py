@@ -39,6 +39,7 @@ import torch.distributed as dist
 from forgerl.model import MiniMaxM2ForCausalLM, load_checkpoint, save_checkpoint
 from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
 from forgerl.trainer.presets import model_config
+from forgerl.trainer.schedule import learning_rate, set_learning_rate
 from forgerl.trainer.sft import SftBatches, make_examples, sft_loss, sft_loss_merged
 from forgerl.trainer.sources import EpisodeSource, NullPublisher, Publisher
 from forgerl.trainer.step import RlStepConfig, build_batch, expert_bias_step, rl_step, shard_rows
@@ -53,7 +54,7 @@ MetricsSink = Callable[[str, int, dict[str, float]], None]  # (stage, step, valu
 class TrainerSettings:
     runs_dir: Path = Path("runs")
     threads: int = 1
-    eval_tasks: int = 64  # held-out tasks evaluated greedily in-process
+    eval_tasks: int = 256  # held-out tasks evaluated greedily in-process (+-3 points at 75%)
     eval_every: int = 10  # RL steps between held-out evaluations (and after SFT, and at the end)
     fetch_timeout_s: float = 120.0
     max_new_tokens: int = 48
@@ -187,6 +188,12 @@ class TrainingRun:
             model_cfg = model_config(cfg.model_preset or "debug", vocab_size=len(self.tokenizer))
             self.model = MiniMaxM2ForCausalLM(model_cfg)
         self.model.train()
+
+    @staticmethod
+    def _stage_lr(stage: run_pb2.SftStage | run_pb2.RlStage, step: int) -> float:
+        return learning_rate(
+            step, stage.steps, stage.learning_rate, stage.lr_schedule, stage.warmup_steps, stage.min_lr_ratio
+        )
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -337,6 +344,8 @@ class TrainingRun:
             while self.progress.sft_step < cfg.steps and not self.stopped:
                 step = self.progress.sft_step
                 started = time.perf_counter()
+                lr = self._stage_lr(cfg, step)
+                set_learning_rate(self.optimizer, lr)
                 examples = batches.batch(step)[self.rank :: self.world]
                 if self.config.rl.prefix_merge or self.world > 1:
                     loss, metrics = sft_loss_merged(self.train_model, examples, max_tokens_per_pack=None)
@@ -351,7 +360,7 @@ class TrainingRun:
                 self.optimizer.step()
                 metrics.update(expert_bias_step(self.model, self.model.config.bias_update_rate))
                 metrics["step_time_s"] = time.perf_counter() - started
-                metrics["lr"] = cfg.learning_rate
+                metrics["lr"] = lr
                 self.progress.sft_step = step + 1
                 self._emit("sft", step + 1, metrics)
                 if self.progress.sft_step % every == 0:
@@ -365,8 +374,9 @@ class TrainingRun:
         self._emit("sft", self.config.sft.steps, ev)
         self._publish("sft", self.config.sft.steps)
         self.progress.stage = "rl"
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.config.rl.learning_rate
+        # A new optimizer for RL: SFT's first moments would carry its last direction into the first RL
+        # steps, and its second moments (from gradients 10-100x larger) would shrink RL's for dozens.
+        self.optimizer = self._optimizer(self.config.rl.learning_rate)
         self._save_state()
 
     def _rl_step_config(self) -> RlStepConfig:
@@ -376,6 +386,7 @@ class TrainingRun:
             eps_high=rl.eps_high,
             eps_low=rl.eps_low if rl.HasField("eps_low") else None,
             gamma=rl.gamma if rl.gamma > 0 else 1.0,
+            normalize_std=rl.scale_advantages_by_std,
             prefix_merge=rl.prefix_merge,
             # Under DDP one forward per backward: a rank's rows go in one pack.
             max_tokens_per_pack=self.settings.max_tokens_per_pack if self.world == 1 else None,
@@ -439,6 +450,8 @@ class TrainingRun:
         step_cfg = self._rl_step_config()
         while self.progress.rl_step < rl.steps and not self.stopped:
             started = time.perf_counter()
+            lr = self._stage_lr(rl, self.progress.rl_step)
+            set_learning_rate(self.optimizer, lr)
             fetched, fresh, counters = self._fetch(episodes)
             if not fresh:
                 # Nothing yet, or all served again although trained (an Ack was lost) or too stale:
@@ -452,6 +465,7 @@ class TrainingRun:
                 fresh,
                 gamma=step_cfg.gamma,
                 policy_version=self.progress.policy_version,
+                normalize_std=step_cfg.normalize_std,
                 num_layers=self.model.config.num_hidden_layers,
                 top_k=self.model.config.num_experts_per_tok,
             )
@@ -459,7 +473,7 @@ class TrainingRun:
                 batch = shard_rows(batch, self.rank, self.world)
             metrics = rl_step(self.train_model, self.optimizer, batch, step_cfg, core=self.model)
             metrics.update(counters)
-            metrics["lr"] = rl.learning_rate
+            metrics["lr"] = lr
             self._finish_rl_step(episodes, fetched.batch_id, fresh, metrics)
             metrics["step_total_s"] = time.perf_counter() - started
             self._emit("rl", self._global_step("rl", self.progress.rl_step), metrics)

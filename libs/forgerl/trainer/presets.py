@@ -1,38 +1,17 @@
-"""Model sizes for runs, on top of forgerl.model's PRESETS.
-
-`tiny` is the size `make run` trains on a 2-core CPU: the debug preset's layout (2 layers of 8 experts,
-top 2, one MTP module) at width 128 with full-width RoPE at base 10^4. The learnability experiment
-(forgerl.trainer.learnability) found that the debug preset's partial RoPE (8 of 16 channels at base
-5*10^6, M2's long-context setting) leaves too little relative-position signal for a two-layer model to
-learn to copy numbers within a few hundred steps: 800 SFT steps reached 5% held-out success on the tool-use
-suite, where `tiny` reached 25% after 600 steps. (To move into forgerl.model.config.PRESETS.)
-"""
+"""Model presets for runs: `model_config` (forgerl.model's PRESETS, with overrides) and the initial
+checkpoint a local topology serves before the first training step."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from forgerl.model import PRESETS, ModelConfig
-
-EXTRA_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "hidden_size": 128,
-        "intermediate_size": 128,
-        "head_dim": 32,
-        "rotary_dim": 32,
-        "rope_theta": 10_000.0,
-    },
-}
+from forgerl.model import ModelConfig
 
 
 def model_config(name: str, **overrides: Any) -> ModelConfig:
-    """A preset of forgerl.model, or one of EXTRA_PRESETS (debug plus its changes)."""
-    if name in PRESETS:
-        return ModelConfig.from_preset(name, **overrides)
-    if name in EXTRA_PRESETS:
-        return ModelConfig.from_preset("debug", **{**EXTRA_PRESETS[name], **overrides})
-    raise ValueError(f"unknown model preset {name!r}: choose one of {sorted({*PRESETS, *EXTRA_PRESETS})}")
+    """A preset of forgerl.model (`debug`, `tiny`, `small`, `minimax-m2`, ...) with overrides."""
+    return ModelConfig.from_preset(name, **overrides)
 
 
 def ensure_initial_checkpoint(path: Path, preset: str, seed: int = 0) -> Path:

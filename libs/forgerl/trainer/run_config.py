@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from google.protobuf import json_format
 
+from forgerl.trainer.schedule import SCHEDULES
 from forgerl.v1 import run_pb2
 
 RL_DEFAULTS: dict[str, Any] = {
@@ -50,9 +51,15 @@ def run_config_from_dict(data: dict[str, Any]) -> run_pb2.RunConfig:
     data["sft"] = {**SFT_DEFAULTS, **(data.get("sft") or {})}
     data["rl"] = {**RL_DEFAULTS, **(data.get("rl") or {})}
     try:
-        return json_format.ParseDict(data, run_pb2.RunConfig(), ignore_unknown_fields=False)
+        config = json_format.ParseDict(data, run_pb2.RunConfig(), ignore_unknown_fields=False)
     except json_format.ParseError as err:
         raise ValueError(f"bad run config: {err} (keys are the fields of RunConfig in run.proto)") from None
+    for name, stage in (("sft", config.sft), ("rl", config.rl)):
+        if stage.lr_schedule and stage.lr_schedule not in SCHEDULES:
+            raise ValueError(f"bad run config: {name}.lr_schedule {stage.lr_schedule!r} is not one of {SCHEDULES}")
+        if not 0.0 <= stage.min_lr_ratio <= 1.0 or stage.warmup_steps < 0:
+            raise ValueError(f"bad run config: {name}.min_lr_ratio must be in [0, 1] and warmup_steps >= 0")
+    return config
 
 
 def load_run_config(path: str | Path) -> run_pb2.RunConfig:

@@ -41,7 +41,7 @@ class RlStepConfig:
     eps_high: float = 0.28
     eps_low: float | None = None
     gamma: float = 1.0
-    normalize_std: bool = True
+    normalize_std: bool = False
     prefix_merge: bool = True
     max_tokens_per_pack: int | None = 2048
     mtp_loss_weight: float = 0.0
@@ -78,7 +78,7 @@ def build_batch(
     *,
     gamma: float,
     policy_version: int,
-    normalize_std: bool = True,
+    normalize_std: bool = False,
     num_layers: int | None = None,
     top_k: int | None = None,
 ) -> RlBatch:

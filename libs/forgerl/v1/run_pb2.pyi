@@ -43,17 +43,23 @@ ITERATION_STATE_REJECTED: IterationState
 ITERATION_STATE_ROLLED_BACK: IterationState
 
 class SftStage(_message.Message):
-    __slots__ = ("steps", "batch_size", "learning_rate")
+    __slots__ = ("steps", "batch_size", "learning_rate", "lr_schedule", "warmup_steps", "min_lr_ratio")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_LR_RATIO_FIELD_NUMBER: _ClassVar[int]
     steps: int
     batch_size: int
     learning_rate: float
-    def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+    lr_schedule: str
+    warmup_steps: int
+    min_lr_ratio: float
+    def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ...) -> None: ...
 
 class RlStage(_message.Message):
-    __slots__ = ("steps", "batch_size", "group_size", "learning_rate", "loss", "eps_high", "eps_low", "gamma", "alpha_process", "beta_speed", "fifo_window", "max_staleness", "episodes_in_flight", "scaffold_version", "prefix_merge", "mtp_loss_weight", "routing_replay")
+    __slots__ = ("steps", "batch_size", "group_size", "learning_rate", "loss", "eps_high", "eps_low", "gamma", "alpha_process", "beta_speed", "fifo_window", "max_staleness", "episodes_in_flight", "scaffold_version", "prefix_merge", "mtp_loss_weight", "routing_replay", "lr_schedule", "warmup_steps", "min_lr_ratio", "scale_advantages_by_std")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +77,10 @@ class RlStage(_message.Message):
     PREFIX_MERGE_FIELD_NUMBER: _ClassVar[int]
     MTP_LOSS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ROUTING_REPLAY_FIELD_NUMBER: _ClassVar[int]
+    LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_LR_RATIO_FIELD_NUMBER: _ClassVar[int]
+    SCALE_ADVANTAGES_BY_STD_FIELD_NUMBER: _ClassVar[int]
     steps: int
     batch_size: int
     group_size: int
@@ -88,7 +98,11 @@ class RlStage(_message.Message):
     prefix_merge: bool
     mtp_loss_weight: float
     routing_replay: bool
-    def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., group_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., loss: _Optional[str] = ..., eps_high: _Optional[float] = ..., eps_low: _Optional[float] = ..., gamma: _Optional[float] = ..., alpha_process: _Optional[float] = ..., beta_speed: _Optional[float] = ..., fifo_window: _Optional[float] = ..., max_staleness: _Optional[int] = ..., episodes_in_flight: _Optional[int] = ..., scaffold_version: _Optional[str] = ..., prefix_merge: _Optional[bool] = ..., mtp_loss_weight: _Optional[float] = ..., routing_replay: _Optional[bool] = ...) -> None: ...
+    lr_schedule: str
+    warmup_steps: int
+    min_lr_ratio: float
+    scale_advantages_by_std: bool
+    def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., group_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., loss: _Optional[str] = ..., eps_high: _Optional[float] = ..., eps_low: _Optional[float] = ..., gamma: _Optional[float] = ..., alpha_process: _Optional[float] = ..., beta_speed: _Optional[float] = ..., fifo_window: _Optional[float] = ..., max_staleness: _Optional[int] = ..., episodes_in_flight: _Optional[int] = ..., scaffold_version: _Optional[str] = ..., prefix_merge: _Optional[bool] = ..., mtp_loss_weight: _Optional[float] = ..., routing_replay: _Optional[bool] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., scale_advantages_by_std: _Optional[bool] = ...) -> None: ...
 
 class RunConfig(_message.Message):
     __slots__ = ("name", "model_preset", "init_checkpoint", "suite", "sft", "rl", "seed", "checkpoint_every")

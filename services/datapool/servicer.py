@@ -207,4 +207,6 @@ class DatapoolServicer(datapool_pb2_grpc.DatapoolServiceServicer):
             duplicates=s.duplicates,
             served=s.served,
             acknowledged=s.acknowledged,
+            in_flight=s.in_flight,
+            redelivered=s.redelivered,
         )

@@ -107,6 +107,25 @@ def down(config: ConfigOption = None, state_dir: StateOption = None) -> None:
     console.print(f"stopped {', '.join(names)}" + (f" (killed after grace: {', '.join(killed)})" if killed else ""))
 
 
+@app.command()
+def restart(
+    component: Annotated[str, typer.Argument(help=f"One of: {', '.join((BROKER, *SERVICES))}")],
+    config: ConfigOption = None,
+    state_dir: StateOption = None,
+) -> None:
+    """Stop one component of the running local topology (if it still runs) and start it again."""
+    topology = LocalTopology.load(config, state_dir=state_dir)
+    supervisor = Supervisor.attach(topology)
+    if not supervisor.processes:
+        console.print("the local topology is not running: `forgerl up` first")
+        raise typer.Exit(1)
+    try:
+        supervisor.restart(component, on_event=lambda name, what: console.print(f"{name} {what}"))
+    except (ValueError, RuntimeError, TimeoutError) as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+
+
 @app.command(name="status")
 def status_command(config: ConfigOption = None, state_dir: StateOption = None) -> None:
     """Health of the broker and each service."""

@@ -96,6 +96,19 @@ class Supervisor:
             if waiting:
                 time.sleep(0.2)
 
+    def restart(self, name: str, on_event: Callable[[str, str], None] = lambda name, what: None) -> None:
+        """Stop one component (if it still runs) and start it again; return once it is SERVING. A restarted
+        trainer resumes the runs the store shows RUNNING; a restarted data pool resumes from Kafka."""
+        if name not in (BROKER, *SERVICES):
+            raise ValueError(f"no component {name!r}: choose one of {', '.join((BROKER, *SERVICES))}")
+        old = self.processes.pop(name, None)
+        if old is not None:
+            stop_processes([old], self.topology.grace_s + 5.0)
+        self._spawn(name)
+        self._save()
+        on_event(name, "started")
+        self._wait_ready([name], on_event)
+
     def log_path(self, name: str) -> Path:
         return self.topology.logs_dir / f"{name}.log"
 

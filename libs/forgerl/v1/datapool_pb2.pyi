@@ -62,7 +62,7 @@ class GetPoolStatsRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class GetPoolStatsResponse(_message.Message):
-    __slots__ = ("lag", "buffered", "dropped_stale", "dead_lettered", "duplicates", "served", "acknowledged")
+    __slots__ = ("lag", "buffered", "dropped_stale", "dead_lettered", "duplicates", "served", "acknowledged", "in_flight", "redelivered")
     LAG_FIELD_NUMBER: _ClassVar[int]
     BUFFERED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_STALE_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,8 @@ class GetPoolStatsResponse(_message.Message):
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     SERVED_FIELD_NUMBER: _ClassVar[int]
     ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REDELIVERED_FIELD_NUMBER: _ClassVar[int]
     lag: int
     buffered: int
     dropped_stale: int
@@ -77,4 +79,6 @@ class GetPoolStatsResponse(_message.Message):
     duplicates: int
     served: int
     acknowledged: int
-    def __init__(self, lag: _Optional[int] = ..., buffered: _Optional[int] = ..., dropped_stale: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., duplicates: _Optional[int] = ..., served: _Optional[int] = ..., acknowledged: _Optional[int] = ...) -> None: ...
+    in_flight: int
+    redelivered: int
+    def __init__(self, lag: _Optional[int] = ..., buffered: _Optional[int] = ..., dropped_stale: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., duplicates: _Optional[int] = ..., served: _Optional[int] = ..., acknowledged: _Optional[int] = ..., in_flight: _Optional[int] = ..., redelivered: _Optional[int] = ...) -> None: ...

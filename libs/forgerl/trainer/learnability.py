@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--pos-only", action="store_true", help="train on positive advantages only (ablation)")
     p.add_argument("--override", default="{}", help="ModelConfig overrides as JSON, e.g. '{\"rope_theta\": 1e4}'.")
     p.add_argument("--sft-eval-every", type=int, default=0)
+    p.add_argument("--teacher-error", type=float, default=0.0, help="SFT data from an imperfect teacher")
     p.add_argument("--sft-cache", default="", help="a file: load the SFT model and optimizer from it, or save them")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = ModelConfig.from_preset(args.preset, vocab_size=len(tok), **overrides)
     model = MiniMaxM2ForCausalLM(cfg)
     levels = {int(x) for x in args.levels.split(",")}
-    items = [it for it in itertools.islice(gold_trajectories("train"), 4000) if it["difficulty"] in levels]
+    gold = gold_trajectories("train", teacher_error_rate=args.teacher_error)
+    items = [it for it in itertools.islice(gold, 4000) if it["difficulty"] in levels]
     examples = make_examples(tok, items[:2000])
     batches = SftBatches(examples, args.sft_batch, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))

@@ -109,11 +109,11 @@ def _lag(traj: Any, policy_version: int) -> int:
     return policy_version - min(versions)
 
 
-def _suite_gold(suite: str) -> list[dict[str, Any]]:
+def _suite_gold(suite: str, teacher_error_rate: float = 0.0) -> list[dict[str, Any]]:
     if suite == "tooluse":
         from forgerl.rollout.suites.tooluse import gold_trajectories
 
-        return list(gold_trajectories("train"))
+        return list(gold_trajectories("train", teacher_error_rate=teacher_error_rate))
     raise ValueError(f"no gold trajectories for suite {suite!r} (SFT needs them; set sft.steps: 0 to skip SFT)")
 
 
@@ -338,7 +338,7 @@ class TrainingRun:
     def _run_sft(self) -> None:
         cfg = self.config.sft
         if cfg.steps > 0 and self.progress.sft_step < cfg.steps:
-            items = _suite_gold(self.config.suite)[: self.settings.sft_examples]
+            items = _suite_gold(self.config.suite, cfg.teacher_error_rate)[: self.settings.sft_examples]
             batches = SftBatches(make_examples(self.tokenizer, items), max(1, cfg.batch_size), self.config.seed)
             every = max(1, self.config.checkpoint_every) * 10
             while self.progress.sft_step < cfg.steps and not self.stopped:

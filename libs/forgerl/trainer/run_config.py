@@ -59,6 +59,8 @@ def run_config_from_dict(data: dict[str, Any]) -> run_pb2.RunConfig:
             raise ValueError(f"bad run config: {name}.lr_schedule {stage.lr_schedule!r} is not one of {SCHEDULES}")
         if not 0.0 <= stage.min_lr_ratio <= 1.0 or stage.warmup_steps < 0:
             raise ValueError(f"bad run config: {name}.min_lr_ratio must be in [0, 1] and warmup_steps >= 0")
+    if not 0.0 <= config.sft.teacher_error_rate <= 1.0:
+        raise ValueError("bad run config: sft.teacher_error_rate must be in [0, 1]")
     return config
 
 

@@ -18,10 +18,12 @@ from __future__ import annotations
 import functools
 import json
 import random
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from forgerl.rollout.scaffold_config import DEFAULT, ScaffoldConfig
+from forgerl.rollout.suites.tooluse_tools import run_tool
 from forgerl.rollout.tasks import RESULTS_MARKER, GoldSolution, Suite, Task, ToolCallSpec
 
 NAME = "tooluse"
@@ -197,18 +199,51 @@ def expected_output(task: Task, call: ToolCallSpec) -> str:
 
 
 def gold_trajectories(
-    split: str = "train", scaffold: ScaffoldConfig = DEFAULT, seed: int = SEED
+    split: str = "train", scaffold: ScaffoldConfig = DEFAULT, seed: int = SEED, teacher_error_rate: float = 0.0
 ) -> Iterator[dict[str, Any]]:
     """SFT warm-start data: {"task_id", "difficulty", "messages", "tools"} per task of the split. Render
-    with the model's chat template as `apply_chat_template(messages, tools=tools)`."""
+    with the model's chat template as `apply_chat_template(messages, tools=tools)`. With
+    `teacher_error_rate`, the demonstrations of an imperfect teacher (`teacher_solution`)."""
     suite = ToolUseSuite(seed)
     for task in suite.tasks(split):
         yield {
             "task_id": task.id,
             "difficulty": task.difficulty,
-            "messages": gold_messages(task, suite.gold(task), scaffold),
+            "messages": gold_messages(task, teacher_solution(task, teacher_error_rate), scaffold),
             "tools": scaffold.tool_specs(task.tools),
         }
+
+
+# The teacher's typical mistakes: (pattern of the question, the wrong call it writes instead). A distilled
+# teacher is right most of the time and wrong in ways that repeat: this one misreads the order of operations
+# of two-step word problems (level 3) and swaps the arguments of `count` (level 4).
+_TEACHER_MISTAKES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str]], ...] = (
+    (re.compile(r"^Add (\d+) and (\d+), then multiply by (\d+)\.$"), lambda m: f"{m[1]} + {m[2]} * {m[3]}"),
+    (re.compile(r"^Subtract (\d+) from (\d+), then multiply by (\d+)\.$"), lambda m: f"({m[1]} - {m[2]}) * {m[3]}"),
+    (re.compile(r"^Multiply (\d+) by (\d+), then subtract (\d+)\.$"), lambda m: f"{m[1]} * ({m[2]} - {m[3]})"),
+    (re.compile(r"^Multiply (\d+) by (\d+), then add (\d+)\.$"), lambda m: f"{m[1]} * ({m[2]} + {m[3]})"),
+    (re.compile(r"^How many times does '(\w)' occur in '(\w+)'\?$"), lambda m: f"print('{m[1]}'.count('{m[2]}'))"),
+)
+
+
+def teacher_solution(task: Task, error_rate: float, seed: int = 0) -> GoldSolution:
+    """What an imperfect teacher demonstrates: the gold solution, except that on the question kinds of
+    `_TEACHER_MISTAKES` it makes that kind's mistake with probability `error_rate` (decided per task, from
+    `seed`); the demonstration stays consistent (the tool's output of the wrong call, then that output as the
+    answer), as distilled data would be. Its answer fails the task's test."""
+    gold = ToolUseSuite().gold(task)
+    if error_rate <= 0:
+        return gold
+    for pattern, mistake in _TEACHER_MISTAKES:
+        match = pattern.match(task.instructions)
+        if match is None or random.Random(f"{seed}/{task.id}").random() >= error_rate:
+            continue
+        tool = task.metadata["tool"]
+        wrong = mistake(match)
+        output, _ = run_tool(tool, {_ARG[tool]: wrong})
+        call = ToolCallSpec(tool, {_ARG[tool]: wrong}, reasoning=_REASONING[tool])
+        return GoldSolution(turns=((call,),), final_answer=output, final_reasoning=f"The result is {output}.")
+    return gold
 
 
 def render_chatml(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:

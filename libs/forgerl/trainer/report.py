@@ -20,7 +20,11 @@ PLOTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "Reward (training batches)",
         ("reward/mean", "reward/performance", "reward/process", "success_rate"),
     ),
-    ("heldout_success.png", "Held-out success (greedy)", ("eval/heldout_success",)),
+    (
+        "heldout_success.png",
+        "Held-out success (greedy), overall and per level",
+        ("eval/heldout_success", *(f"eval/heldout_success_level{level}" for level in (1, 2, 3, 4))),
+    ),
     ("entropy.png", "Policy entropy", ("entropy",)),
     ("staleness.png", "Policy lag (versions)", ("staleness/mean", "staleness/max")),
     ("expert_load.png", "Expert load: max violation", ("moe/max_violation",)),
@@ -49,6 +53,12 @@ def summarize(run: run_pb2.Run, metrics: Sequence[run_pb2.StepMetrics]) -> dict[
         points = [v for _, v in series(rl, name)]
         return sum(points) / len(points) if points else None
 
+    def sft_and_final(name: str) -> list[float | None]:
+        sft = [v for _, v in series([m for m in metrics if m.stage == "sft"], name)]
+        final = [v for _, v in series(rl, name)]
+        return [sft[-1] if sft else None, final[-1] if final else None]
+
+    levels = sorted({k for m in metrics for k in m.values if k.startswith("eval/heldout_success_level")})
     summary = {
         "run_id": run.run_id,
         "name": run.config.name,
@@ -60,6 +70,8 @@ def summarize(run: run_pb2.Run, metrics: Sequence[run_pb2.StepMetrics]) -> dict[
         "heldout_success_final": final_success,
         "heldout_success_gain": None if sft_success is None or final_success is None else final_success - sft_success,
         "heldout_points": heldout,
+        # {"level3": [after SFT, after RL], ...}
+        "heldout_by_level": {k.removeprefix("eval/heldout_success_"): sft_and_final(k) for k in levels},
         "trajectories_trained": sum(m.values.get("batch/trajectories", 0.0) for m in rl),
         "tokens_merged_total": sum(m.values.get("tokens/merged", 0.0) for m in rl),
         "staleness_max": max((v for _, v in series(rl, "staleness/max")), default=None),
@@ -118,13 +130,15 @@ def write_report(run: run_pb2.Run, metrics: Sequence[run_pb2.StepMetrics], out_d
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, dict):  # heldout_by_level: {"level3": [after SFT, after RL]}
+        return ", ".join(f"{k} {' -> '.join(_fmt(v) for v in pair)}" for k, pair in value.items())
     return "-" if value is None else str(value)
 
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     keys = (
         "run_id", "state", "sft_steps", "rl_steps", "heldout_success_sft", "heldout_success_final",
-        "heldout_success_gain", "trajectories_trained", "staleness_max", "tokens_merged_total",
+        "heldout_success_gain", "heldout_by_level", "trajectories_trained", "staleness_max", "tokens_merged_total",
         "mean_step_time_s", "final_reward", "final_entropy", "final_clip_frac", "final_expert_max_violation",
     )  # fmt: skip
     return [(k, _fmt(summary.get(k))) for k in keys]

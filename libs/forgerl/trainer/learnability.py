@@ -3,7 +3,11 @@
 In-process, no services: SFT on gold trajectories, then CISPO RL with in-process sampling
 (forgerl.trainer.local_env); held-out greedy success after SFT and after RL. Prints one JSON object.
 
-    python -m forgerl.trainer.learnability --sft-steps 120 --rl-steps 30
+    python -m forgerl.trainer.learnability --preset tiny --sft-steps 800 --sft-schedule cosine --sft-warmup 50 \
+        --teacher-error 0.7 --rl-steps 40 --rl-lr 3e-4 --rl-schedule cosine --rl-warmup 10 --rl-fresh-opt
+
+(the setting of examples/tiny-tool-use.yaml; benchmarks/README.md "Learnability" has the results and the
+ablation flags' findings). `--sft-cache FILE` keeps the SFT model for the next RL variant.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
 from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
 from forgerl.trainer.schedule import learning_rate, set_learning_rate
 from forgerl.trainer.sft import SftBatches, make_examples, sft_loss_merged
-from forgerl.trainer.step import RlStepConfig, build_batch, rl_step
+from forgerl.trainer.step import RlStepConfig, build_batch, expert_bias_step, rl_step
 
 
 def evaluate(model: MiniMaxM2ForCausalLM, runner: LocalEpisodeRunner, specs: list[Any]) -> dict[str, float]:
@@ -37,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--hidden", type=int, default=0)
     p.add_argument("--layers", type=int, default=0)
     p.add_argument("--tokenizer", default="")
+    p.add_argument("--init", default="", help="start from this checkpoint (model and tokenizer), e.g. a run's init")
     p.add_argument("--sft-steps", type=int, default=100)
     p.add_argument("--sft-batch", type=int, default=16)
     p.add_argument("--sft-lr", type=float, default=3e-3)
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rl-schedule", default="constant")
     p.add_argument("--rl-min-lr", type=float, default=0.1)
     p.add_argument("--rl-warmup", type=int, default=0)
+    p.add_argument("--sft-bias", action="store_true", help="update the expert biases during SFT (as the trainer)")
     p.add_argument("--rl-freeze", default="", help="comma-separated parameter-name parts not trained in RL")
     p.add_argument("--rl-fresh-opt", action="store_true", help="a new AdamW for RL (else SFT's moments carry over)")
     p.add_argument("--rl-steps", type=int, default=20)
@@ -82,6 +88,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overrides.update(json.loads(args.override))
     cfg = ModelConfig.from_preset(args.preset, vocab_size=len(tok), **overrides)
     model = MiniMaxM2ForCausalLM(cfg)
+    if args.init:
+        from forgerl.model import load_checkpoint
+
+        tok = load_tokenizer(args.init)
+        model = load_checkpoint(args.init, dtype=torch.float32, strict=False)
+        cfg = model.config
     levels = {int(x) for x in args.levels.split(",")}
     gold = gold_trajectories("train", teacher_error_rate=args.teacher_error)
     items = [it for it in itertools.islice(gold, 4000) if it["difficulty"] in levels]
@@ -110,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if args.sft_bias:
+            expert_bias_step(model, cfg.bias_update_rate)
         if step % 20 == 0 or step == args.sft_steps - 1:
             print(f"sft {step} loss {m['sft/loss']:.3f} t {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         if args.sft_eval_every and (step + 1) % args.sft_eval_every == 0 and step + 1 < args.sft_steps:

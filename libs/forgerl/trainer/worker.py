@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -73,9 +74,18 @@ def main(argv: list[str] | None = None) -> None:
             summary = {"run_id": args.run_id, "stage": progress.stage, "rl_step": progress.rl_step}
             summary.update(sft_heldout=progress.sft_heldout, final_heldout=progress.final_heldout)
             print(json.dumps(summary))
+        if distributed:  # every rank leaves its last collective before any tears the group down
+            dist.barrier()
     finally:
         if distributed:
             dist.destroy_process_group()
+    if distributed:
+        # Under load, a rank sometimes aborts in interpreter teardown ("terminate called without an active
+        # exception": a C++ thread of the process group still joinable) after everything above is done and
+        # durable. Leave without running C++ static destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

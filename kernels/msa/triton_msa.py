@@ -42,6 +42,38 @@ def _tile_setup(
 
 
 @triton.jit
+def _query_tile(Q, q_row, head, row_ok, sqt, sqh, head_dim, BD: tl.constexpr, UPCAST: tl.constexpr):
+    """The program's query rows [HEADS * BLOCK, BD], their offsets and mask (shared with dO, O and dQ)."""
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < head_dim
+    q_off = q_row[:, None] * sqt + head[:, None] * sqh + offs_d[None, :]
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q, q_off, q_mask, offs_d, d_ok
+
+
+@triton.jit
+def _key_block(
+    q, K, V, kb, k0, g, pos, len_k, offs_d, d_ok, skt, skh, scale,
+    BLOCK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Kept key block kb of KV head g: its k and v [BLOCK, BD], their offsets and mask, the scaled scores
+    q k^T and which of them are causal and in the sequence (the block the forward and backward share)."""
+    kpos = kb * BLOCK + tl.arange(0, BLOCK)
+    kv_off = (k0 + kpos)[:, None] * skt + g * skh + offs_d[None, :]
+    kv_mask = (kpos[:, None] < len_k) & d_ok[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    visible = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] < len_k)
+    return k, v, kv_off, kv_mask, scores, visible
+
+
+@triton.jit
 def _msa_fwd_kernel(
     Q, K, V, SEL, CU_Q, CU_K, OUT, LSE,
     sqt, sqh, skt, skh, sot, soh, sel_n, sel_g, sel_q, lse_h,
@@ -53,28 +85,16 @@ def _msa_fwd_kernel(
     tile = _tile_setup(CU_Q, CU_K, pid_q, pid_ng, kv_heads, chunks, BLOCK, GROUP, HEADS)
     n, g, q_row, k0, len_k, head, pos, row_ok, live = tile
     if live:
-        offs_d = tl.arange(0, BD)
-        d_ok = offs_d < head_dim
-        q_off = q_row[:, None] * sqt + head[:, None] * sqh + offs_d[None, :]
-        q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q, _, q_mask, offs_d, d_ok = _query_tile(Q, q_row, head, row_ok, sqt, sqh, head_dim, BD, UPCAST)
         m_i = tl.full([HEADS * BLOCK], -1.0e30, tl.float32)
         l_i = tl.zeros([HEADS * BLOCK], tl.float32)
         acc = tl.zeros([HEADS * BLOCK, BD], tl.float32)
         for s_idx in range(S):
             kb = tl.load(SEL + n * sel_n + g * sel_g + pid_q * sel_q + s_idx)
             if kb >= 0:
-                kpos = kb * BLOCK + tl.arange(0, BLOCK)
-                kv_off = (k0 + kpos)[:, None] * skt + g * skh + offs_d[None, :]
-                kv_mask = (kpos[:, None] < len_k) & d_ok[None, :]
-                k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-                v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-                if UPCAST:
-                    k, v = k.to(tl.float32), v.to(tl.float32)
-                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                visible = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] < len_k)
+                _, v, _, _, scores, visible = _key_block(
+                    q, K, V, kb, k0, g, pos, len_k, offs_d, d_ok, skt, skh, scale, BLOCK, UPCAST, PRECISION
+                )
                 scores = tl.where(visible, scores, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(scores, 1))
                 alpha = tl.exp(m_i - m_new)
@@ -102,30 +122,20 @@ def _msa_bwd_kernel(
     tile = _tile_setup(CU_Q, CU_K, pid_q, pid_ng, kv_heads, chunks, BLOCK, GROUP, HEADS)
     n, g, q_row, k0, len_k, head, pos, row_ok, live = tile
     if live:
-        offs_d = tl.arange(0, BD)
-        d_ok = offs_d < head_dim
-        q_off = q_row[:, None] * sqt + head[:, None] * sqh + offs_d[None, :]
-        q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+        q, q_off, q_mask, offs_d, d_ok = _query_tile(Q, q_row, head, row_ok, sqt, sqh, head_dim, BD, UPCAST)
         do = tl.load(DO + q_off, mask=q_mask, other=0.0)
         if UPCAST:
-            q, do = q.to(tl.float32), do.to(tl.float32)
+            do = do.to(tl.float32)
         lse = tl.load(LSE + head * lse_h + q_row, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + head * lse_h + q_row, mask=row_ok, other=0.0)
         dq = tl.zeros([HEADS * BLOCK, BD], tl.float32)
         for s_idx in range(S):
             kb = tl.load(SEL + n * sel_n + g * sel_g + pid_q * sel_q + s_idx)
             if kb >= 0:
-                kpos = kb * BLOCK + tl.arange(0, BLOCK)
-                kv_off = (k0 + kpos)[:, None] * skt + g * skh + offs_d[None, :]
-                kv_mask = (kpos[:, None] < len_k) & d_ok[None, :]
-                k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-                v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-                if UPCAST:
-                    k, v = k.to(tl.float32), v.to(tl.float32)
-                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                visible = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] < len_k) & row_ok[:, None]
-                p = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
+                k, v, kv_off, kv_mask, scores, visible = _key_block(
+                    q, K, V, kb, k0, g, pos, len_k, offs_d, d_ok, skt, skh, scale, BLOCK, UPCAST, PRECISION
+                )
+                p = tl.where(visible & row_ok[:, None], tl.exp(scores - lse[:, None]), 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)

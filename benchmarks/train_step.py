@@ -27,8 +27,7 @@ from typing import Any
 
 import torch
 
-from forgerl.model import MiniMaxM2ForCausalLM
-from forgerl.trainer.presets import model_config
+from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
 from forgerl.trainer.sft import make_example
 from forgerl.trainer.step import RlStepConfig, build_batch, rl_step
 from forgerl.v1 import trajectory_pb2
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tokenizer = train_tokenizer(vocab_size=4096)
     torch.manual_seed(args.seed)
-    base = MiniMaxM2ForCausalLM(model_config(args.preset, vocab_size=len(tokenizer)))
+    base = MiniMaxM2ForCausalLM(ModelConfig.from_preset(args.preset, vocab_size=len(tokenizer)))
     batch = build_batch(_episodes(tokenizer, args.tasks, args.group, args.seed), gamma=1.0, policy_version=0)
     results: dict[bool, dict[str, list[float]]] = {True: {"wall": [], "cpu": []}, False: {"wall": [], "cpu": []}}
     tokens: dict[bool, dict[str, float]] = {}

@@ -200,9 +200,9 @@ def start(
 
 def _bring_up(path: Path | None, preset: str) -> Any:
     """The local topology, serving a fresh checkpoint of the run's model preset first."""
+    from forgerl.local.bootstrap import ensure_initial_checkpoint
     from forgerl.local.supervisor import Supervisor
     from forgerl.local.topology import LocalTopology
-    from forgerl.trainer.presets import ensure_initial_checkpoint
 
     topology = LocalTopology.load(path, model_preset=preset)
     if Supervisor.attach(topology).processes:

@@ -36,9 +36,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from forgerl.model import MiniMaxM2ForCausalLM, load_checkpoint, save_checkpoint
+from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig, load_checkpoint, save_checkpoint
 from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
-from forgerl.trainer.presets import model_config
 from forgerl.trainer.schedule import learning_rate, set_learning_rate
 from forgerl.trainer.sft import SftBatches, make_examples, sft_loss, sft_loss_merged
 from forgerl.trainer.sources import EpisodeSource, NullPublisher, Publisher
@@ -185,7 +184,7 @@ class TrainingRun:
         else:
             path = self.settings.tokenizer_path
             self.tokenizer = load_tokenizer(path) if path else train_tokenizer(vocab_size=4096)
-            model_cfg = model_config(cfg.model_preset or "debug", vocab_size=len(self.tokenizer))
+            model_cfg = ModelConfig.from_preset(cfg.model_preset or "debug", vocab_size=len(self.tokenizer))
             self.model = MiniMaxM2ForCausalLM(model_cfg)
         self.model.train()
 

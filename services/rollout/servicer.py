@@ -74,6 +74,11 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 scaffold_version=request.scaffold_version or "default",
                 max_in_flight=request.max_in_flight,
                 publish=request.publish,
+                reward_weights=(
+                    (request.reward_weights.alpha, request.reward_weights.beta)
+                    if request.HasField("reward_weights")
+                    else None
+                ),
             )
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

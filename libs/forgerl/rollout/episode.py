@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -65,6 +66,8 @@ class EpisodeSpec:
     publish: bool = True
     attempt: int = 1
     labels: Mapping[str, str] = field(default_factory=dict)
+    # The run's (alpha, beta) reward weights; None: the runner's configured ones.
+    reward_weights: tuple[float, float] | None = None
 
 
 @dataclass
@@ -212,6 +215,12 @@ class EpisodeRunner:
         self.model = model
         self.http_client_factory = http_client_factory  # tests: an httpx.AsyncClient with a mock transport
 
+    def _reward_settings(self, spec: EpisodeSpec) -> RewardSettings:
+        if spec.reward_weights is None:
+            return self.rewards
+        alpha, beta = spec.reward_weights
+        return dataclasses.replace(self.rewards, alpha=alpha, beta=beta)
+
     async def run(self, spec: EpisodeSpec) -> EpisodeResult:
         task = spec.task
         try:
@@ -267,7 +276,7 @@ class EpisodeRunner:
                 success=tests.success,
                 wall_clock_s=wall,
                 baseline_s=task.baseline_s,
-                settings=self.rewards,
+                settings=self._reward_settings(spec),
             )
             trajectory_id = ""
             if opened is not None:

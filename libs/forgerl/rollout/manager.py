@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -153,6 +154,7 @@ class RolloutManager:
         scaffold_version: str,
         max_in_flight: int = 0,
         publish: bool = True,
+        reward_weights: tuple[float, float] | None = None,
     ) -> tuple[str, int]:
         if not run_id:
             raise ValueError("run_id is required")
@@ -174,6 +176,7 @@ class RolloutManager:
                     group_id=group_id,
                     publish=publish,
                     labels={"forgerl/submission": submission_id},
+                    reward_weights=reward_weights,
                 )
                 sub.episodes.append(_Episode(spec, sub))
         sub.remaining = len(sub.episodes)
@@ -300,16 +303,7 @@ class RolloutManager:
                         ep, self._event(ep, Kind.EPISODE_EVENT_KIND_RETRIED, message=f"attempt {spec.attempt}: {exc}")
                     )
                     await asyncio.sleep(self.retry_backoff_s * spec.attempt)
-                    spec = EpisodeSpec(
-                        run_id=spec.run_id,
-                        task=spec.task,
-                        scaffold_version=spec.scaffold_version,
-                        group_id=spec.group_id,
-                        episode_id=spec.episode_id,
-                        publish=spec.publish,
-                        attempt=spec.attempt + 1,
-                        labels=spec.labels,
-                    )
+                    spec = dataclasses.replace(spec, attempt=spec.attempt + 1)
                     continue
                 except EpisodeError as exc:
                     final = self._event(ep, Kind.EPISODE_EVENT_KIND_FAILED, message=str(exc))

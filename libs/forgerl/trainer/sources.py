@@ -111,6 +111,7 @@ class ServiceEpisodes:
                 scaffold_version=self._rl.scaffold_version,
                 max_in_flight=self._rl.episodes_in_flight,
                 publish=True,
+                reward_weights=rollout_pb2.RewardWeights(alpha=self._rl.alpha_process, beta=self._rl.beta_speed),
             ),
             timeout=30,
         )

@@ -25,33 +25,35 @@ _sym_db = _symbol_database.Default()
 from forgerl.v1 import trajectory_pb2 as forgerl_dot_v1_dot_trajectory__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66orgerl/v1/rollout.proto\x12\nforgerl.v1\x1a\x1b\x66orgerl/v1/trajectory.proto\"\xa5\x01\n\rSubmitRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05suite\x18\x02 \x01(\t\x12\r\n\x05split\x18\x03 \x01(\t\x12\x10\n\x08task_ids\x18\x04 \x03(\t\x12\x12\n\ngroup_size\x18\x05 \x01(\x05\x12\x18\n\x10scaffold_version\x18\x06 \x01(\t\x12\x15\n\rmax_in_flight\x18\x07 \x01(\x05\x12\x0f\n\x07publish\x18\x08 \x01(\x08\"9\n\x0eSubmitResponse\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x10\n\x08\x65pisodes\x18\x02 \x01(\x05\"\xf3\x01\n\x0c\x45pisodeEvent\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12*\n\x04kind\x18\x04 \x01(\x0e\x32\x1c.forgerl.v1.EpisodeEventKind\x12,\n\x06reward\x18\x05 \x01(\x0b\x32\x1c.forgerl.v1.RewardComponents\x12\x0f\n\x07success\x18\x06 \x01(\x08\x12\x14\n\x0cwall_clock_s\x18\x07 \x01(\x01\x12\x15\n\rtrajectory_id\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\"C\n\x1aStreamEpisodeEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rsubmission_id\x18\x02 \x01(\t\"F\n\x1bStreamEpisodeEventsResponse\x12\'\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x18.forgerl.v1.EpisodeEvent\"&\n\rCancelRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x05\"(\n\x16GetRolloutStatsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"o\n\x17GetRolloutStatsResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x03\x12\x0f\n\x07retried\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03*\xb6\x01\n\x10\x45pisodeEventKind\x12\"\n\x1e\x45PISODE_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45PISODE_EVENT_KIND_STARTED\x10\x01\x12\x1f\n\x1b\x45PISODE_EVENT_KIND_FINISHED\x10\x02\x12\x1e\n\x1a\x45PISODE_EVENT_KIND_RETRIED\x10\x03\x12\x1d\n\x19\x45PISODE_EVENT_KIND_FAILED\x10\x04\x32\xd8\x02\n\x0eRolloutService\x12?\n\x06Submit\x12\x19.forgerl.v1.SubmitRequest\x1a\x1a.forgerl.v1.SubmitResponse\x12h\n\x13StreamEpisodeEvents\x12&.forgerl.v1.StreamEpisodeEventsRequest\x1a\'.forgerl.v1.StreamEpisodeEventsResponse0\x01\x12?\n\x06\x43\x61ncel\x12\x19.forgerl.v1.CancelRequest\x1a\x1a.forgerl.v1.CancelResponse\x12Z\n\x0fGetRolloutStats\x12\".forgerl.v1.GetRolloutStatsRequest\x1a#.forgerl.v1.GetRolloutStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66orgerl/v1/rollout.proto\x12\nforgerl.v1\x1a\x1b\x66orgerl/v1/trajectory.proto\"\xd8\x01\n\rSubmitRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05suite\x18\x02 \x01(\t\x12\r\n\x05split\x18\x03 \x01(\t\x12\x10\n\x08task_ids\x18\x04 \x03(\t\x12\x12\n\ngroup_size\x18\x05 \x01(\x05\x12\x18\n\x10scaffold_version\x18\x06 \x01(\t\x12\x15\n\rmax_in_flight\x18\x07 \x01(\x05\x12\x0f\n\x07publish\x18\x08 \x01(\x08\x12\x31\n\x0ereward_weights\x18\t \x01(\x0b\x32\x19.forgerl.v1.RewardWeights\",\n\rRewardWeights\x12\r\n\x05\x61lpha\x18\x01 \x01(\x01\x12\x0c\n\x04\x62\x65ta\x18\x02 \x01(\x01\"9\n\x0eSubmitResponse\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x10\n\x08\x65pisodes\x18\x02 \x01(\x05\"\xf3\x01\n\x0c\x45pisodeEvent\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12*\n\x04kind\x18\x04 \x01(\x0e\x32\x1c.forgerl.v1.EpisodeEventKind\x12,\n\x06reward\x18\x05 \x01(\x0b\x32\x1c.forgerl.v1.RewardComponents\x12\x0f\n\x07success\x18\x06 \x01(\x08\x12\x14\n\x0cwall_clock_s\x18\x07 \x01(\x01\x12\x15\n\rtrajectory_id\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\"C\n\x1aStreamEpisodeEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rsubmission_id\x18\x02 \x01(\t\"F\n\x1bStreamEpisodeEventsResponse\x12\'\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x18.forgerl.v1.EpisodeEvent\"&\n\rCancelRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x05\"(\n\x16GetRolloutStatsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"o\n\x17GetRolloutStatsResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x03\x12\x0f\n\x07retried\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03*\xb6\x01\n\x10\x45pisodeEventKind\x12\"\n\x1e\x45PISODE_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45PISODE_EVENT_KIND_STARTED\x10\x01\x12\x1f\n\x1b\x45PISODE_EVENT_KIND_FINISHED\x10\x02\x12\x1e\n\x1a\x45PISODE_EVENT_KIND_RETRIED\x10\x03\x12\x1d\n\x19\x45PISODE_EVENT_KIND_FAILED\x10\x04\x32\xd8\x02\n\x0eRolloutService\x12?\n\x06Submit\x12\x19.forgerl.v1.SubmitRequest\x1a\x1a.forgerl.v1.SubmitResponse\x12h\n\x13StreamEpisodeEvents\x12&.forgerl.v1.StreamEpisodeEventsRequest\x1a\'.forgerl.v1.StreamEpisodeEventsResponse0\x01\x12?\n\x06\x43\x61ncel\x12\x19.forgerl.v1.CancelRequest\x1a\x1a.forgerl.v1.CancelResponse\x12Z\n\x0fGetRolloutStats\x12\".forgerl.v1.GetRolloutStatsRequest\x1a#.forgerl.v1.GetRolloutStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'forgerl.v1.rollout_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EPISODEEVENTKIND']._serialized_start=916
-  _globals['_EPISODEEVENTKIND']._serialized_end=1098
+  _globals['_EPISODEEVENTKIND']._serialized_start=1013
+  _globals['_EPISODEEVENTKIND']._serialized_end=1195
   _globals['_SUBMITREQUEST']._serialized_start=70
-  _globals['_SUBMITREQUEST']._serialized_end=235
-  _globals['_SUBMITRESPONSE']._serialized_start=237
-  _globals['_SUBMITRESPONSE']._serialized_end=294
-  _globals['_EPISODEEVENT']._serialized_start=297
-  _globals['_EPISODEEVENT']._serialized_end=540
-  _globals['_STREAMEPISODEEVENTSREQUEST']._serialized_start=542
-  _globals['_STREAMEPISODEEVENTSREQUEST']._serialized_end=609
-  _globals['_STREAMEPISODEEVENTSRESPONSE']._serialized_start=611
-  _globals['_STREAMEPISODEEVENTSRESPONSE']._serialized_end=681
-  _globals['_CANCELREQUEST']._serialized_start=683
-  _globals['_CANCELREQUEST']._serialized_end=721
-  _globals['_CANCELRESPONSE']._serialized_start=723
-  _globals['_CANCELRESPONSE']._serialized_end=758
-  _globals['_GETROLLOUTSTATSREQUEST']._serialized_start=760
-  _globals['_GETROLLOUTSTATSREQUEST']._serialized_end=800
-  _globals['_GETROLLOUTSTATSRESPONSE']._serialized_start=802
-  _globals['_GETROLLOUTSTATSRESPONSE']._serialized_end=913
-  _globals['_ROLLOUTSERVICE']._serialized_start=1101
-  _globals['_ROLLOUTSERVICE']._serialized_end=1445
+  _globals['_SUBMITREQUEST']._serialized_end=286
+  _globals['_REWARDWEIGHTS']._serialized_start=288
+  _globals['_REWARDWEIGHTS']._serialized_end=332
+  _globals['_SUBMITRESPONSE']._serialized_start=334
+  _globals['_SUBMITRESPONSE']._serialized_end=391
+  _globals['_EPISODEEVENT']._serialized_start=394
+  _globals['_EPISODEEVENT']._serialized_end=637
+  _globals['_STREAMEPISODEEVENTSREQUEST']._serialized_start=639
+  _globals['_STREAMEPISODEEVENTSREQUEST']._serialized_end=706
+  _globals['_STREAMEPISODEEVENTSRESPONSE']._serialized_start=708
+  _globals['_STREAMEPISODEEVENTSRESPONSE']._serialized_end=778
+  _globals['_CANCELREQUEST']._serialized_start=780
+  _globals['_CANCELREQUEST']._serialized_end=818
+  _globals['_CANCELRESPONSE']._serialized_start=820
+  _globals['_CANCELRESPONSE']._serialized_end=855
+  _globals['_GETROLLOUTSTATSREQUEST']._serialized_start=857
+  _globals['_GETROLLOUTSTATSREQUEST']._serialized_end=897
+  _globals['_GETROLLOUTSTATSRESPONSE']._serialized_start=899
+  _globals['_GETROLLOUTSTATSRESPONSE']._serialized_end=1010
+  _globals['_ROLLOUTSERVICE']._serialized_start=1198
+  _globals['_ROLLOUTSERVICE']._serialized_end=1542
 # @@protoc_insertion_point(module_scope)

@@ -22,7 +22,7 @@ EPISODE_EVENT_KIND_RETRIED: EpisodeEventKind
 EPISODE_EVENT_KIND_FAILED: EpisodeEventKind
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("run_id", "suite", "split", "task_ids", "group_size", "scaffold_version", "max_in_flight", "publish")
+    __slots__ = ("run_id", "suite", "split", "task_ids", "group_size", "scaffold_version", "max_in_flight", "publish", "reward_weights")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SUITE_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class SubmitRequest(_message.Message):
     SCAFFOLD_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     PUBLISH_FIELD_NUMBER: _ClassVar[int]
+    REWARD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     suite: str
     split: str
@@ -39,7 +40,16 @@ class SubmitRequest(_message.Message):
     scaffold_version: str
     max_in_flight: int
     publish: bool
-    def __init__(self, run_id: _Optional[str] = ..., suite: _Optional[str] = ..., split: _Optional[str] = ..., task_ids: _Optional[_Iterable[str]] = ..., group_size: _Optional[int] = ..., scaffold_version: _Optional[str] = ..., max_in_flight: _Optional[int] = ..., publish: _Optional[bool] = ...) -> None: ...
+    reward_weights: RewardWeights
+    def __init__(self, run_id: _Optional[str] = ..., suite: _Optional[str] = ..., split: _Optional[str] = ..., task_ids: _Optional[_Iterable[str]] = ..., group_size: _Optional[int] = ..., scaffold_version: _Optional[str] = ..., max_in_flight: _Optional[int] = ..., publish: _Optional[bool] = ..., reward_weights: _Optional[_Union[RewardWeights, _Mapping]] = ...) -> None: ...
+
+class RewardWeights(_message.Message):
+    __slots__ = ("alpha", "beta")
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    alpha: float
+    beta: float
+    def __init__(self, alpha: _Optional[float] = ..., beta: _Optional[float] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("submission_id", "episodes")

@@ -67,7 +67,7 @@ async def test_submit_stream_stats_and_infrastructure_retries(tmp_path: Path, sa
         tool_tasks = [t.id for t in get_suite("tooluse").tasks("test")[:3]]
         sub = await stub.Submit(rollout_pb2.SubmitRequest(
             run_id="run-1", suite="tooluse", split="test", task_ids=tool_tasks, group_size=2,
-            scaffold_version="oracle", publish=False,
+            scaffold_version="oracle", publish=False, reward_weights=rollout_pb2.RewardWeights(alpha=0.1, beta=0.0),
         ))  # fmt: skip
         assert sub.episodes == 6
         swe = await stub.Submit(rollout_pb2.SubmitRequest(
@@ -75,20 +75,23 @@ async def test_submit_stream_stats_and_infrastructure_retries(tmp_path: Path, sa
         ))  # fmt: skip
         hasty = await stub.Submit(rollout_pb2.SubmitRequest(
             run_id="run-1", suite="swe", split="train", task_ids=[get_suite("swe").tasks("train")[0].id],
-            group_size=1, scaffold_version="oracle-hasty",
+            group_size=1, scaffold_version="oracle-hasty", reward_weights=rollout_pb2.RewardWeights(alpha=0.5),
         ))  # fmt: skip
         events, swe_events, hasty_events = await asyncio.gather(
             stream(stub, sub.submission_id), stream(stub, swe.submission_id), stream(stub, hasty.submission_id)
         )
         finished = [e for e in events if e.kind == K.EPISODE_EVENT_KIND_FINISHED]
         assert len(finished) == 6
-        assert all(e.success and e.reward.performance == 1.0 and e.reward.total > 0.9 for e in finished)
+        # The run's weights, not the service's (beta 0.1): no speed term in the total.
+        assert all(e.success and e.reward.performance == 1.0 and e.reward.total == 1.0 for e in finished)
+        assert all(e.reward.speed > 0 for e in finished)  # the component is still reported
         assert {e.task_id for e in finished} == set(tool_tasks)
         swe_finished = [e for e in swe_events if e.kind == K.EPISODE_EVENT_KIND_FINISHED]
         assert swe.episodes == len(swe_finished) == len(get_suite("swe").tasks("test"))
         assert all(not e.success and e.reward.total == 0.0 for e in swe_finished)
         (hasty_final,) = [e for e in hasty_events if e.kind == K.EPISODE_EVENT_KIND_FINISHED]
         assert not hasty_final.success and hasty_final.reward.process < 0
+        assert hasty_final.reward.total == pytest.approx(0.5 * hasty_final.reward.process)
         assert K.EPISODE_EVENT_KIND_RETRIED not in [e.kind for e in hasty_events]
         retried = [e for e in events + swe_events if e.kind == K.EPISODE_EVENT_KIND_RETRIED]
         assert len(retried) == 2 and all("node lost" in e.message for e in retried)

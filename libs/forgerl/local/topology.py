@@ -104,7 +104,7 @@ class LocalTopology:
         if service == "datapool":  # the trainer acks every step: an orphaned batch comes back within a minute
             env[prefix + "ACK_TIMEOUT_S"] = "60"
         if service == "rollout":
-            env[prefix + "MAX_IN_FLIGHT"] = "32"
+            env[prefix + "MAX_IN_FLIGHT"] = "64"
         if self.auth_token:
             env["FORGERL_AUTH_TOKEN"] = self.auth_token
         return env

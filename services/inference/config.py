@@ -28,5 +28,7 @@ class InferenceConfig(ServiceConfig):
         "raw_logprobs", description="Logprobs of the model's distribution, or after temperature/top-k/top-p."
     )
     executor: Literal["mp", "uni"] = Field(
-        "mp", description="vLLM executor: model worker in its own process (mp) or in the engine core (uni)."
+        "mp",
+        description="vLLM executor: model worker in its own process (mp) or in the engine core (uni). vLLM's CPU "
+        "platform turns uni into mp while its engine core runs in a process of its own (the default).",
     )

@@ -67,7 +67,8 @@ class EngineSettings:
     enforce_eager: bool = True
     seed: int = 0
     logprobs_mode: str = "raw_logprobs"
-    # "mp": the model worker in its own process (vLLM's default); "uni": inside the engine-core process.
+    # "mp": the model worker in its own process (vLLM's default); "uni": inside the engine-core process
+    # (on CPU vLLM 0.32 turns "uni" into "mp" unless VLLM_ENABLE_V1_MULTIPROCESSING=0).
     executor: str = "mp"
     warmup_tokens: int = 4
 

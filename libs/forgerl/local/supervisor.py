@@ -132,10 +132,14 @@ class Supervisor:
 
     @classmethod
     def attach(cls, topology: LocalTopology) -> Supervisor:
-        """The supervisor of a topology started earlier (from its state file); empty if none runs."""
+        """The supervisor of a topology started earlier (from its state file); empty if none runs. The
+        topology is the one recorded there (a run's `--local` topology may differ from the defaults: its
+        model), so `forgerl restart` brings a component back as it was started."""
         supervisor = cls(topology)
         if topology.state_file.exists():
             state = json.loads(topology.state_file.read_text())
+            recorded = {k: v for k, v in state["topology"].items() if k != "state_dir"}
+            supervisor.topology = LocalTopology.load(None, **recorded, state_dir=topology.state_dir)
             for entry in state["processes"]:
                 supervisor.processes[entry["name"]] = Process(**entry)
         return supervisor

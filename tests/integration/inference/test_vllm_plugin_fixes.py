@@ -153,3 +153,41 @@ def test_cpu_attention_head_padding_is_exact() -> None:
         padded,
     )
     torch.testing.assert_close(unpad_heads(out, heads, size, padded), ref, rtol=0, atol=1e-6)
+
+
+def _idle_wait_cpu_s(cond_cls: type, wall_s: float = 0.3) -> float:
+    """CPU time a queue reader burns waiting `wall_s` for a write that never comes (vLLM's read loop: wait,
+    look at the buffer, wait again)."""
+    import time
+
+    import zmq
+    from vllm.utils.network_utils import get_open_zmq_ipc_path
+
+    ctx = zmq.Context()
+    address = get_open_zmq_ipc_path()
+    writer = cond_cls(is_reader=False, context=ctx, notify_address=address)
+    reader = cond_cls(is_reader=True, context=ctx, notify_address=address)
+    start_cpu, deadline = time.thread_time(), time.monotonic() + wall_s
+    while time.monotonic() < deadline:
+        reader.wait(timeout_ms=50)
+    used = time.thread_time() - start_cpu
+    writer.local_notify_socket.close(0)
+    reader.local_notify_socket.close(0)
+    reader.read_cancel_socket.close(0)
+    reader.write_cancel_socket.close(0)
+    ctx.term()
+    return used
+
+
+def test_shm_reader_sleep(plugin_applied: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    cond = shm_broadcast.SpinCondition
+    # Asleep on the notification socket: ~0.5 ms of CPU in 0.3 s. Spinning: 0.06-0.17 s seen on 2 busy
+    # cores (a yielding spinner still gets its share), 0.3 s on an idle one.
+    assert _idle_wait_cpu_s(cond) < 0.01
+    monkeypatch.setattr(cond, "__init__", cond.__init__.__wrapped__)
+    assert _idle_wait_cpu_s(cond) > 0.03  # vLLM's own: 1 s of spinning after the last read
+    monkeypatch.undo()
+    monkeypatch.setenv("FORGERL_VLLM_SHM_BUSY_LOOP_S", "1")
+    assert _idle_wait_cpu_s(cond) > 0.03

@@ -30,9 +30,15 @@ from forgerl.trainer.sft import SftBatches, make_examples, sft_loss_merged
 from forgerl.trainer.step import RlStepConfig, build_batch, expert_bias_step, rl_step
 
 
-def evaluate(model: MiniMaxM2ForCausalLM, runner: LocalEpisodeRunner, specs: list[Any]) -> dict[str, float]:
+def evaluate(model: MiniMaxM2ForCausalLM, runner: LocalEpisodeRunner, tasks: list[Any]) -> dict[str, Any]:
+    """Greedy success on held-out tasks, overall and per level ("L3": level 3's success)."""
+    specs = suite_episode_specs("tooluse", "test", [t.id for t in tasks])
     trajs = runner.run(model, specs, temperature=0.0)
-    return {"success": sum(t.success for t in trajs) / len(trajs)}
+    levels: dict[str, list[bool]] = {}
+    for task, t in zip(tasks, trajs, strict=True):
+        levels.setdefault(f"L{task.difficulty}", []).append(t.success)
+    per_level = {k: round(sum(v) / len(v), 3) for k, v in sorted(levels.items())}
+    return {"success": sum(t.success for t in trajs) / len(trajs), **per_level}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -44,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--init", default="", help="start from this checkpoint (model and tokenizer), e.g. a run's init")
     p.add_argument("--sft-steps", type=int, default=100)
     p.add_argument("--sft-batch", type=int, default=16)
+    p.add_argument("--sft-examples", type=int, default=2000, help="gold trajectories of the train split used")
     p.add_argument("--sft-lr", type=float, default=3e-3)
     p.add_argument("--sft-schedule", default="constant")
     p.add_argument("--sft-warmup", type=int, default=0)
@@ -97,13 +104,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     levels = {int(x) for x in args.levels.split(",")}
     gold = gold_trajectories("train", teacher_error_rate=args.teacher_error)
     items = [it for it in itertools.islice(gold, 4000) if it["difficulty"] in levels]
-    examples = make_examples(tok, items[:2000])
+    examples = make_examples(tok, items[: args.sft_examples])
     batches = SftBatches(examples, args.sft_batch, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
     from forgerl.rollout.tasks import get_suite
 
     test_tasks = [t for t in get_suite("tooluse").tasks("test") if t.difficulty in levels][: args.eval_n]
-    eval_specs = suite_episode_specs("tooluse", "test", [t.id for t in test_tasks])
     train_tasks = [t for t in get_suite("tooluse").tasks("train") if t.difficulty in levels]
     result: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters()), "config": vars(args)}
     log: list[dict[str, Any]] = []
@@ -127,16 +133,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if step % 20 == 0 or step == args.sft_steps - 1:
             print(f"sft {step} loss {m['sft/loss']:.3f} t {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         if args.sft_eval_every and (step + 1) % args.sft_eval_every == 0 and step + 1 < args.sft_steps:
-            success = evaluate(model, runner, eval_specs)["success"]
+            success = evaluate(model, runner, test_tasks)
             log.append({"sft_step": step + 1, "heldout": success})
-            print(f"sft {step + 1} held-out success {success:.3f}", file=sys.stderr, flush=True)
+            print(f"sft {step + 1} held-out {json.dumps(success)}", file=sys.stderr, flush=True)
     result["sft_time_s"] = time.time() - t0
     if args.sft_cache and not cached:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, args.sft_cache)
     t1 = time.time()
-    result["sft_heldout"] = evaluate(model, runner, eval_specs)["success"]
+    result["sft_heldout"] = evaluate(model, runner, test_tasks)
     result["eval_time_s"] = time.time() - t1
-    print(f"SFT held-out success {result['sft_heldout']:.3f} (eval {result['eval_time_s']:.0f}s)", file=sys.stderr)
+    print(f"SFT held-out {json.dumps(result['sft_heldout'])} (eval {result['eval_time_s']:.0f}s)", file=sys.stderr)
     bias_rate = cfg.bias_update_rate if args.bias_rate < 0 else args.bias_rate
     rl_cfg = RlStepConfig(eps_high=args.eps_high, prefix_merge=not args.no_merge, bias_update_rate=bias_rate)
     frozen = [part for part in args.rl_freeze.split(",") if part]
@@ -171,11 +177,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "train_s": m["step_time_s"],
         }
         if (step + 1) % args.eval_every == 0:
-            entry["heldout"] = evaluate(model, runner, eval_specs)["success"]
+            entry["heldout"] = evaluate(model, runner, test_tasks)
         log.append(entry)
         print(json.dumps(entry), file=sys.stderr, flush=True)
     result["rl_time_s"] = time.time() - t2
-    result["rl_heldout"] = evaluate(model, runner, eval_specs)["success"]
+    result["rl_heldout"] = evaluate(model, runner, test_tasks)
     result["log"] = log
     print(json.dumps({k: v for k, v in result.items() if k != "log"}))
     return result

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import threading
@@ -52,12 +53,12 @@ MetricsSink = Callable[[str, int, dict[str, float]], None]  # (stage, step, valu
 @dataclass
 class TrainerSettings:
     runs_dir: Path = Path("runs")
-    threads: int = 1
+    threads: int = 1  # torch threads in RL, where rollout and inference need the other cores
+    sft_threads: int = 0  # in SFT, when nothing else runs (0: the machine's cores per rank)
     eval_tasks: int = 256  # held-out tasks evaluated greedily in-process (+-3 points at 75%)
     eval_every: int = 10  # RL steps between held-out evaluations (and after SFT, and at the end)
     fetch_timeout_s: float = 120.0
     max_new_tokens: int = 48
-    sft_examples: int = 2000  # gold trajectories of the train split used for SFT
     tokenizer_path: str | None = None  # when the run has no init_checkpoint
     max_tokens_per_pack: int = 2048
     local_episodes: bool = False  # no episode source given: sample in-process (forgerl.trainer.sources.LocalEpisodes)
@@ -337,9 +338,15 @@ class TrainingRun:
     def _run_sft(self) -> None:
         cfg = self.config.sft
         if cfg.steps > 0 and self.progress.sft_step < cfg.steps:
-            items = _suite_gold(self.config.suite, cfg.teacher_error_rate)[: self.settings.sft_examples]
+            torch.set_num_threads(self.settings.sft_threads or max(1, (os.cpu_count() or 1) // self.world))
+            items = _suite_gold(self.config.suite, cfg.teacher_error_rate)[: cfg.examples or None]
             batches = SftBatches(make_examples(self.tokenizer, items), max(1, cfg.batch_size), self.config.seed)
             every = max(1, self.config.checkpoint_every) * 10
+            bias_rate = (
+                cfg.expert_bias_update_rate
+                if cfg.HasField("expert_bias_update_rate")
+                else self.model.config.bias_update_rate
+            )
             while self.progress.sft_step < cfg.steps and not self.stopped:
                 step = self.progress.sft_step
                 started = time.perf_counter()
@@ -357,7 +364,7 @@ class TrainingRun:
                 loss.backward()
                 metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))
                 self.optimizer.step()
-                metrics.update(expert_bias_step(self.model, self.model.config.bias_update_rate))
+                metrics.update(expert_bias_step(self.model, bias_rate))
                 metrics["step_time_s"] = time.perf_counter() - started
                 metrics["lr"] = lr
                 self.progress.sft_step = step + 1
@@ -368,6 +375,7 @@ class TrainingRun:
                 self._save_state()
                 return
         # End of SFT: evaluate, publish the warm-started policy (version 1), switch the optimizer to RL.
+        torch.set_num_threads(max(1, self.settings.threads))
         ev = self.evaluate()
         self.progress.sft_heldout = ev["eval/heldout_success"]
         self._emit("sft", self.config.sft.steps, ev)

@@ -61,6 +61,8 @@ def run_config_from_dict(data: dict[str, Any]) -> run_pb2.RunConfig:
             raise ValueError(f"bad run config: {name}.min_lr_ratio must be in [0, 1] and warmup_steps >= 0")
     if not 0.0 <= config.sft.teacher_error_rate <= 1.0:
         raise ValueError("bad run config: sft.teacher_error_rate must be in [0, 1]")
+    if config.sft.examples < 0 or config.sft.expert_bias_update_rate < 0:
+        raise ValueError("bad run config: sft.examples and sft.expert_bias_update_rate must be >= 0")
     return config
 
 

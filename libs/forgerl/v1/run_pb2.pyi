@@ -43,7 +43,7 @@ ITERATION_STATE_REJECTED: IterationState
 ITERATION_STATE_ROLLED_BACK: IterationState
 
 class SftStage(_message.Message):
-    __slots__ = ("steps", "batch_size", "learning_rate", "lr_schedule", "warmup_steps", "min_lr_ratio", "teacher_error_rate")
+    __slots__ = ("steps", "batch_size", "learning_rate", "lr_schedule", "warmup_steps", "min_lr_ratio", "teacher_error_rate", "examples", "expert_bias_update_rate")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,8 @@ class SftStage(_message.Message):
     WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     MIN_LR_RATIO_FIELD_NUMBER: _ClassVar[int]
     TEACHER_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_BIAS_UPDATE_RATE_FIELD_NUMBER: _ClassVar[int]
     steps: int
     batch_size: int
     learning_rate: float
@@ -58,7 +60,9 @@ class SftStage(_message.Message):
     warmup_steps: int
     min_lr_ratio: float
     teacher_error_rate: float
-    def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., teacher_error_rate: _Optional[float] = ...) -> None: ...
+    examples: int
+    expert_bias_update_rate: float
+    def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., teacher_error_rate: _Optional[float] = ..., examples: _Optional[int] = ..., expert_bias_update_rate: _Optional[float] = ...) -> None: ...
 
 class RlStage(_message.Message):
     __slots__ = ("steps", "batch_size", "group_size", "learning_rate", "loss", "eps_high", "eps_low", "gamma", "alpha_process", "beta_speed", "fifo_window", "max_staleness", "episodes_in_flight", "scaffold_version", "prefix_merge", "mtp_loss_weight", "routing_replay", "lr_schedule", "warmup_steps", "min_lr_ratio", "scale_advantages_by_std")

@@ -21,14 +21,15 @@ CONFIG = {
     "seed": 3,
     "checkpoint_every": 2,
     # Schedules in both stages: a resumed run must pick up each step's rate where it stopped.
-    "sft": {"steps": 4, "batch_size": 4, "learning_rate": 3e-3, "lr_schedule": "cosine", "warmup_steps": 1},
+    "sft": {"steps": 4, "batch_size": 4, "learning_rate": 3e-3, "lr_schedule": "cosine", "warmup_steps": 1,
+            "examples": 40},
     "rl": {"steps": 4, "batch_size": 8, "group_size": 4, "learning_rate": 1e-3, "warmup_steps": 2},
 }
 
 
 def _settings(tmp: Path, tokenizer_dir: Path) -> TrainerSettings:
     return TrainerSettings(
-        runs_dir=tmp, eval_tasks=4, eval_every=2, max_new_tokens=12, sft_examples=40,
+        runs_dir=tmp, eval_tasks=4, eval_every=2, max_new_tokens=12,
         tokenizer_path=str(tokenizer_dir), local_episodes=True,
     )  # fmt: skip
 

@@ -28,12 +28,12 @@ def _task(question: str, tool: str, arg: str, answer: str) -> Task:
         ("Multiply 4 by 6, then subtract 2.", "calculator", "4 * 6 - 2", "22", "4 * (6 - 2)", "16"),
         ("Multiply 4 by 6, then add 2.", "calculator", "4 * 6 + 2", "26", "4 * (6 + 2)", "32"),
         (
-            "How many times does 'e' occur in 'lemon'?",
+            "How many times does 'o' occur in 'lemon'?",
             "python",
-            "print('lemon'.count('e'))",
+            "print('lemon'.count('o'))",
             "1",
-            "print('e'.count('lemon'))",
-            "0",
+            "print('lemon'.find('o'))",
+            "3",
         ),
     ],
 )

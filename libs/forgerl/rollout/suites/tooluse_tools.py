@@ -20,7 +20,7 @@ _BINOPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.FloorDiv: operator.floordiv,
     ast.Mod: operator.mod,
 }
-_STR_METHODS = {"upper", "lower", "count", "replace", "strip", "title", "capitalize"}
+_STR_METHODS = {"upper", "lower", "count", "find", "replace", "strip", "title", "capitalize"}
 
 
 def _eval(node: ast.AST, depth: int = 0) -> Any:

@@ -16,10 +16,7 @@ class TrainerConfig(ServiceConfig):
     )
     database_url: str | None = Field(None, description="Run store URL; default: SQLite under state_dir.")
     runs_dir: str = Field("runs", description="Run directories (state, checkpoints, report): <runs_dir>/<run-id>.")
-    threads: int = Field(1, ge=1, description="torch CPU threads of the training loop in RL.")
-    sft_threads: int = Field(
-        0, ge=0, description="torch CPU threads in SFT, when the other services idle (0: the cores per rank)."
-    )
+    threads: int = Field(1, ge=1, description="torch CPU threads of the training loop.")
     eval_tasks: int = Field(256, ge=1, description="Held-out tasks evaluated greedily in-process.")
     eval_every: int = Field(10, ge=1, description="RL steps between held-out evaluations.")
     fetch_timeout_s: float = Field(120.0, gt=0, description="FetchBatch waits up to this long for a full batch.")

@@ -82,7 +82,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return TrainerSettings(
             runs_dir=Path(c.runs_dir),
             threads=c.threads,
-            sft_threads=c.sft_threads,
             eval_tasks=c.eval_tasks,
             eval_every=c.eval_every,
             fetch_timeout_s=c.fetch_timeout_s,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import threading
@@ -53,8 +52,7 @@ MetricsSink = Callable[[str, int, dict[str, float]], None]  # (stage, step, valu
 @dataclass
 class TrainerSettings:
     runs_dir: Path = Path("runs")
-    threads: int = 1  # torch threads in RL, where rollout and inference need the other cores
-    sft_threads: int = 0  # in SFT, when nothing else runs (0: the machine's cores per rank)
+    threads: int = 1
     eval_tasks: int = 256  # held-out tasks evaluated greedily in-process (+-3 points at 75%)
     eval_every: int = 10  # RL steps between held-out evaluations (and after SFT, and at the end)
     fetch_timeout_s: float = 120.0
@@ -338,7 +336,6 @@ class TrainingRun:
     def _run_sft(self) -> None:
         cfg = self.config.sft
         if cfg.steps > 0 and self.progress.sft_step < cfg.steps:
-            torch.set_num_threads(self.settings.sft_threads or max(1, (os.cpu_count() or 1) // self.world))
             items = _suite_gold(self.config.suite, cfg.teacher_error_rate)[: cfg.examples or None]
             batches = SftBatches(make_examples(self.tokenizer, items), max(1, cfg.batch_size), self.config.seed)
             every = max(1, self.config.checkpoint_every) * 10
@@ -375,7 +372,6 @@ class TrainingRun:
                 self._save_state()
                 return
         # End of SFT: evaluate, publish the warm-started policy (version 1), switch the optimizer to RL.
-        torch.set_num_threads(max(1, self.settings.threads))
         ev = self.evaluate()
         self.progress.sft_heldout = ev["eval/heldout_success"]
         self._emit("sft", self.config.sft.steps, ev)

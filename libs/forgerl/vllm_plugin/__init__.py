@@ -14,9 +14,6 @@ The fixes (see `fixes` for the details and `FIXES` for their names):
   layout into the prepacked kernel buffers (no error, wrong outputs); they are prepacked again.
 - `cpu_attention_head_padding`: the CPU attention kernel has no head size 16 (our debug preset); such
   layers run zero-padded to the next supported size, which is exact.
-- `shm_reader_sleep`: the engine core and its worker wait for each other on shared-memory queues whose
-  readers spin for 1 s after every read; on CPU they sleep on the queue's notification instead
-  (`FORGERL_VLLM_SHM_BUSY_LOOP_S` sets the spin).
 
 Set `FORGERL_VLLM_DISABLE_FIXES=name,name` to leave some out (tests use it to show what a fix fixes).
 """

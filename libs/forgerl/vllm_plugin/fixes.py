@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -212,43 +211,6 @@ def apply_cpu_attention_head_padding(module: ModuleType) -> None:
     attention_cls.forward = _mark(forward, original_forward, "cpu_attention_head_padding")
 
 
-# --- 5. shared-memory queue readers that spin -----------------------------------------------------------
-
-SHM_BROADCAST_MODULE = "vllm.distributed.device_communicators.shm_broadcast"
-SHM_BUSY_LOOP_ENV = "FORGERL_VLLM_SHM_BUSY_LOOP_S"
-
-
-def shm_busy_loop_s() -> float:
-    """How long a shared-memory queue reader spins after a read before it sleeps on the queue's zmq
-    notification: `FORGERL_VLLM_SHM_BUSY_LOOP_S`, else 0 on CPU (vLLM's own 1 s elsewhere)."""
-    raw = os.environ.get(SHM_BUSY_LOOP_ENV, "")
-    if raw:
-        value = float(raw)
-        if value < 0:
-            raise ValueError(f"{SHM_BUSY_LOOP_ENV}={raw}: must be >= 0")
-        return value
-    return 0.0 if _on_cpu() else 1.0
-
-
-def apply_shm_reader_sleep(module: ModuleType) -> None:
-    """Readers of vLLM's shared-memory message queues (the engine core waiting for its worker's output, the
-    worker waiting for the next step) spin on `sched_yield` for `busy_loop_s` = 1 s after every read. On a
-    GPU host that saves microseconds per step; on a 2-core CPU host the two spinners take most of both cores
-    from the model, the gateway and the sandboxes. With 0 a reader waits on the notification the writer
-    sends after every write (no wake-up is lost: the socket keeps the last one)."""
-    cond_cls = module.SpinCondition
-    original_init = cond_cls.__init__
-    if _is_patched(original_init):
-        return
-
-    def __init__(self: Any, is_reader: bool, *args: Any, **kwargs: Any) -> None:
-        original_init(self, is_reader, *args, **kwargs)
-        if is_reader:
-            self.busy_loop_s = shm_busy_loop_s()
-
-    cond_cls.__init__ = _mark(__init__, original_init, "shm_reader_sleep")
-
-
 FIXES: dict[str, Fix] = {
     fix.name: fix
     for fix in (
@@ -275,12 +237,6 @@ FIXES: dict[str, Fix] = {
             ATTENTION_MODULE,
             apply_cpu_attention_head_padding,
             "CPU attention kernel has no head size 16 (debug preset); run it zero-padded to 32",
-        ),
-        Fix(
-            "shm_reader_sleep",
-            SHM_BROADCAST_MODULE,
-            apply_shm_reader_sleep,
-            "engine core and worker spin 1 s on sched_yield after every queue read: two cores on a CPU host",
         ),
     )
 }

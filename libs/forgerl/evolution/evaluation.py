@@ -1,0 +1,79 @@
+"""Evaluating scaffold versions: per-task scores over seeds, through the rollout service.
+
+A scaffold is scored on named tasks with `seeds` episodes each (rollout's group size); an episode scores 1
+when its tests pass and 0 otherwise, so a task's mean is its success rate and a paired difference of +0.1
+is ten points of success. Evaluations never publish to the data pool (`publish=False`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+
+from forgerl.evolution.proposers import Failure
+from forgerl.v1 import rollout_pb2, rollout_pb2_grpc
+
+
+@dataclass
+class EvaluationResult:
+    scaffold: str
+    split: str
+    scores: dict[str, list[float]]  # task id -> one score per seed
+    failures: list[Failure] = field(default_factory=list)
+    episodes: int = 0
+
+    @property
+    def success_rate(self) -> float:
+        values = [s for scores in self.scores.values() for s in scores]
+        return sum(values) / len(values) if values else 0.0
+
+
+class Evaluator(Protocol):
+    async def evaluate(
+        self, scaffold: str, suite: str, split: str, task_ids: Sequence[str], seeds: int
+    ) -> EvaluationResult: ...
+
+
+class RolloutEvaluator:
+    """Submits `seeds` episodes per task to RolloutService and collects the finished episodes' success."""
+
+    def __init__(self, channel: grpc.aio.Channel, run_id: str = "evolution", max_in_flight: int = 0) -> None:
+        self.stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+        self.run_id = run_id
+        self.max_in_flight = max_in_flight
+
+    async def evaluate(
+        self, scaffold: str, suite: str, split: str, task_ids: Sequence[str], seeds: int
+    ) -> EvaluationResult:
+        run_id = f"{self.run_id}-{uuid.uuid4().hex[:8]}"
+        submitted = await self.stub.Submit(
+            rollout_pb2.SubmitRequest(
+                run_id=run_id,
+                suite=suite,
+                split=split,
+                task_ids=list(task_ids),
+                group_size=seeds,
+                scaffold_version=scaffold,
+                max_in_flight=self.max_in_flight,
+                publish=False,
+            )
+        )
+        scores: dict[str, list[float]] = defaultdict(list)
+        failures: list[Failure] = []
+        request = rollout_pb2.StreamEpisodeEventsRequest(run_id=run_id, submission_id=submitted.submission_id)
+        async for response in self.stub.StreamEpisodeEvents(request):
+            event = response.event
+            if event.kind == rollout_pb2.EPISODE_EVENT_KIND_FINISHED:
+                scores[event.task_id].append(1.0 if event.success else 0.0)
+                if not event.success:
+                    failures.append(Failure(event.task_id, event.message))
+            elif event.kind == rollout_pb2.EPISODE_EVENT_KIND_FAILED:
+                # The sandbox failed after every retry: the agent was never judged, so it scores nothing.
+                scores[event.task_id].append(0.0)
+                failures.append(Failure(event.task_id, f"infrastructure failure: {event.message}"))
+        return EvaluationResult(scaffold, split, dict(scores), failures, submitted.episodes)

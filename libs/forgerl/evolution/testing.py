@@ -1,0 +1,50 @@
+"""A simulated suite for the controller's tests and the console's browser test: no model, known truths.
+
+Each task has a fixed success probability (spread over 5%-95%, like the tool-use suite's four levels);
+a scaffold version adds `effect(config)` to every task's probability. Episodes are Bernoulli draws from a
+seeded generator, so a test knows the true difference it planted and measures how often the rule finds it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+from forgerl.evolution.evaluation import EvaluationResult
+from forgerl.evolution.proposers import Failure
+from forgerl.rollout.scaffold_config import ScaffoldConfig, ScaffoldRegistry
+
+
+def task_ids(count: int, split: str = "test", suite: str = "sim") -> list[str]:
+    return [f"{suite}/{split}/{i:05d}" for i in range(count)]
+
+
+class SimulatedEvaluator:
+    def __init__(
+        self,
+        registry: ScaffoldRegistry,
+        effect: Callable[[ScaffoldConfig], float] = lambda config: 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.registry = registry
+        self.effect = effect
+        self.rng = random.Random(seed)
+        self.episodes = 0
+
+    @staticmethod
+    def base_probability(task_id: str) -> float:
+        index = int(task_id.rsplit("/", 1)[-1])
+        return 0.05 + 0.9 * ((index * 37) % 101) / 100
+
+    async def evaluate(
+        self, scaffold: str, suite: str, split: str, task_ids: Sequence[str], seeds: int
+    ) -> EvaluationResult:
+        shift = self.effect(self.registry.get(scaffold))
+        scores: dict[str, list[float]] = {}
+        failures = []
+        for task in task_ids:
+            p = min(1.0, max(0.0, self.base_probability(task) + shift))
+            scores[task] = [1.0 if self.rng.random() < p else 0.0 for _ in range(seeds)]
+            failures += [Failure(task, "wrong answer") for s in scores[task] if s == 0.0]
+        self.episodes += len(task_ids) * seeds
+        return EvaluationResult(scaffold, split, scores, failures, len(task_ids) * seeds)

@@ -209,4 +209,5 @@ class DatapoolServicer(datapool_pb2_grpc.DatapoolServiceServicer):
             acknowledged=s.acknowledged,
             in_flight=s.in_flight,
             redelivered=s.redelivered,
+            skipped=s.skipped,
         )

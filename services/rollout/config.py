@@ -14,7 +14,9 @@ class RolloutConfig(ServiceConfig):
         "", description="GatewayService host:port; empty: only scripted scaffolds (oracle, noop) can run."
     )
     datapool_address: str = Field(
-        "", description="DatapoolService host:port, for back-pressure on the run's lag; empty: no check."
+        "",
+        description="DatapoolService host:port: back-pressure on the run's lag, and skip markers for publishing "
+        "episodes that end without a trajectory (else the pool's window waits its gap timeout); empty: neither.",
     )
     max_pool_lag: int = Field(
         0, ge=0, description="Hold new publishing episodes while the pool's lag exceeds this; 0: never."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import grpc
 
+from forgerl.datapool.topics import skip_marker
 from forgerl.rollout.episode import EpisodeRunner, GrpcGateway
-from forgerl.rollout.manager import RolloutManager
+from forgerl.rollout.manager import ReportSkipped, RolloutManager
 from forgerl.rollout.rewards import RewardSettings
 from forgerl.rollout.sandbox.base import SandboxFactory, SandboxLimits
 from forgerl.rollout.scaffold_config import ScaffoldRegistry
@@ -136,6 +138,29 @@ def pool_lag_check(channel: grpc.aio.Channel, max_lag: int, cache_s: float = 1.0
     return behind
 
 
+def skip_reporter(channel: grpc.aio.Channel, attempts: int = 3, backoff_s: float = 1.0) -> ReportSkipped:
+    """Publishes a skip marker for an episode that ended without a trajectory (topics.skip_marker)."""
+    stub = datapool_pb2_grpc.DatapoolServiceStub(channel)
+
+    async def report(run_id: str, seq: int, episode_id: str, reason: str) -> None:
+        request = datapool_pb2.PutTrajectoriesRequest(trajectories=[skip_marker(run_id, seq, episode_id, reason)])
+        for attempt in range(1, attempts + 1):
+            try:
+                await stub.PutTrajectories(request, timeout=5.0)
+                return
+            except grpc.aio.AioRpcError as err:
+                # RESOURCE_EXHAUSTED: the run lags; UNAVAILABLE: the pool restarts. Both pass in seconds.
+                if attempt == attempts or err.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
+                    raise
+                await asyncio.sleep(backoff_s * attempt)
+
+    return report
+
+
 def build_servicer(
     config: RolloutConfig,
     *,
@@ -152,10 +177,13 @@ def build_servicer(
         channels.append(channel)
         gateway = GrpcGateway(channel)
     pool_behind = None
-    if config.datapool_address and config.max_pool_lag > 0:
+    report_skipped = None
+    if config.datapool_address:
         channel = aio_channel(config.datapool_address, config.auth_token)
         channels.append(channel)
-        pool_behind = pool_lag_check(channel, config.max_pool_lag)
+        report_skipped = skip_reporter(channel)
+        if config.max_pool_lag > 0:
+            pool_behind = pool_lag_check(channel, config.max_pool_lag)
     runner = EpisodeRunner(
         sandboxes,
         suites,
@@ -171,6 +199,7 @@ def build_servicer(
         max_attempts=config.max_attempts,
         retry_backoff_s=config.retry_backoff_s,
         pool_behind=pool_behind,
+        report_skipped=report_skipped,
     )
 
     async def close_clients() -> None:

@@ -238,8 +238,8 @@ class RunFeed:
             for p, o, found, payload, reason in items:
                 if found is None:
                     self.pool.dead_lettered(p, o, reason)
-                elif self.pool.offer(p, o, found, payload) == "queued":
-                    queued += 1
+                elif self.pool.offer(p, o, found, payload) in ("queued", "skipped_seq"):
+                    queued += 1  # a skip marker may open the window to trajectories already here
         if queued:
             self.on_data()
 

@@ -86,6 +86,7 @@ class PoolStats:
     served: int
     acknowledged: int
     redelivered: int
+    skipped: int = 0
 
 
 def _log_commit_failure(future: concurrent.futures.Future[None]) -> None:
@@ -112,7 +113,7 @@ class _Collector(Collector):
         self._pool = pool
 
     def collect(self):
-        fields = ("served", "acknowledged", "dropped_stale", "dead_lettered", "duplicates", "redelivered")
+        fields = ("served", "acknowledged", "dropped_stale", "dead_lettered", "duplicates", "redelivered", "skipped")
         families = {
             f: CounterMetricFamily(f"forgerl_datapool_{f}", f"Trajectories {f.replace('_', ' ')}", labels=["run_id"])
             for f in fields
@@ -393,6 +394,7 @@ class DataPool:
                 served=c.served,
                 acknowledged=c.acknowledged,
                 redelivered=c.redelivered,
+                skipped=c.skipped,
             )
         stats.lag = run.feed.lag()
         return stats

@@ -3,7 +3,10 @@
 What it keeps:
 - every consumed, undelivered trajectory, queued in a `forgerl.rl.WindowedFIFO` keyed by its submission
   sequence (label `forgerl/submit_seq`, else arrival order); sequence numbers skipped by the producer are
-  episodes still in flight and hold the window's head, until `gap_timeout_s` gives up on them;
+  episodes still in flight and hold the window's head, until their skip marker arrives (an episode that
+  ended without a trajectory, see `topics.skip_marker`) or `gap_timeout_s` gives up on them. A run
+  without history starts its queue at `first_seq` (rollout numbers from 0), so an episode finishing
+  first never opens the queue past earlier ones still running; after a restart the first arrival does;
 - batches served and not yet acknowledged; one not acknowledged within `ack_timeout_s` is served again
   (first, before anything newer);
 - per partition the offsets not yet settled (acknowledged, dropped as stale, dead-lettered or a
@@ -25,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from forgerl.datapool.topics import TrajectoryIndex, min_policy_version, submit_seq
+from forgerl.datapool.topics import SKIPPED_LABEL, TrajectoryIndex, min_policy_version, submit_seq
 from forgerl.rl.windowed_fifo import ItemState, WindowedFIFO
 from forgerl.v1 import trajectory_pb2
 
@@ -90,6 +93,7 @@ class PoolCounters:
     duplicates: int = 0
     redelivered: int = 0
     gaps_expired: int = 0
+    skipped: int = 0  # skip markers: sequence numbers whose episode ended without a trajectory
 
 
 class PartitionOffsets:
@@ -150,6 +154,7 @@ class RunPool:
         ack_timeout_s: float = 300.0,
         gap_timeout_s: float = 600.0,
         max_gap_fill: int = 100_000,
+        first_seq: int | None = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.run_id = run_id
@@ -161,7 +166,8 @@ class RunPool:
         self.counters = PoolCounters()
         self.partitions: dict[int, PartitionOffsets] = {}
         self._fifo: WindowedFIFO[Entry] = WindowedFIFO(window)
-        self._last_seq: int | None = None
+        # The newest sequence number queued; first_seq - 1 for a fresh run, None when the start is unknown.
+        self._last_seq: int | None = None if first_seq is None else first_seq - 1
         self._gaps: deque[tuple[float, int]] = deque()
         self._late = _Late()
         self._entries: dict[tuple[int, int], Entry] = {}  # undelivered and in-flight entries
@@ -180,6 +186,10 @@ class RunPool:
 
     def restore(self, committed: dict[int, int], records: Iterable[dict[str, Any]]) -> None:
         """Rebuild from committed offsets (partition -> offset) and the state log, before consuming."""
+        records = list(records)
+        if records or any(committed.values()):
+            # Trajectories were consumed before the restart: where the queue stands now is unknown.
+            self._last_seq = None
         for partition, offset in committed.items():
             self.partitions[partition] = PartitionOffsets(offset)
         for record in records:
@@ -199,6 +209,8 @@ class RunPool:
                         self.counters.dead_lettered += 1
                     elif reason == "dup":
                         self.counters.duplicates += 1
+                    elif reason == "skip":
+                        self.counters.skipped += 1
 
     def _restore_settled(self, partition: int, offset: int, trajectory_id: str) -> None:
         if trajectory_id:
@@ -234,7 +246,8 @@ class RunPool:
         return True
 
     def offer(self, partition: int, offset: int, index: TrajectoryIndex, payload: bytes) -> str:
-        """A checked record from Kafka: "queued", "duplicate" or "skipped" (consumed or settled before)."""
+        """A checked record from Kafka: "queued", "duplicate", "skipped_seq" (a skip marker, never served)
+        or "skipped" (consumed or settled before)."""
         if not self._consume_offset(partition, offset):
             return "skipped"
         tid = index.trajectory_id
@@ -243,6 +256,11 @@ class RunPool:
             self._settle(partition, offset, tid, "dup")
             return "duplicate"
         self._seen.add(tid)
+        if index.skipped and index.submit_seq is not None:  # decode_index guarantees the seq
+            self._skip(index.submit_seq)
+            self.counters.skipped += 1
+            self._settle(partition, offset, tid, "skip")
+            return "skipped_seq"
         entry = Entry(partition, offset, payload, tid, -1, index.min_policy_version)
         self._entries[(partition, offset)] = entry
         self._enqueue(entry, index.submit_seq)
@@ -251,7 +269,12 @@ class RunPool:
     def offer_trajectory(self, partition: int, offset: int, traj: trajectory_pb2.Trajectory) -> str:
         """offer() for a Trajectory message (tests, tools)."""
         index = TrajectoryIndex(
-            traj.trajectory_id, traj.run_id, traj.schema_version, submit_seq(traj), min_policy_version(traj)
+            traj.trajectory_id,
+            traj.run_id,
+            traj.schema_version,
+            submit_seq(traj),
+            min_policy_version(traj),
+            SKIPPED_LABEL in traj.labels,
         )
         return self.offer(partition, offset, index, traj.SerializeToString())
 
@@ -263,22 +286,33 @@ class RunPool:
         self._settle(partition, offset, "", "dead", detail=reason)
         return True
 
+    def _extend_to(self, seq: int) -> bool:
+        """Queue `seq` (and the in-flight gaps before it) when it is past the newest; False if it is not."""
+        last = self._last_seq
+        if last is not None and seq <= last:
+            return False
+        now = self.clock()
+        first_gap = seq if last is None else max(last + 1, seq - self.max_gap_fill)
+        for gap in range(first_gap, seq):
+            self._fifo.submit(gap)
+            self._gaps.append((now, gap))
+        self._fifo.submit(seq)
+        self._last_seq = seq
+        return True
+
+    def _skip(self, seq: int) -> None:
+        """The episode at `seq` sends no trajectory: stop holding the window for it."""
+        if self._extend_to(seq) or self._fifo.state(seq) is ItemState.PENDING:
+            self._fifo.drop(seq)
+        # Otherwise a trajectory holds the seq (an attempt published before a later one failed) or the
+        # head passed it: nothing waits for it.
+
     def _enqueue(self, entry: Entry, seq: int | None) -> None:
         last = self._last_seq
         if seq is None:
             seq = 0 if last is None else last + 1
         entry.seq = seq
-        if last is None or seq > last:
-            now = self.clock()
-            first_gap = seq if last is None else max(last + 1, seq - self.max_gap_fill)
-            for gap in range(first_gap, seq):
-                self._fifo.submit(gap)
-                self._gaps.append((now, gap))
-            self._fifo.submit(seq)
-            self._last_seq = seq
-            self._fifo.complete(seq, entry)
-            entry.in_fifo = True
-        elif self._fifo.state(seq) is ItemState.PENDING:
+        if self._extend_to(seq) or self._fifo.state(seq) is ItemState.PENDING:
             self._fifo.complete(seq, entry)
             entry.in_fifo = True
         else:

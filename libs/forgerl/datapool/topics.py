@@ -8,9 +8,16 @@ Per run `R` (topic-safe form of the run id, see `topic_safe`):
 - `forgerl.R.datapool.state`      the data pool's own log (one partition): acknowledged batches and
                                   settled offsets, read back on restart.
 
-The submission sequence of an episode (the order rollout submitted it in) travels in the label
+The submission sequence of an episode (its position in the run's generation queue: rollout numbers a
+run's publishing episodes 0, 1, 2, ... in the order it queues them) travels in the label
 `forgerl/submit_seq`; the data pool's windowed FIFO is keyed by it. Without the label a trajectory
 joins the queue in arrival order.
+
+An episode that ends without a trajectory (it failed, was cancelled, or its agent never called the
+model) would hold the window's head until the pool's gap timeout (600 s by default). Rollout publishes
+a skip marker for it instead (`skip_marker`): a Trajectory without turns whose labels carry its
+`forgerl/submit_seq` and `forgerl/skipped` (the reason). The pool gives up on that sequence number at
+once and never serves the marker.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from forgerl.v1 import trajectory_pb2
 __all__ = [
     "CONTENT_TYPE",
     "SCHEMA_VERSION",
+    "SKIPPED_LABEL",
     "SUBMIT_SEQ_LABEL",
     "SUPPORTED_SCHEMA_VERSIONS",
     "DecodeError",
@@ -39,6 +47,7 @@ __all__ = [
     "decode_trajectory",
     "encode_trajectory",
     "min_policy_version",
+    "skip_marker",
     "submit_seq",
     "topic_safe",
 ]
@@ -48,6 +57,7 @@ SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
 CONTENT_TYPE = b"application/x-protobuf; messageType=forgerl.v1.Trajectory"
 SCHEMA_HEADER = "forgerl-schema"
 SUBMIT_SEQ_LABEL = "forgerl/submit_seq"
+SKIPPED_LABEL = "forgerl/skipped"
 
 # Kafka topic names: [a-zA-Z0-9._-], at most 249 characters.
 _TOPIC_SAFE = re.compile(r"[^a-zA-Z0-9_-]")
@@ -139,6 +149,8 @@ class TrajectoryIndex:
     schema_version: int
     submit_seq: int | None
     min_policy_version: int | None
+    # A skip marker: the episode at `submit_seq` ended without a trajectory (see the module docstring).
+    skipped: bool = False
 
 
 def decode_index(value: bytes | None, expected_run_id: str | None = None, *, full: bool = False) -> TrajectoryIndex:
@@ -149,7 +161,12 @@ def decode_index(value: bytes | None, expected_run_id: str | None = None, *, ful
     if full:
         traj = decode_trajectory(value, expected_run_id)
         return TrajectoryIndex(
-            traj.trajectory_id, traj.run_id, traj.schema_version, submit_seq(traj), min_policy_version(traj)
+            traj.trajectory_id,
+            traj.run_id,
+            traj.schema_version,
+            submit_seq(traj),
+            min_policy_version(traj),
+            SKIPPED_LABEL in traj.labels,
         )
     if not value:
         raise DecodeError("empty", "the record has no value")
@@ -165,6 +182,7 @@ def decode_index(value: bytes | None, expected_run_id: str | None = None, *, ful
         idx.schema_version,
         int(seq) if seq is not None else None,
         min((t.policy_version for t in idx.turns), default=None),
+        SKIPPED_LABEL in idx.labels,
     )
 
 
@@ -182,6 +200,8 @@ def _check(schema_version: int, trajectory_id: str, run_id: str, labels: Any, ex
         value = labels[SUBMIT_SEQ_LABEL]
         if not (value.isascii() and value.isdigit()):
             raise DecodeError("bad_submit_seq", f"label {SUBMIT_SEQ_LABEL}={value!r} is not an int >= 0")
+    elif SKIPPED_LABEL in labels:
+        raise DecodeError("bad_skip_marker", f"a skip marker ({SKIPPED_LABEL}) without its {SUBMIT_SEQ_LABEL}")
 
 
 def encode_trajectory(traj: trajectory_pb2.Trajectory) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
@@ -208,6 +228,21 @@ def decode_trajectory(value: bytes | None, expected_run_id: str | None = None) -
         raise DecodeError("not_protobuf", f"not a Trajectory protobuf ({exc})") from None
     _check(traj.schema_version, traj.trajectory_id, traj.run_id, traj.labels, expected_run_id)
     return traj
+
+
+def skip_marker(run_id: str, seq: int, episode_id: str, reason: str) -> trajectory_pb2.Trajectory:
+    """The record telling the data pool that the episode at `seq` of the run will send no trajectory.
+
+    Its trajectory_id derives from the episode, so a marker sent twice is dropped as a duplicate."""
+    if seq < 0:
+        raise ValueError(f"seq {seq}: submission sequence numbers are >= 0")
+    return trajectory_pb2.Trajectory(
+        schema_version=SCHEMA_VERSION,
+        trajectory_id=f"skip-{episode_id}",
+        run_id=run_id,
+        episode_id=episode_id,
+        labels={SUBMIT_SEQ_LABEL: str(seq), SKIPPED_LABEL: reason[:200] or "no trajectory"},
+    )
 
 
 def submit_seq(traj: trajectory_pb2.Trajectory) -> int | None:

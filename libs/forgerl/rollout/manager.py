@@ -9,6 +9,12 @@ agent itself botched is a normal, rewarded outcome and never retried.
 
 Every episode emits STARTED (per attempt), then RETRIED (per failed attempt), and finally FINISHED or
 FAILED. Events are kept per run (bounded), so a stream opened late replays what it missed, then follows.
+
+Each publishing episode is stamped with its position in the run's generation queue, the label
+`forgerl/submit_seq` (0, 1, 2, ... per run, in the order `submit` queues them; retries keep it), which
+the gateway copies into the trajectory and the data pool's windowed FIFO schedules by. One that ends
+without a published trajectory (failed, cancelled, an agent that never called the model) is reported
+through `report_skipped`, so that the pool does not hold its window for it until the gap timeout.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from forgerl.datapool.topics import SUBMIT_SEQ_LABEL
 from forgerl.rollout.episode import EpisodeError, EpisodeResult, EpisodeSpec, InfraError
 from forgerl.rollout.tasks import Suite, Task
 from forgerl.v1 import rollout_pb2, trajectory_pb2
@@ -32,6 +39,8 @@ Kind = rollout_pb2.EpisodeEventKind
 RunEpisode = Callable[[EpisodeSpec], Awaitable[EpisodeResult]]
 # Checked before an episode that publishes starts: True while the data pool of the run is too far behind.
 PoolBehind = Callable[[str], Awaitable[bool]]
+# Called when a publishing episode ended without a trajectory: (run_id, submit_seq, episode_id, reason).
+ReportSkipped = Callable[[str, int, str, str], Awaitable[None]]
 
 
 @dataclass
@@ -95,6 +104,8 @@ class RolloutManager:
         event_capacity: int = 100_000,
         pool_behind: PoolBehind | None = None,
         pool_poll_s: float = 1.0,
+        report_skipped: ReportSkipped | None = None,
+        report_timeout_s: float = 10.0,
     ) -> None:
         self.run_episode = run_episode
         self.suites = suites
@@ -104,6 +115,9 @@ class RolloutManager:
         self.event_capacity = event_capacity
         self.pool_behind = pool_behind
         self.pool_poll_s = pool_poll_s
+        self.report_skipped = report_skipped
+        self.report_timeout_s = report_timeout_s
+        self._next_seq: dict[str, int] = {}  # run -> the next position in its generation queue
         self.submissions: dict[str, _Submission] = {}
         self.queue: collections.deque[_Episode] = collections.deque()
         self.logs: dict[str, _EventLog] = {}
@@ -166,19 +180,25 @@ class RolloutManager:
             raise RuntimeError("rollout is shutting down")
         submission_id = uuid.uuid4().hex[:16]
         sub = _Submission(submission_id, run_id, [], max_in_flight if max_in_flight > 0 else self.max_in_flight)
+        seq = self._next_seq.get(run_id, 0)
         for task in tasks:
             group_id = f"{submission_id}:{task.id}"
             for _ in range(group_size):
+                labels = {"forgerl/submission": submission_id}
+                if publish:  # evaluations never reach the data pool: they take no place in its queue
+                    labels[SUBMIT_SEQ_LABEL] = str(seq)
+                    seq += 1
                 spec = EpisodeSpec(
                     run_id=run_id,
                     task=task,
                     scaffold_version=scaffold_version,
                     group_id=group_id,
                     publish=publish,
-                    labels={"forgerl/submission": submission_id},
+                    labels=labels,
                     reward_weights=reward_weights,
                 )
                 sub.episodes.append(_Episode(spec, sub))
+        self._next_seq[run_id] = seq
         sub.remaining = len(sub.episodes)
         self.submissions[submission_id] = sub
         self._log(run_id)
@@ -341,10 +361,33 @@ class RolloutManager:
             stats.failed += 1
         if event is not None:
             await self._emit(ep, event)
+        await self._report_if_skipped(ep, event)
         ep.submission.remaining -= 1
         if ep.submission.remaining == 0:
             ep.submission.finished_event.set()
         await self._log(ep.spec.run_id).wake()
+
+    async def _report_if_skipped(self, ep: _Episode, event: rollout_pb2.EpisodeEvent | None) -> None:
+        """Tell the data pool that a publishing episode's queue position will see no trajectory."""
+        seq = ep.spec.labels.get(SUBMIT_SEQ_LABEL)
+        if seq is None or self.report_skipped is None:
+            return
+        if event is not None and event.kind == Kind.EPISODE_EVENT_KIND_FINISHED and event.trajectory_id:
+            return
+        reason = event.message if event is not None and event.message else "ended without a trajectory"
+        try:
+            await asyncio.wait_for(
+                self.report_skipped(ep.spec.run_id, int(seq), ep.spec.episode_id, reason), self.report_timeout_s
+            )
+        except Exception as exc:  # the pool's gap timeout still frees the window, only later
+            log.warning(
+                "could not report that episode %s (run %s, submit_seq %s) sent no trajectory (%r); the data pool "
+                "holds its window for it until its gap timeout",
+                ep.spec.episode_id,
+                ep.spec.run_id,
+                seq,
+                exc,
+            )
 
     async def _emit(self, ep: _Episode, event: rollout_pb2.EpisodeEvent) -> None:
         await self._log(ep.spec.run_id).append(event)

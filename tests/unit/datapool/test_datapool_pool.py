@@ -150,9 +150,9 @@ def test_window_holds_back_items_beyond_it():
 
 def test_gap_given_up_after_timeout_and_late_arrival_served_first():
     clock = Clock()
-    pool = RunPool("r", window=2, gap_timeout_s=10, clock=clock)
+    pool = RunPool("r", window=2, gap_timeout_s=10, first_seq=None, clock=clock)
     pool.restore({0: 0}, [])
-    pool.offer_trajectory(0, 0, traj(3, seq=3))  # first arrival: no gaps before it
+    pool.offer_trajectory(0, 0, traj(3, seq=3))  # the start is unknown: the first arrival opens the queue
     pool.offer_trajectory(0, 1, traj(6, seq=6))  # 4 and 5 in flight
     entries, _ = pool.take(5)
     assert ids(entries) == ["t3"]

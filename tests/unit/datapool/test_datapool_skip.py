@@ -1,0 +1,113 @@
+"""The data pool's queue start and skip markers: a failed episode's sequence number never stalls the window."""
+
+from __future__ import annotations
+
+import pytest
+
+from forgerl.datapool.pool import RunPool
+from forgerl.datapool.topics import (
+    SKIPPED_LABEL,
+    SUBMIT_SEQ_LABEL,
+    DecodeError,
+    decode_index,
+    encode_trajectory,
+    skip_marker,
+)
+from forgerl.v1 import trajectory_pb2
+
+pytestmark = pytest.mark.unit
+
+
+def traj(seq: int) -> trajectory_pb2.Trajectory:
+    return trajectory_pb2.Trajectory(
+        schema_version=1,
+        trajectory_id=f"t{seq}",
+        run_id="r",
+        turns=[trajectory_pb2.Turn(policy_version=1)],
+        labels={SUBMIT_SEQ_LABEL: str(seq)},
+    )
+
+
+def taken(pool: RunPool, k: int = 10) -> list[str]:
+    entries, _ = pool.take(k)
+    return [e.trajectory_id for e in entries]
+
+
+def test_fresh_run_queue_starts_at_zero_so_a_fast_later_episode_waits():
+    pool = RunPool("r", window=1)
+    pool.restore({0: 0, 1: 0}, [])
+    pool.offer_trajectory(0, 0, traj(2))  # finished first, but 0 and 1 are still running
+    assert taken(pool) == []
+    pool.offer_trajectory(1, 0, traj(0))
+    assert taken(pool) == ["t0"]
+    pool.offer_trajectory(0, 1, traj(1))
+    assert taken(pool) == ["t1", "t2"]
+
+
+def test_after_a_restart_the_first_arrival_opens_the_queue():
+    # Offsets were committed before: the queue's position is unknown, nothing may wait for seqs below.
+    pool = RunPool("r", window=1)
+    pool.restore({0: 7}, [])
+    pool.offer_trajectory(0, 7, traj(40))
+    assert taken(pool) == ["t40"]
+
+
+def test_skip_marker_frees_the_head_at_once_and_is_never_served():
+    pool = RunPool("r", window=1, gap_timeout_s=600)
+    pool.restore({0: 0}, [])
+    pool.offer_trajectory(0, 0, traj(0))
+    pool.offer_trajectory(0, 1, traj(2))
+    first, _ = pool.take(10)
+    assert [e.trajectory_id for e in first] == ["t0"]  # 1 is in flight: strict FIFO waits for it
+    assert pool.offer_trajectory(0, 2, skip_marker("r", 1, "ep1", "infrastructure failure")) == "skipped_seq"
+    second, _ = pool.take(10)
+    assert [e.trajectory_id for e in second] == ["t2"]
+    assert pool.counters.skipped == 1 and pool.buffered == 0
+    assert pool.drain_log() == {"t": "settle", "i": [[0, 2, "skip-ep1", "skip"]]}
+    # The marker's offset is settled: once both trajectories are acknowledged, all 3 offsets commit.
+    batch = pool.serve(first + second)
+    reserved = pool.begin_ack(batch.batch_id)
+    assert reserved is not None
+    pool.finish_ack(reserved[0])
+    assert pool.committable() == {0: 3}
+
+
+def test_skip_marker_ahead_of_the_queue_and_twice():
+    pool = RunPool("r", window=1)
+    pool.restore({0: 0}, [])
+    pool.offer_trajectory(0, 0, skip_marker("r", 1, "ep1", "cancelled"))  # 0 running, 1 failed already
+    pool.offer_trajectory(0, 1, traj(2))
+    assert taken(pool) == []  # 0 holds the head
+    pool.offer_trajectory(0, 2, traj(0))
+    assert taken(pool) == ["t0", "t2"]
+    assert pool.offer_trajectory(0, 3, skip_marker("r", 1, "ep1", "cancelled")) == "duplicate"
+    assert pool.counters.skipped == 1
+
+
+def test_skip_marker_for_a_seq_a_trajectory_already_holds_keeps_the_trajectory():
+    # An attempt published, then the episode was reported failed (its close's answer was lost).
+    pool = RunPool("r", window=1)
+    pool.restore({0: 0}, [])
+    pool.offer_trajectory(0, 0, traj(0))
+    pool.offer_trajectory(0, 1, skip_marker("r", 0, "ep0", "gateway UNAVAILABLE"))
+    assert taken(pool) == ["t0"]
+
+
+def test_restore_counts_skips_from_the_log():
+    pool = RunPool("r")
+    pool.restore({0: 3}, [{"t": "settle", "i": [[0, 1, "skip-ep1", "skip"], [0, 2, "x", "stale"]]}])
+    assert (pool.counters.skipped, pool.counters.dropped_stale) == (1, 1)
+
+
+def test_skip_marker_decodes_and_needs_its_seq():
+    _, value, _ = encode_trajectory(skip_marker("r", 12, "ep", "cancelled"))
+    for full in (False, True):
+        index = decode_index(value, "r", full=full)
+        assert (index.submit_seq, index.skipped, index.trajectory_id) == (12, True, "skip-ep")
+    assert not decode_index(encode_trajectory(traj(3))[1], "r").skipped
+    bad = trajectory_pb2.Trajectory(schema_version=1, trajectory_id="x", run_id="r", labels={SKIPPED_LABEL: "y"})
+    with pytest.raises(DecodeError) as err:
+        decode_index(bad.SerializeToString(), "r")
+    assert err.value.reason == "bad_skip_marker"
+    with pytest.raises(ValueError):
+        skip_marker("r", -1, "ep", "x")

@@ -7,8 +7,9 @@ final norm) with the embedding of token i+k and predicts token i+k+1:
     h^k_i = Block_k(eh_proj([enorm(Emb(x_{i+k})); hnorm(h^{k-1}_i)]))
     logits = lm_head(shared_head.norm(h^k_i))
 Embedding and output head are the main model's. The concatenation puts the embedding first, as the
-`eh_proj` name says and as vLLM's DeepSeek MTP loader expects. MTP works on linear sequences (token
-i+k is the k-th next one), so it takes no tree mask: prefix-tree-packed batches skip it.
+`eh_proj` name says and as vLLM's DeepSeek MTP loader expects. `mtp_loss` works on linear sequences
+(token i+k is the k-th next one); on prefix-tree packs, where a shared node has a different k-th next
+token on each branch, `forgerl.rl.prefix_mtp` runs module k on the tree of token i+k's nodes instead.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from forgerl.model.attention import TreeMask
 from forgerl.model.block import DecoderLayer
 from forgerl.model.config import ModelConfig
 from forgerl.model.layers import RMSNorm, compute_dtype
@@ -49,11 +51,13 @@ class MTPModule(nn.Module):
         h_BND: torch.Tensor,
         emb_BND: torch.Tensor,
         rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | TreeMask | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns h^k (the next module's input) and shared_head.norm(h^k) (the head's input); both in
-        forward, where FSDP2 has this module's parameters gathered."""
+        forward, where FSDP2 has this module's parameters gathered. `attention_mask` as the model's
+        (None: causal)."""
         x_BND = self.eh_proj(torch.cat((self.enorm(emb_BND), self.hnorm(h_BND)), dim=-1))  # [B, N, 2D] -> D
-        h_BND = self.block(x_BND, rope_cos_sin, None).x_BTD
+        h_BND = self.block(x_BND, rope_cos_sin, attention_mask).x_BTD
         return h_BND, self.shared_head.norm(h_BND)
 
 
@@ -78,6 +82,22 @@ def mtp_loss(
     mask as the main loss's: module k's target at position i is token i+k+1 and uses its mask entry.
     Metrics: `mtp/loss_k` per module and `mtp/loss` (their mean), unweighted.
     """
+    losses = mtp_module_losses(model, hidden_BTD, input_ids_BT, loss_mask_BT, position_ids_BT)
+    if not losses:
+        return hidden_BTD.new_zeros(()), {}
+    mean_loss = torch.stack(losses).mean()
+    return model.config.mtp_loss_weight * mean_loss, mtp_metrics(losses)
+
+
+def mtp_module_losses(
+    model: MiniMaxM2ForCausalLM,
+    hidden_BTD: torch.Tensor,
+    input_ids_BT: torch.Tensor,
+    loss_mask_BT: torch.Tensor | None = None,
+    position_ids_BT: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Each module's masked cross-entropy (unweighted), for the modules k with T - k >= 2 (a position
+    with both token i+k and target i+k+1)."""
     b, t = input_ids_BT.shape
     if loss_mask_BT is None:
         loss_mask_BT = torch.ones_like(input_ids_BT, dtype=torch.bool)
@@ -94,9 +114,12 @@ def mtp_loss(
         h_BND, normed_BND = module(h_BND[:, :n], emb_BND, rope)
         logits_BNV = model.lm_head(normed_BND[:, : n - 1])
         losses.append(masked_cross_entropy(logits_BNV, input_ids_BT[:, k + 1 :], loss_mask_BT[:, k + 1 :]))
-    if not losses:
-        return hidden_BTD.new_zeros(()), {}
-    mean_loss = torch.stack(losses).mean()
-    metrics = {f"mtp/loss_{k}": loss.item() for k, loss in enumerate(losses, start=1)}
-    metrics["mtp/loss"] = mean_loss.item()
-    return model.config.mtp_loss_weight * mean_loss, metrics
+    return losses
+
+
+def mtp_metrics(losses: list[torch.Tensor]) -> dict[str, float]:
+    """`mtp/loss_k` per module and `mtp/loss`, their mean (unweighted)."""
+    metrics = {f"mtp/loss_{k}": float(loss.detach()) for k, loss in enumerate(losses, start=1)}
+    if losses:
+        metrics["mtp/loss"] = sum(metrics.values()) / len(losses)
+    return metrics

@@ -32,6 +32,9 @@ class LogitsOutput(Protocol):
     @property
     def logits(self) -> Tensor: ...  # [B, T, V]
 
+    @property
+    def hidden_states(self) -> Tensor: ...  # [B, T, D]: the last layer's states (read with `with_hidden`)
+
 
 class CausalLM(Protocol):
     """The model call prefix merging needs (the contract of forgerl.model.MiniMaxM2ForCausalLM)."""
@@ -81,6 +84,9 @@ def tree_attention_for(model: CausalLM) -> TreeAttention:
 class TokenOutputs:
     logprobs: Tensor  # [B, L - 1]: log p(token t+1 | tokens <= t); 0 past a sequence's end
     entropy: Tensor | None  # [B, L - 1]: entropy of that next-token distribution, when asked for
+    # Per pack of the forest (in `forest.packs` order), the model's hidden states [T, D], when asked for:
+    # the input of multi-token prediction (forgerl.rl.prefix_mtp).
+    pack_hidden: tuple[Tensor, ...] | None = None
 
 
 def forward_merged(
@@ -90,6 +96,7 @@ def forward_merged(
     routed_experts: Tensor | None = None,
     tree_attention: TreeAttention | None = None,
     with_entropy: bool = False,
+    with_hidden: bool = False,
 ) -> TokenOutputs:
     """One model call per pack; `routed_experts` [B, L, n_layers, top_k] is packed alongside the tokens.
 
@@ -98,7 +105,14 @@ def forward_merged(
         tree_attention = tree_attention_for(model)
     routes = forest.pack_per_token(routed_experts) if routed_experts is not None else [None] * len(forest.packs)
     outputs = [
-        forward_pack(model, pack, routed_experts=route, tree_attention=tree_attention, with_entropy=with_entropy)
+        forward_pack(
+            model,
+            pack,
+            routed_experts=route,
+            tree_attention=tree_attention,
+            with_entropy=with_entropy,
+            with_hidden=with_hidden,
+        )
         for pack, route in zip(forest.packs, routes, strict=True)
     ]
     width = int(forest.lengths.max()) - 1
@@ -108,7 +122,8 @@ def forward_merged(
     entropy = None
     if with_entropy:
         entropy = torch.cat([_pad_right(out.entropy, width) for out in outputs])[inverse]  # type: ignore[arg-type]
-    return TokenOutputs(logprobs, entropy)
+    pack_hidden = tuple(h for out in outputs for h in out.pack_hidden or ()) if with_hidden else None
+    return TokenOutputs(logprobs, entropy, pack_hidden)
 
 
 def forward_pack(
@@ -118,8 +133,10 @@ def forward_pack(
     routed_experts: Tensor | None = None,
     tree_attention: TreeAttention | None = None,
     with_entropy: bool = False,
+    with_hidden: bool = False,
 ) -> TokenOutputs:
-    """One pack: outputs [S, L_pack - 1] for the pack's sequences (rows `pack.sequence_rows`).
+    """One pack: outputs [S, L_pack - 1] for the pack's sequences (rows `pack.sequence_rows`), and with
+    `with_hidden` the pack's hidden states ([T, D], a one-element `pack_hidden`).
 
     For gradient accumulation pack by pack, call this per pack and backward each pack's loss.
     `tree_attention` None picks the hook by the model's attention backend (`tree_attention_for`).
@@ -146,7 +163,7 @@ def forward_pack(
     if with_entropy:
         entropy_T = _entropy(logits_TV, lse_T)
         entropy = torch.where(valid_SL, entropy_T[pack.node_index[:, :-1]], 0.0)
-    return TokenOutputs(logprobs, entropy)
+    return TokenOutputs(logprobs, entropy, (out.hidden_states[0],) if with_hidden else None)
 
 
 def forward_unmerged(

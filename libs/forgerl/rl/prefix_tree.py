@@ -67,6 +67,40 @@ class TreePack:
         last_node_S = self.node_index.gather(1, (self.lengths - 1)[:, None]).squeeze(1)
         return last_node_S[last_seq_T] + 1
 
+    def without_top_levels(self, k: int) -> tuple[TreePack, Tensor] | None:
+        """The pack of the nodes at depth >= k, each depth-k node a root, depths (positions) shifted by -k;
+        and the kept nodes' indices in this pack [T_k]. None when no sequence is longer than k.
+
+        This is the tree multi-token-prediction module k runs on: its position i of a sequence combines
+        the state at i with token i+k, so it is the node of token i+k, and it attends to positions
+        0..i, the ancestors down to depth k. Dropping nodes keeps preorder, and a subtree holds only
+        deeper nodes, so every subtree stays one contiguous range (the `TreeMask` contract).
+        """
+        if k < 0:
+            raise ValueError(f"without_top_levels({k}): k must be >= 0")
+        keep_T = self.position_ids >= k
+        seq_keep_S = self.lengths > k
+        if not bool(seq_keep_S.any()):
+            return None
+        kept_N = keep_T.nonzero().squeeze(1)
+        new_index_T = keep_T.cumsum(0) - 1  # kept node -> its index among the kept ones
+        position_N = self.position_ids[kept_N] - k
+        parent_N = torch.where(position_N == 0, -1, new_index_T[self.parent[kept_N].clamp(min=0)])
+        lengths_S = self.lengths[seq_keep_S] - k
+        old_SL = self.node_index[seq_keep_S, k:]
+        steps = torch.arange(old_SL.shape[1], device=old_SL.device)
+        node_index_SL = torch.where(steps[None, :] < lengths_S[:, None], new_index_T[old_SL], 0)
+        pack = TreePack(
+            input_ids=self.input_ids[kept_N],
+            position_ids=position_N,
+            parent=parent_N,
+            origin_row=self.origin_row[kept_N],
+            sequence_rows=self.sequence_rows[seq_keep_S],
+            node_index=node_index_SL,
+            lengths=lengths_S,
+        )
+        return pack, kept_N
+
 
 @dataclass(frozen=True)
 class PrefixForest:

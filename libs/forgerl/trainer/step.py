@@ -28,8 +28,10 @@ import torch.distributed as dist
 from torch import nn
 
 from forgerl.model import MiniMaxM2ForCausalLM, update_expert_bias
+from forgerl.model.mtp import mtp_metrics, mtp_module_losses
 from forgerl.rl.losses import get_policy_loss
 from forgerl.rl.prefix_merge import TokenOutputs, forward_merged
+from forgerl.rl.prefix_mtp import mtp_loss_merged
 from forgerl.rl.prefix_tree import PrefixForest
 from forgerl.rl.rewards import group_baseline_advantages, reward_to_go
 from forgerl.v1 import trajectory_pb2
@@ -57,7 +59,9 @@ class RlBatch:
     old_logprobs: torch.Tensor  # [B, L - 1] float: entry t is the behaviour logprob of token t + 1
     advantages: torch.Tensor  # [B, L - 1]
     mask: torch.Tensor  # [B, L - 1] bool: trained targets
-    routed_experts: torch.Tensor | None  # [B, L, nL, K] long, -1 where the rollout recorded none
+    # [B, L, nL, K] long: entry t is the routing of input position t (the forward that sampled token
+    # t + 1), as vLLM recorded it; -1 where the rollout recorded none
+    routed_experts: torch.Tensor | None
     stats: dict[str, float] = field(default_factory=dict)
 
 
@@ -130,7 +134,11 @@ def build_batch(
         adv[row, p - 1 : p - 1 + g] = float(adv_NS[i, j])
         ids = list(turn.routed_experts.expert_ids)
         if routed is not None and ids and len(ids) == g * num_layers * top_k:  # type: ignore[operator]
-            routed[row, p : p + g] = torch.tensor(ids).view(g, num_layers, top_k)  # type: ignore[arg-type]
+            # Generated token j was sampled by the forward of input position p - 1 + j, and vLLM records
+            # that forward's routing with it (forgerl.vllm_plugin.routing keeps positions from the last
+            # prompt token on): the rows are positions p - 1 .. p + g - 2. The last generated token was
+            # never fed; its routing comes from _fill_routes.
+            routed[row, p - 1 : p - 1 + g] = torch.tensor(ids).view(g, num_layers, top_k)  # type: ignore[arg-type]
     stats = {
         "batch/trajectories": float(n),
         "batch/rows": float(b),
@@ -167,7 +175,7 @@ def shard_rows(batch: RlBatch, rank: int, world: int) -> RlBatch:
 def _unmerged_forward(
     model: nn.Module, core: MiniMaxM2ForCausalLM, batch: RlBatch, routed: torch.Tensor | None, mtp_weight: float
 ) -> tuple[TokenOutputs, torch.Tensor | None, dict[str, float]]:
-    """One row per sequence, causal; also the MTP loss on the trained tokens when asked for."""
+    """One row per sequence, causal; also the weighted MTP loss on the trained tokens when asked for."""
     ids = batch.input_ids
     out = model(ids, routed_experts=routed)
     logits = out.logits[:, :-1]
@@ -179,23 +187,58 @@ def _unmerged_forward(
     logprobs = torch.where(valid, logprobs, 0.0)
     logp_all = logits - lse[..., None]
     entropy = torch.where(valid, -(logp_all.exp() * logp_all).sum(-1), 0.0)
-    mtp_loss: torch.Tensor | None = None
-    mtp_metrics: dict[str, float] = {}
-    if mtp_weight > 0 and len(core.mtp) > 0:
-        target_mask = torch.zeros_like(ids, dtype=torch.bool)
-        target_mask[:, 1:] = batch.mask
-        raw, mtp_metrics = core.mtp_loss(out.hidden_states, ids, target_mask)
-        # mtp_loss applies the model's configured weight; rescale to the run's.
-        mtp_loss = raw * (mtp_weight / max(core.config.mtp_loss_weight, 1e-12))
-    return TokenOutputs(logprobs, entropy), mtp_loss, mtp_metrics
+    if not _with_mtp(core, mtp_weight):
+        return TokenOutputs(logprobs, entropy), None, {}
+    losses = mtp_module_losses(core, out.hidden_states, ids, mtp_target_mask(batch))
+    if not losses:
+        return TokenOutputs(logprobs, entropy), None, {}
+    return TokenOutputs(logprobs, entropy), mtp_weight * torch.stack(losses).mean(), mtp_metrics(losses)
+
+
+def _merged_forward(
+    model: nn.Module, core: MiniMaxM2ForCausalLM, batch: RlBatch, routed: torch.Tensor | None, cfg: RlStepConfig
+) -> tuple[TokenOutputs, torch.Tensor | None, dict[str, float]]:
+    """One forward per prefix-tree pack; the MTP loss on the same packs (forgerl.rl.prefix_mtp), equal to
+    the unmerged one."""
+    forest = PrefixForest.build(batch.input_ids, batch.lengths, max_tokens_per_pack=cfg.max_tokens_per_pack)
+    with_mtp = _with_mtp(core, cfg.mtp_loss_weight)
+    outs = forward_merged(model, forest, routed_experts=routed, with_entropy=True, with_hidden=with_mtp)
+    metrics = {
+        "tokens/input": float(forest.num_input_tokens),
+        "tokens/packed": float(forest.num_packed_tokens),
+        "tokens/merged": float(forest.num_input_tokens - forest.num_packed_tokens),
+        "tokens/packs": float(len(forest.packs)),
+    }
+    if not with_mtp or outs.pack_hidden is None:
+        return outs, None, metrics
+    mtp_raw, mtp_metrics_ = mtp_loss_merged(core, forest, outs.pack_hidden, mtp_target_mask(batch))
+    if not mtp_metrics_:
+        return outs, None, metrics
+    return outs, cfg.mtp_loss_weight * mtp_raw, {**metrics, **mtp_metrics_}
+
+
+def _with_mtp(core: MiniMaxM2ForCausalLM, weight: float) -> bool:
+    return weight > 0 and len(core.mtp) > 0
+
+
+def mtp_target_mask(batch: RlBatch) -> torch.Tensor:
+    """bool [B, L]: the tokens that are trained targets (the MTP loss's mask; batch.mask is per target,
+    shifted by one)."""
+    target_mask = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+    target_mask[:, 1:] = batch.mask
+    return target_mask
 
 
 def _fill_routes(model: MiniMaxM2ForCausalLM, batch: RlBatch) -> torch.Tensor | None:
-    """Routing to replay [B, L, nL, K]: the rollout's expert ids for generated tokens; for positions it
-    recorded none (prompts), the routing a no-grad forward of this batch chooses."""
+    """Routing to replay [B, L, nL, K]: the rollout's expert ids where it recorded them (the last prompt
+    token and the generated tokens but the last); a position a row shares with another row's recorded
+    one (the same prefix: a later turn's prompt holds an earlier turn's generation, which the engine's
+    prefix cache reused) takes that record; for the rest, the routing a no-grad forward of this batch
+    chooses. So a shared prefix node has one routing in every row, as prefix merging needs."""
     routed = batch.routed_experts
     if routed is None:
         return None
+    routed = share_recorded_routes(routed, batch.input_ids, batch.lengths)
     missing = routed[..., 0, 0] < 0
     if not bool(missing.any()):
         return routed
@@ -205,6 +248,25 @@ def _fill_routes(model: MiniMaxM2ForCausalLM, batch: RlBatch) -> torch.Tensor | 
         fresh = model(batch.input_ids).routed_experts  # [B, L, nL, K]
     model.train(was_training)
     return torch.where(missing[..., None, None], fresh, routed)
+
+
+def share_recorded_routes(routed: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`routed` [B, L, nL, K] with every position that has no record (-1) but shares its prefix with a
+    recorded position of another row given that record."""
+    out = routed.clone()
+    for pack in PrefixForest.build(input_ids, lengths).packs:
+        steps = torch.arange(pack.node_index.shape[1])
+        valid_SL = steps[None, :] < pack.lengths[:, None]
+        rows_SL = pack.sequence_rows[:, None].expand_as(valid_SL)
+        cols_SL = steps[None, :].expand_as(valid_SL)
+        values = routed[rows_SL[valid_SL], cols_SL[valid_SL]]  # [V, nL, K]
+        nodes = pack.node_index[valid_SL]
+        recorded = values[:, 0, 0] >= 0
+        node_routes = routed.new_full((pack.num_tokens, *routed.shape[2:]), -1)
+        node_routes[nodes[recorded]] = values[recorded]
+        fill = ~recorded
+        out[rows_SL[valid_SL][fill], cols_SL[valid_SL][fill]] = node_routes[nodes[fill]]
+    return out
 
 
 def rl_step(
@@ -226,19 +288,13 @@ def rl_step(
     model.train()
     loss_fn = get_policy_loss(cfg.loss)
     metrics: dict[str, float] = dict(batch.stats)
-    forest = None
     routed = _fill_routes(core, batch) if cfg.routing_replay else None
-    mtp_loss = None
     if cfg.prefix_merge:
-        forest = PrefixForest.build(batch.input_ids, batch.lengths, max_tokens_per_pack=cfg.max_tokens_per_pack)
-        outs = forward_merged(model, forest, routed_experts=routed, with_entropy=True)
-        metrics["tokens/input"] = float(forest.num_input_tokens)
-        metrics["tokens/packed"] = float(forest.num_packed_tokens)
-        metrics["tokens/merged"] = float(forest.num_input_tokens - forest.num_packed_tokens)
-        metrics["tokens/packs"] = float(len(forest.packs))
+        outs, mtp_loss, forward_metrics = _merged_forward(model, core, batch, routed, cfg)
+        metrics.update(forward_metrics)
     else:
-        outs, mtp_loss, mtp_metrics = _unmerged_forward(model, core, batch, routed, cfg.mtp_loss_weight)
-        metrics.update(mtp_metrics)
+        outs, mtp_loss, forward_metrics = _unmerged_forward(model, core, batch, routed, cfg.mtp_loss_weight)
+        metrics.update(forward_metrics)
         metrics["tokens/input"] = float(batch.lengths.sum())
         metrics["tokens/packed"] = float(batch.input_ids.numel())
         metrics["tokens/merged"] = 0.0

@@ -93,3 +93,66 @@ def test_step_updates_weights_and_expert_bias() -> None:
     assert not torch.equal(before[bias], after[bias])
     for key in ("loss", "entropy", "clip_frac", "moe/max_violation", "tokens/merged", "step_time_s", "reward/mean"):
         assert key in metrics
+
+
+def test_merged_step_with_mtp_equals_unmerged() -> None:
+    """MTP on prefix trees (branching turns and group members) equals MTP on the rows, loss and every
+    gradient, with two modules."""
+    torch.manual_seed(0)
+    base = MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug", vocab_size=64, num_mtp_modules=2)).double()
+    batch = build_batch(_batch(), gamma=1.0, policy_version=1)
+    grads, results = {}, {}
+    for merge in (True, False):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cfg = RlStepConfig(prefix_merge=merge, mtp_loss_weight=0.3, max_grad_norm=1e9, bias_update_rate=0.0)
+        results[merge] = rl_step(model, opt, batch, cfg)
+        grads[merge] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for key in ("mtp/loss_1", "mtp/loss_2", "mtp/loss", "loss"):
+        assert abs(results[True][key] - results[False][key]) < 1e-10, key
+    assert results[True]["loss"] - results[True]["policy/loss"] == pytest.approx(0.3 * results[True]["mtp/loss"])
+    for name in grads[True]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=0, atol=1e-10)
+    assert not torch.equal(grads[True]["mtp.1.eh_proj.weight"], base.state_dict()["mtp.1.eh_proj.weight"])
+
+
+def test_mtp_loss_falls_over_merged_steps() -> None:
+    """A few merged RL steps on one batch train the MTP module: mtp/loss falls."""
+    torch.manual_seed(0)
+    model = MiniMaxM2ForCausalLM(ModelConfig.from_preset("tiny", vocab_size=64))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = build_batch(_batch(), gamma=1.0, policy_version=1)
+    cfg = RlStepConfig(prefix_merge=True, mtp_loss_weight=0.1)
+    losses = [rl_step(model, opt, batch, cfg)["mtp/loss"] for _ in range(8)]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_build_batch_places_recorded_routes_at_the_positions_that_produced_the_tokens() -> None:
+    """Route j of a turn is the forward of input position p - 1 + j (p: the first generated token)."""
+    traj = _traj("a", [1, 2, 3, 4], [[10, 11, 12]], 1.0)
+    layers, top_k, g = 2, 2, 3
+    rows = torch.arange(g * layers * top_k).view(g, layers, top_k)
+    traj.turns[0].routed_experts.num_layers = layers
+    traj.turns[0].routed_experts.top_k = top_k
+    traj.turns[0].routed_experts.expert_ids.extend(rows.flatten().tolist())
+    batch = build_batch([traj], gamma=1.0, policy_version=0, num_layers=layers, top_k=top_k)
+    assert batch.routed_experts is not None
+    assert torch.equal(batch.routed_experts[0, 3:6], rows)  # prompt of 4: positions 3, 4, 5
+    assert (batch.routed_experts[0, :3] == -1).all() and (batch.routed_experts[0, 6] == -1).all()
+
+
+def test_shared_prefixes_take_the_recorded_routes() -> None:
+    """The second turn's prompt holds the first turn's generation: its positions take the first turn's
+    records, so a merged prefix node has one routing; positions nobody recorded stay -1."""
+    from forgerl.trainer.step import share_recorded_routes
+
+    ids = torch.tensor([[1, 2, 3, 4, 0, 0], [1, 2, 3, 4, 7, 8], [1, 5, 6, 0, 0, 0]])
+    lengths = torch.tensor([4, 6, 3])
+    routed = torch.full((3, 6, 1, 2), -1)
+    routed[0, 1:3] = torch.tensor([[[0, 1]], [[2, 3]]])  # turn 1 recorded positions 1 and 2
+    routed[1, 4] = torch.tensor([[4, 5]])  # turn 2 recorded its own position 4
+    out = share_recorded_routes(routed, ids, lengths)
+    assert torch.equal(out[1, 1:3], routed[0, 1:3]) and torch.equal(out[1, 4], routed[1, 4])
+    assert (out[1, [0, 3, 5]] == -1).all()
+    assert (out[2] == -1).all()  # branches at position 1: shares only token 0, which nobody recorded
+    assert torch.equal(out[0], routed[0])

@@ -26,6 +26,7 @@ def build(config: InferenceConfig, servicer: InferenceServicer | None = None) ->
         register=lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
         on_start=servicer.start,
         on_stop=servicer.stop,
+        health_check=servicer.engine.failure,
     )
 
 

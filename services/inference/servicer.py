@@ -99,6 +99,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        await self._abort_if_dead(context)
         try:
             async for chunk in self.engine.generate(to_request(request)):
                 yield to_response(chunk)
@@ -119,6 +120,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def UpdateWeights(
         self, request: inference_pb2.UpdateWeightsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.UpdateWeightsResponse:
+        await self._abort_if_dead(context)
         if not request.checkpoint_path:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "checkpoint_path is empty: send a directory")
         if request.in_flight not in _IN_FLIGHT:
@@ -139,6 +141,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             logger.exception("UpdateWeights to %s failed", request.checkpoint_path)
             await context.abort(grpc.StatusCode.INTERNAL, f"weight update failed: {type(err).__name__}: {err}")
         return inference_pb2.UpdateWeightsResponse(policy_version=result.policy_version, reload_s=result.reload_s)
+
+    async def _abort_if_dead(self, context: grpc.aio.ServicerContext) -> None:
+        """UNAVAILABLE (retry elsewhere or later) once the engine died; health already says NOT_SERVING."""
+        failure = self.engine.failure()
+        if failure is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{failure}; restart the inference service")
 
     async def GetStatus(
         self, request: inference_pb2.GetStatusRequest, context: grpc.aio.ServicerContext

@@ -24,7 +24,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from forgerl.inference.checkpoint import CheckpointError, CheckpointInfo, check_same_architecture, inspect_checkpoint
+from forgerl.inference.checkpoint import (
+    CheckpointError,
+    CheckpointInfo,
+    check_finite,
+    check_same_architecture,
+    inspect_checkpoint,
+)
 from forgerl.inference.requests import (
     GenerationRequest,
     InvalidRequest,
@@ -332,9 +338,7 @@ class InferenceEngine:
                     f"version {version} is not newer than the served policy version {self._version}: "
                     "versions only go up"
                 )
-            assert self._served is not None
-            new = inspect_checkpoint(path)
-            check_same_architecture(new, self._served)
+            new, served = await asyncio.to_thread(self._checked, path)
             t0 = time.perf_counter()
             self._open.clear()
             try:
@@ -346,7 +350,7 @@ class InferenceEngine:
                     await self._reload(new.path)
                 except Exception as err:
                     logger.exception("reload of %s failed; reloading the served weights", new.path)
-                    await self._reload(self._served.path)
+                    await self._reload(served.path)
                     raise EngineFailure(
                         f"reloading {str(new.path)!r} failed ({err}); version {self._version} keeps serving"
                     ) from err
@@ -362,12 +366,30 @@ class InferenceEngine:
         logger.info("serving policy version %d from %s (reload %.3f s)", version, new.path, t2 - t1)
         return UpdateResult(policy_version=version, reload_s=t2 - t1, wait_s=t1 - t0)
 
+    def _checked(self, path: str) -> tuple[CheckpointInfo, CheckpointInfo]:
+        """The checkpoint at `path` if the served engine can take it in place, checked before the engine is
+        touched: vLLM's reload loads whatever it is given, and a bad file left the engine dead (issue 24)."""
+        if self._served is None:
+            raise EngineFailure("the engine has not started")
+        new = inspect_checkpoint(path)
+        check_same_architecture(new, self._served)
+        check_finite(new)
+        return new, self._served
+
     async def _reload(self, path: Path) -> None:
         await self._llm.collective_rpc(
             "reload_weights", kwargs={"weights_path": str(path.resolve()), "is_checkpoint_format": True}
         )
 
     # --- status -----------------------------------------------------------------------------------------
+
+    def failure(self) -> str | None:
+        """Why the engine cannot serve (not started, stopped, or its core process died), or None."""
+        if self._llm is None:
+            return "the vLLM engine is not running"
+        if self._llm.errored:
+            return f"the vLLM engine died: {self._llm.dead_error}"
+        return None
 
     def status(self) -> EngineStatus:
         s = self.stats

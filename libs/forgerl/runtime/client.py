@@ -22,8 +22,8 @@ def insecure_channel(address: str, token: str | None = None) -> grpc.Channel:
 
 
 def aio_channel(address: str, token: str | None = None) -> grpc.aio.Channel:
-    """An asyncio channel to `address`, carrying the bearer token when one is given."""
-    interceptors = [] if token is None else [_AioAuthInterceptor(token)]
+    """An asyncio channel to `address`, carrying the bearer token on every kind of call when one is given."""
+    interceptors = [] if token is None else _aio_auth_interceptors(token)
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
@@ -80,7 +80,19 @@ class _AuthClientInterceptor(
         return continuation(self._details(client_call_details), request_iterator)
 
 
-class _AioAuthInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+def _aio_auth_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """One interceptor per call kind: grpc.aio files each channel interceptor under the first of the four
+    kinds it is an instance of (grpc/aio/_channel.py, `isinstance` chain in Channel.__init__), so a single
+    object subclassing all four would only ever see unary-unary calls, and streams would go out anonymous."""
+    return [
+        _AioUnaryUnaryAuth(token),
+        _AioUnaryStreamAuth(token),
+        _AioStreamUnaryAuth(token),
+        _AioStreamStreamAuth(token),
+    ]
+
+
+class _AioAuth:
     def __init__(self, token: str) -> None:
         self._token = token
 
@@ -93,8 +105,22 @@ class _AioAuthInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnarySt
             details.wait_for_ready,
         )
 
+
+class _AioUnaryUnaryAuth(_AioAuth, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
+
+class _AioUnaryStreamAuth(_AioAuth, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
+
+
+class _AioStreamUnaryAuth(_AioAuth, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class _AioStreamStreamAuth(_AioAuth, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)

@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Keys that may come from a project-wide variable as well as from the service's own.
-SHARED_KEYS = ("auth_token", "log_level", "log_format", "state_dir", "host")
+SHARED_KEYS = ("auth_token", "metrics_auth", "log_level", "log_format", "state_dir", "host")
 
 
 class ConfigError(ValueError):
@@ -32,9 +32,16 @@ class ServiceConfig(BaseModel):
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 turns it off.")
     grace_s: float = Field(10.0, ge=0, description="On SIGTERM, in-flight RPCs get this long to finish.")
     auth_token: str | None = Field(None, description="When set, every RPC but health needs this bearer token.")
+    metrics_auth: bool = Field(False, description="When on, /metrics needs the bearer token too (auth_token).")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
     log_format: str = Field("json", pattern="^(json|console)$")
     state_dir: Path = Field(Path(".forgerl"), description="Local state: logs, SQLite, checkpoints.")
+
+    @model_validator(mode="after")
+    def _metrics_auth_needs_a_token(self) -> ServiceConfig:
+        if self.metrics_auth and not self.auth_token:
+            raise ValueError("metrics_auth is on but auth_token is unset: set FORGERL_AUTH_TOKEN or turn it off")
+        return self
 
 
 ConfigT = TypeVar("ConfigT", bound=ServiceConfig)
@@ -91,5 +98,7 @@ def _parse_flags(argv: list[str], cls: type[ServiceConfig]) -> dict[str, str]:
 
 def _describe(service: str, error: Mapping[str, object]) -> str:
     loc = error.get("loc", ())
-    field = str(loc[0]) if isinstance(loc, tuple) and loc else "?"
+    if not (isinstance(loc, tuple) and loc):  # a check across fields names them in its message
+        return str(error.get("msg"))
+    field = str(loc[0])
     return f"{field} (--{field.replace('_', '-')} or {env_key(service, field)}): {error.get('msg')}"

@@ -15,17 +15,23 @@ from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
 import grpc
+import structlog
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from forgerl.runtime.config import ServiceConfig
 from forgerl.runtime.interceptors import AuthInterceptor, MetricsInterceptor
 from forgerl.runtime.logs import configure_logging
+from forgerl.runtime.metrics_http import start_metrics_server
 
 # Trajectories with long prompts and routed-expert ids run to tens of MB.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# How often a service's own health check runs: well inside Kubernetes' default probe period of 10 s.
+HEALTH_POLL_S = 1.0
+
+logger = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -38,6 +44,9 @@ class ServiceSpec:
     on_start: Callable[[], Awaitable[None]] | None = None
     on_stop: Callable[[], Awaitable[None]] | None = None
     extra_names: list[str] = field(default_factory=list)
+    # Why the service cannot work right now (its engine died, its Kafka producer failed for good), or None;
+    # polled while it serves, so health says NOT_SERVING when a dependency it cannot work without is gone.
+    health_check: Callable[[], str | None] | None = None
     # The service's own Prometheus metrics; the server adds its RPC metrics and serves them on /metrics.
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
 
@@ -54,6 +63,20 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     spec: ServiceSpec
+
+    async def watch_health(self, check: Callable[[], str | None]) -> None:
+        """Poll `check` and report NOT_SERVING while it names a reason (and SERVING again once it is None)."""
+        failing: str | None = None
+        while True:
+            reason = check()
+            if reason != failing:
+                if reason is None:
+                    logger.info("health restored", service=self.spec.name)
+                else:
+                    logger.error("not serving", service=self.spec.name, reason=reason)
+                await self.set_serving(reason is None)
+                failing = reason
+            await asyncio.sleep(HEALTH_POLL_S)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -84,12 +107,17 @@ async def started_server(spec: ServiceSpec, config: ServiceConfig) -> AsyncItera
     await running.set_serving(False)
     await server.start()
     metrics_http = _start_metrics(config, registry)
+    watcher: asyncio.Task[None] | None = None
     try:
         if spec.on_start is not None:
             await spec.on_start()
         await running.set_serving(True)
+        if spec.health_check is not None:
+            watcher = asyncio.create_task(running.watch_health(spec.health_check))
         yield running
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await running.set_serving(False)
         await server.stop(config.grace_s)
         if spec.on_stop is not None:
@@ -129,5 +157,6 @@ def run_service(spec: ServiceSpec | Callable[[], ServiceSpec], config: ServiceCo
 def _start_metrics(config: ServiceConfig, registry: CollectorRegistry) -> WSGIServer | None:
     if not config.metrics_port:
         return None
-    http_server, _thread = start_http_server(config.metrics_port, addr=config.host, registry=registry)
-    return http_server
+    return start_metrics_server(
+        config.host, config.metrics_port, registry, config.auth_token if config.metrics_auth else None
+    )

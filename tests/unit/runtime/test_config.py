@@ -63,3 +63,10 @@ def test_out_of_range_port_is_refused() -> None:
 
 def test_env_key_spelling() -> None:
     assert env_key("datapool", "kafka_bootstrap") == "FORGERL_DATAPOOL_KAFKA_BOOTSTRAP"
+
+
+def test_metrics_auth_without_a_token_is_refused_with_what_to_do() -> None:
+    with pytest.raises(ConfigError, match="metrics_auth is on but auth_token is unset: set FORGERL_AUTH_TOKEN"):
+        load_config(ToyConfig, "toy", [], environ={"FORGERL_METRICS_AUTH": "true"})
+    config = load_config(ToyConfig, "toy", [], environ={"FORGERL_METRICS_AUTH": "1", "FORGERL_AUTH_TOKEN": "t"})
+    assert config.metrics_auth and config.auth_token == "t"

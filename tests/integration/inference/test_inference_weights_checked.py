@@ -1,0 +1,162 @@
+"""UpdateWeights checks a checkpoint before it reaches vLLM (issue 24, item 5), on one CPU engine for the
+module (~1 min to start): a truncated or corrupt file, a missing tensor, a wrong shape or dtype, or
+non-finite values are INVALID_ARGUMENT naming the tensor, and version 1 keeps serving exactly what it
+served when fresh; good updates after bad ones serve exactly the new weights; a dead engine is NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+import pytest_asyncio
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.torch import load_file, save_file
+
+from forgerl.inference.testing import make_checkpoint, reference_greedy
+from forgerl.runtime.testing import serve_in_process
+from forgerl.services.inference.config import InferenceConfig
+from forgerl.services.inference.main import build
+from forgerl.v1 import inference_pb2 as pb
+from forgerl.v1 import inference_pb2_grpc as pb_grpc
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+PROMPTS = [[(7 * i + 3) % 4096 for i in range(24)], [(11 * i + 5) % 4096 for i in range(40)]]
+N = 10
+ENGINE: dict[str, Any] = {"max_model_len": 256, "kv_cache_bytes": 16 * 1024 * 1024, "executor": "uni"}
+GATE = "model.layers.1.block_sparse_moe.gate.weight"
+Served = tuple[list[int], list[float]]
+
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "v1", "debug", seed=0)
+
+
+class Channel:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.stub = pb_grpc.InferenceServiceStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+        self.fresh: list[Served] = []  # what the engine served on version 1 before any update
+
+    async def greedy(self) -> list[Served]:
+        served = []
+        for prompt in PROMPTS:
+            tokens: list[int] = []
+            logprobs: list[float] = []
+            async for r in self.stub.Generate(pb.GenerateRequest(prompt_token_ids=prompt, sampling={"max_tokens": N})):
+                tokens += r.token_ids
+                logprobs += r.logprobs
+            served.append((tokens, logprobs))
+        return served
+
+    async def update(self, path: Path, version: int) -> pb.UpdateWeightsResponse:
+        return await self.stub.UpdateWeights(pb.UpdateWeightsRequest(checkpoint_path=str(path), version=version))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(v1: Path) -> AsyncIterator[Channel]:
+    config = InferenceConfig(model_path=str(v1), log_format="console", **ENGINE)
+    async with serve_in_process(build(config), config) as address, grpc.aio.insecure_channel(address) as channel:
+        served = Channel(channel)
+        served.fresh = await served.greedy()
+        yield served
+
+
+def assert_same(served: list[Served], expected: list[Served]) -> None:
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(served, expected, strict=True):
+        assert tokens == want_tokens
+        np.testing.assert_allclose(logprobs, want_logprobs, rtol=0, atol=1e-6)
+
+
+def rewritten(v1: Path, dst: Path, change: Callable[[dict[str, torch.Tensor]], object]) -> Path:
+    shutil.copytree(v1, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+def truncated(v1: Path, dst: Path) -> Path:
+    shutil.copytree(v1, dst)
+    weights = dst / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    return dst
+
+
+def corrupt_header(v1: Path, dst: Path) -> Path:
+    shutil.copytree(v1, dst)
+    weights = dst / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"\xff" * 32
+    weights.write_bytes(bytes(data))
+    return dst
+
+
+def set_gate(value: float) -> Callable[[dict[str, torch.Tensor]], None]:
+    return lambda t: t[GATE].view(-1).__setitem__(3, value)
+
+
+BAD = {
+    "truncated": (truncated, "is truncated: tensor '"),
+    "corrupt header": (corrupt_header, "not a safetensors file"),
+    "missing tensor": (lambda v1, d: rewritten(v1, d, lambda t: t.pop(GATE)), f"1 missing ['{GATE}']"),
+    "wrong shape": (lambda v1, d: rewritten(v1, d, lambda t: t.update({GATE: t[GATE].T.contiguous()})), GATE),
+    "wrong dtype": (lambda v1, d: rewritten(v1, d, lambda t: t.update({GATE: t[GATE].half()})), f"{GATE} F16"),
+    "NaN": (lambda v1, d: rewritten(v1, d, set_gate(float("nan"))), f"tensor '{GATE}' holds 1 non-finite"),
+    "infinity": (lambda v1, d: rewritten(v1, d, set_gate(float("-inf"))), f"tensor '{GATE}' holds 1 non-finite"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+async def test_a_bad_checkpoint_is_refused_and_version_1_keeps_serving(
+    engine: Channel, v1: Path, tmp_path: Path, case: str
+) -> None:
+    write, message = BAD[case]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await engine.update(write(v1, tmp_path / "bad"), version=2)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert message in (err.value.details() or "") and "policy version 1 keeps serving" in (err.value.details() or "")
+    assert (await engine.stub.GetStatus(pb.GetStatusRequest())).policy_version == 1
+    assert_same(await engine.greedy(), engine.fresh)
+
+
+async def test_good_updates_after_bad_ones_serve_exactly_the_new_weights(
+    engine: Channel, v1: Path, tmp_path: Path
+) -> None:
+    v2 = make_checkpoint(tmp_path / "v2", "debug", seed=1)
+    assert (await engine.update(v2, version=2)).policy_version == 2
+    # the PyTorch model on v2 (an independent implementation) decodes what the updated engine serves
+    served = await engine.greedy()
+    for (tokens, _), prompt in zip(served, PROMPTS, strict=True):
+        assert tokens == reference_greedy(v2, prompt, N).token_ids
+    # back to v1's weights: exactly what the fresh engine served on them, logprobs included
+    assert (await engine.update(shutil.copytree(v1, tmp_path / "v3"), version=3)).policy_version == 3
+    assert_same(await engine.greedy(), engine.fresh)
+
+
+async def test_a_dead_engine_is_not_serving(engine: Channel) -> None:
+    """Last in the module: kills the engine core process (vLLM's, a child of this test process)."""
+    cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join([*p.cmdline(), p.name()])]
+    assert cores, [p.name() for p in psutil.Process().children(recursive=True)]
+    for core in cores:
+        core.kill()
+    deadline = time.monotonic() + 30
+    while (
+        await engine.health.Check(health_pb2.HealthCheckRequest())
+    ).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < deadline, "health still SERVING 30 s after the engine core died"
+        await asyncio.sleep(0.2)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await engine.greedy()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "engine died" in (err.value.details() or "")

@@ -6,9 +6,9 @@ One `EpisodeRunner.run(spec)` is one attempt at one episode:
 2. for agents that use the model: `GatewayService.OpenEpisode` -> an episode key and the base URL the
    agent's OpenAI client talks to (the gateway records every model call token-exactly);
 3. the agent runs until it answers, spends its turn budget or hits the task's time budget;
-4. the tests: the harness and tests are written over the work directory again (with the final answer in
-   the task's answer file, if any) and the test command runs in the sandbox; graded FAIL_TO_PASS /
-   PASS_TO_PASS;
+4. the tests (forgerl.rollout.grading): the agent's source edits are applied to a clean copy of the task
+   in a fresh sandbox, with the task's tests, the harness and a canary (and the final answer in the
+   task's answer file, if any); graded FAIL_TO_PASS / PASS_TO_PASS;
 5. rewards (forgerl.rollout.rewards) and `CloseEpisode` with them, which returns the trajectory and hands
    it to the data pool when `publish` is set;
 6. the sandbox is deleted, whatever happened.
@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import Mapping
@@ -32,18 +31,17 @@ from typing import Any, Protocol
 
 import grpc
 
+from forgerl.rollout.grading import GRADING_TIMEOUT_S, run_tests
 from forgerl.rollout.rewards import RewardSettings, episode_rewards
-from forgerl.rollout.sandbox.base import Sandbox, SandboxFactory, SandboxInfraError, SandboxRequest
+from forgerl.rollout.sandbox.base import SandboxFactory, SandboxInfraError, SandboxRequest
 from forgerl.rollout.scaffold import AgentResult, EpisodeContext, ModelUnavailableError, make_agent
 from forgerl.rollout.scaffold_config import ScaffoldRegistry
-from forgerl.rollout.tasks import Grading, Suite, Task, grade, parse_results
+from forgerl.rollout.tasks import Grading, Suite, Task
 from forgerl.rollout.tools import ToolBox
 from forgerl.v1 import gateway_pb2, gateway_pb2_grpc, trajectory_pb2
 
 log = logging.getLogger("forgerl.rollout")
 
-GRADING_TIMEOUT_S = 120.0
-HARNESS_DIR = ".forgerl"  # test harnesses live here; deleted and written anew before grading
 # After the deadline the agent is cancelled; this much longer is allowed for it to wind down.
 DEADLINE_GRACE_S = 5.0
 
@@ -181,20 +179,6 @@ class GrpcGateway:
         return reply.trajectory
 
 
-async def run_tests(sandbox: Sandbox, task: Task, final_answer: str) -> Grading:
-    """Restore the tests and harness (plus the answer file), run the test command, grade."""
-    files: dict[str, str] = dict(task.test_files)
-    if task.answer_file:
-        files[task.answer_file] = final_answer
-    written = await sandbox.write_files(files, clear=[HARNESS_DIR], timeout_s=30.0)
-    if not written.ok:
-        # The agent can break this only inside its own directory (e.g. a directory where a test file goes).
-        return grade(task, None, f"could not restore the test files: {written.describe()} {written.stderr[-300:]}")
-    nonce = secrets.token_hex(8)
-    result = await sandbox.exec(task.test_command, stdin=f"{nonce}\n".encode(), timeout_s=GRADING_TIMEOUT_S)
-    return grade(task, parse_results(result.stdout, nonce), f"tests: {result.describe()}")
-
-
 class EpisodeRunner:
     def __init__(
         self,
@@ -234,7 +218,12 @@ class EpisodeRunner:
         labels = {"forgerl/run": spec.run_id, "forgerl/episode": spec.episode_id, "forgerl/task": task.id}
         try:
             sandbox = await self.sandboxes.create(
-                SandboxRequest(files=task.files, labels=labels, time_budget_s=task.time_budget_s + GRADING_TIMEOUT_S)
+                SandboxRequest(
+                    files=task.files,
+                    labels=labels,
+                    time_budget_s=task.time_budget_s + GRADING_TIMEOUT_S,
+                    environment=task.environment,
+                )
             )
         except SandboxInfraError as exc:
             raise InfraError(f"sandbox: {exc}") from exc
@@ -269,7 +258,7 @@ class EpisodeRunner:
             except ModelUnavailableError as exc:
                 raise InfraError(str(exc)) from exc
             wall = time.monotonic() - started
-            tests = await run_tests(sandbox, task, result.final_answer)
+            tests = await run_tests(self.sandboxes, sandbox, task, result.final_answer, labels=labels)
             rewards = episode_rewards(
                 result.step_processes(),
                 performance=tests.performance,

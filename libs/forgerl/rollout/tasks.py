@@ -1,13 +1,15 @@
 """The common task format of every suite, the grading of test output, and the suite registry.
 
 A task is SWE-bench-like where that applies: a work directory (`files`) the agent starts from, the
-instructions it reads, a `test_command` run in the sandbox after the agent has finished, and the test ids
-that must go from failing to passing (`fail_to_pass`) or keep passing (`pass_to_pass`). `test_files` are
-written over the work directory right before the tests run, so the agent can neither edit the tests nor
-the harness into passing, nor read a hidden answer while it works.
+instructions it reads, the test ids that must go from failing to passing (`fail_to_pass`) or keep passing
+(`pass_to_pass`), and how the tests run: a built-in `harness` ("unittest" or "pytest", ids in that
+runner's form) or the task's own `test_command`. `test_files` are added to the grading tree, over the
+agent's, so the agent can neither edit the tests into passing nor read a hidden answer while it works.
+`environment` declares the Python and packages the task's commands run with (forgerl.rollout.sandbox).
 
-The test command prints one line `FORGERL_RESULTS <nonce> {"<test id>": "pass" | "fail" | "error"}`; the
-nonce is sent on its standard input, so output the agent's code prints cannot pose as the result line.
+Grading (forgerl.rollout.grading) runs on a clean copy of the task: the test command prints one line
+`FORGERL_RESULTS <nonce> {"<test id>": "pass" | "fail" | "error"}`; the nonce is sent on its standard
+input, so output the agent's code prints cannot pose as the result line.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from forgerl.rollout.sandbox.base import TaskEnvironment
 
 RESULTS_MARKER = "FORGERL_RESULTS"
 
@@ -39,6 +43,8 @@ class Task:
     answer_file: str | None = None  # the agent's final message is written here before the tests
     difficulty: int = 1
     metadata: Mapping[str, str] = field(default_factory=dict)
+    harness: str | None = None  # "unittest" | "pytest": the built-in harness runs the tests, not test_command
+    environment: TaskEnvironment | None = None  # None: the machine's python3 / the Kubernetes default image
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -57,6 +63,14 @@ class Task:
             "answer_file": self.answer_file,
             "difficulty": self.difficulty,
             "metadata": dict(self.metadata),
+            "harness": self.harness,
+            "environment": None
+            if self.environment is None
+            else {
+                "python": self.environment.python,
+                "requirements": list(self.environment.requirements),
+                "image": self.environment.image,
+            },
         }
 
 
@@ -87,11 +101,13 @@ class Grading:
     performance: float  # fraction of FAIL_TO_PASS passing, 0 unless every PASS_TO_PASS passes
     success: bool  # resolved: every FAIL_TO_PASS and PASS_TO_PASS test passes
     detail: str = ""
+    dropped: Mapping[str, str] = field(default_factory=dict)  # agent changes left out of the grading tree: why
+    runner: Mapping[str, Any] = field(default_factory=dict)  # how the test runner ended, which python / pytest
 
 
-def parse_results(output: str, nonce: str) -> dict[str, str] | None:
-    """The result line with this nonce, or None when the test command printed none."""
-    pattern = re.compile(rf"^{RESULTS_MARKER} {re.escape(nonce)} (\{{.*\}})\s*$", re.MULTILINE)
+def tagged_json(output: str, nonce: str, marker: str) -> dict[str, Any] | None:
+    """The JSON object of the last `<marker> <nonce> {...}` line, or None when there is none."""
+    pattern = re.compile(rf"^{re.escape(marker)} {re.escape(nonce)} (\{{.*\}})\s*$", re.MULTILINE)
     found = pattern.findall(output)
     if not found:
         return None
@@ -99,7 +115,13 @@ def parse_results(output: str, nonce: str) -> dict[str, str] | None:
         data = json.loads(found[-1])
     except json.JSONDecodeError:
         return None
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def parse_results(output: str, nonce: str) -> dict[str, str] | None:
+    """The result line with this nonce, or None when the test command printed none."""
+    data = tagged_json(output, nonce, RESULTS_MARKER)
+    return None if data is None else {str(k): str(v) for k, v in data.items()}
 
 
 def grade(task: Task, results: Mapping[str, str] | None, detail: str = "") -> Grading:

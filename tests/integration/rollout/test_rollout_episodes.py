@@ -102,9 +102,10 @@ async def test_swe_editing_the_tests_gains_nothing(sandbox_root: Path, limits) -
             ".forgerl/run_tests.py": fake_harness,
             "unittest.py": "raise SystemExit('shadowed')",  # cannot shadow the standard library
         })  # fmt: skip
-        grading = await run_tests(sandbox, task, "")
+        grading = await run_tests(factory, sandbox, task, "")
         assert grading.performance == 0.0 and not grading.success
         assert all(grading.results[t] == "pass" for t in task.pass_to_pass), grading.results
+        assert set(grading.dropped) == {test_file, ".forgerl/run_tests.py"}, grading.dropped
     finally:
         await sandbox.close()
 

@@ -100,7 +100,7 @@ def test_swe_suite_tasks() -> None:
         assert not set(task.fail_to_pass) & set(task.pass_to_pass)
         module = task.metadata["module"]
         assert task.files[f"{module}.py"].count(task.metadata["buggy"]) == 1
-        assert set(task.test_files) >= {".forgerl/run_tests.py", f"tests/test_{module}.py"}
+        assert task.harness == "unittest" and set(task.test_files) == {"tests/__init__.py", f"tests/test_{module}.py"}
         assert task.test_files[f"tests/test_{module}.py"] == task.files[f"tests/test_{module}.py"]
         gold = suite.gold(task)
         assert gold.turns[0][0].name == "str_replace"

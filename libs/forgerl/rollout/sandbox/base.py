@@ -53,6 +53,23 @@ class SandboxLimits:
     disk_bytes: int = 512 << 20  # Kubernetes ephemeral storage / emptyDir size
 
 
+@dataclass(frozen=True)
+class TaskEnvironment:
+    """What a task's commands run with: a Python version and pip requirements (the local backend builds a
+    virtualenv from them once per `key()`), or a ready image (the Kubernetes backend runs it as the Pod).
+
+    None on a task means the machine's own `python3` (local) or the factory's default image (Kubernetes).
+    """
+
+    python: str = "3"  # the interpreter `python<version>` on the sandbox's PATH, e.g. "3.11"
+    requirements: tuple[str, ...] = ()  # pip requirement lines; pin them (`pytest==8.3.3`) for reproducibility
+    image: str | None = None  # a ready image with everything installed, for the Kubernetes backend
+
+    def key(self) -> str:
+        """What makes two environments the same build (the image is the Kubernetes backend's business)."""
+        return json.dumps({"python": self.python, "requirements": sorted(self.requirements)}, sort_keys=True)
+
+
 @dataclass
 class ExecResult:
     exit_code: int | None  # None when the command was killed by a signal
@@ -150,8 +167,10 @@ class Sandbox(abc.ABC):
         timeout_s: float | None = None,
         stdin: bytes | None = None,
         env: Mapping[str, str] | None = None,
+        output_bytes: int | None = None,
     ) -> ExecResult:
-        """Run a command (a string runs under `sh -c`) in the work directory."""
+        """Run a command (a string runs under `sh -c`) in the work directory. `output_bytes` overrides the
+        limits' cap on each of stdout and stderr (the grader reads the agent's changes in one call)."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -185,6 +204,7 @@ class SandboxRequest:
     files: Mapping[str, str | bytes] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
     time_budget_s: float = 600.0  # how long the sandbox may live at most (Pod activeDeadlineSeconds)
+    environment: TaskEnvironment | None = None  # None: the machine's python3 / the factory's image
 
 
 class SandboxFactory(abc.ABC):

@@ -191,6 +191,7 @@ class KubernetesSandbox(Sandbox):
         timeout_s: float | None = None,
         stdin: bytes | None = None,
         env: Mapping[str, str] | None = None,
+        output_bytes: int | None = None,
     ) -> ExecResult:
         if self.closed:
             raise SandboxInfraError(f"sandbox {self.id} is closed")
@@ -222,7 +223,7 @@ class KubernetesSandbox(Sandbox):
         timed_out = code == 137 and duration >= timeout - 0.5
         sig = code - 128 if code is not None and code > 128 else None
         exit_code = None if sig is not None else code
-        cap = self.limits.output_bytes
+        cap = output_bytes or self.limits.output_bytes
         truncated = len(out) > cap or len(err) > cap
         return ExecResult(
             exit_code=exit_code,
@@ -284,7 +285,7 @@ class KubernetesSandboxFactory(SandboxFactory):
             name,
             self.namespace,
             self.limits,
-            image=self.image,
+            image=self.image_for(request),
             labels=request.labels,
             active_deadline_s=int(request.time_budget_s),
             runtime_class=self.runtime_class,
@@ -305,6 +306,20 @@ class KubernetesSandboxFactory(SandboxFactory):
             raise SandboxInfraError(f"pod {name}: {exc}") from exc
         sandbox.start_latency_s = time.monotonic() - start
         return sandbox
+
+    def image_for(self, request: SandboxRequest) -> str:
+        """The task environment's ready image, or the factory's default when the task declares none."""
+        env = request.environment
+        if env is None:
+            return self.image
+        if env.image:
+            return env.image
+        if env.requirements:
+            raise SandboxInfraError(
+                f"the task environment declares requirements ({', '.join(env.requirements)}) but no image: "
+                "sandbox Pods have no network to install them; build an image with them and declare it as `image`"
+            )
+        return self.image
 
     async def _wait_running(self, name: str) -> None:
         deadline = time.monotonic() + self.start_timeout_s

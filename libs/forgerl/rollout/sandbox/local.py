@@ -43,6 +43,7 @@ from forgerl.rollout.sandbox.base import (
     classify,
     shell_argv,
 )
+from forgerl.rollout.sandbox.environments import EnvironmentBuilder
 
 log = logging.getLogger("forgerl.rollout")
 LAUNCHER = Path(__file__).with_name("launcher.py")
@@ -240,7 +241,13 @@ class LocalSandbox(Sandbox):
     kind = "local"
 
     def __init__(
-        self, factory: LocalSandboxFactory, sandbox_id: str, path: Path, uid: int, cgroup: SandboxCgroup | None
+        self,
+        factory: LocalSandboxFactory,
+        sandbox_id: str,
+        path: Path,
+        uid: int,
+        cgroup: SandboxCgroup | None,
+        environment: Path | None = None,
     ) -> None:
         super().__init__(sandbox_id, factory.limits)
         self.factory = factory
@@ -248,17 +255,21 @@ class LocalSandbox(Sandbox):
         self.workdir = str(path)
         self.uid = uid
         self.cgroup = cgroup
+        self.environment = environment  # the task's virtualenv (read-only here), None: the machine's python3
         self._procs: set[int] = set()
 
     def _env(self, extra: Mapping[str, str] | None) -> dict[str, str]:
+        path = DEFAULT_PATH if self.environment is None else f"{self.environment / 'bin'}:{DEFAULT_PATH}"
         env = {
-            "PATH": DEFAULT_PATH,
+            "PATH": path,
             "HOME": self.workdir,
             "TMPDIR": os.path.join(self.workdir, ".tmp"),
             "LANG": "C.UTF-8",
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONUNBUFFERED": "1",
         }
+        if self.environment is not None:
+            env["VIRTUAL_ENV"] = str(self.environment)
         if extra:
             env.update(extra)
         return env
@@ -270,6 +281,7 @@ class LocalSandbox(Sandbox):
         timeout_s: float | None = None,
         stdin: bytes | None = None,
         env: Mapping[str, str] | None = None,
+        output_bytes: int | None = None,
     ) -> ExecResult:
         if self.closed:
             raise SandboxInfraError(f"sandbox {self.id} is closed")
@@ -324,7 +336,7 @@ class LocalSandbox(Sandbox):
             os.close(spec_read)
         self._procs.add(proc.pid)
         os.set_blocking(read_fd, False)
-        cap = limits.output_bytes
+        cap = output_bytes or limits.output_bytes
         readers = asyncio.gather(_read_capped(proc.stdout, cap), _read_capped(proc.stderr, cap))
         readers.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even when cancelled
         timed_out = False
@@ -431,6 +443,7 @@ class LocalSandboxFactory(SandboxFactory):
         readonly_mounts: bool = True,
         uid_lock_dir: str | Path = UID_LOCK_DIR,
         cgroups: bool | None = None,
+        environments: EnvironmentBuilder | None = None,
     ) -> None:
         if os.geteuid() != 0:
             raise SandboxInfraError(
@@ -455,6 +468,9 @@ class LocalSandboxFactory(SandboxFactory):
         )  # fmt: skip
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)  # sandboxes can reach their own directory, never list their neighbours
+        # Task environments live beside the sandboxes: a place every sandbox uid can traverse (the service's
+        # state dir may sit under a 0700 home) and outside every work directory, so read-only inside.
+        self.environments = environments or EnvironmentBuilder(self.root / ".envs", search_path=DEFAULT_PATH)
 
     async def create(self, request: SandboxRequest) -> Sandbox:
         start = time.monotonic()
@@ -462,15 +478,20 @@ class LocalSandboxFactory(SandboxFactory):
         sandbox_id = uuid.uuid4().hex[:12]
         path = self.root / sandbox_id
         cgroup = None
+        environment = None
         try:
+            if request.environment is not None:
+                environment = await asyncio.to_thread(self.environments.ensure, request.environment)
             await asyncio.to_thread(self._prepare, path, uid, request.files)
             if self.cgroup_parents is not None:
                 cgroup = SandboxCgroup.create(f"forgerl-{sandbox_id}", self.limits, self.cgroup_parents)
-        except OSError as exc:
+        except (OSError, SandboxInfraError) as exc:
             self.uids.release(uid)
             shutil.rmtree(path, ignore_errors=True)
+            if isinstance(exc, SandboxInfraError):
+                raise
             raise SandboxInfraError(f"cannot prepare sandbox {sandbox_id} ({path}): {exc}") from exc
-        sandbox = LocalSandbox(self, sandbox_id, path, uid, cgroup)
+        sandbox = LocalSandbox(self, sandbox_id, path, uid, cgroup, environment)
         if self.probe:
             try:
                 result = await sandbox.exec(["true"], timeout_s=30.0)

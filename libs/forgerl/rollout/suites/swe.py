@@ -3,7 +3,7 @@
 Each task is a repository (a module and its `unittest` tests) with one bug injected into a correct
 module. The reward is the tests passing, SWE-bench style: FAIL_TO_PASS are the tests the bug breaks,
 PASS_TO_PASS every other test of the repository; a task is resolved when all of them pass. The tests and
-the harness are written over the work directory again right before grading, so editing them gains nothing.
+the harness are the task's in the grading tree (forgerl.rollout.grading), so editing them gains nothing.
 
 Tasks are built deterministically from the templates below (no generated data is shipped); `test` holds
 every third bug, `train` the rest. `tests/integration/rollout/test_suites.py` validates every task: the
@@ -17,54 +17,13 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from forgerl.rollout.tasks import RESULTS_MARKER, GoldSolution, Suite, Task, ToolCallSpec
+from forgerl.rollout import harness
+from forgerl.rollout.tasks import GoldSolution, Suite, Task, ToolCallSpec
 
 NAME = "swe"
 TOOLS = ("bash", "read_file", "write_file", "str_replace")
 TIME_BUDGET_S = 600.0
 BASELINE_S = 120.0
-
-HARNESS = f'''"""Runs the repository's unittest tests and prints one machine-readable result line."""
-import json
-import os
-import sys
-import unittest
-
-nonce = sys.stdin.readline().strip()
-sys.path.append(os.getcwd())  # after the standard library, so the repository cannot shadow it
-
-
-class Collect(unittest.TextTestResult):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.status = {{}}
-
-    def addSuccess(self, test):
-        super().addSuccess(test)
-        self.status[test.id()] = "pass"
-
-    def addFailure(self, test, err):
-        super().addFailure(test, err)
-        self.status[test.id()] = "fail"
-
-    def addError(self, test, err):
-        super().addError(test, err)
-        self.status[test.id()] = "error"
-
-    def addSkip(self, test, reason):
-        super().addSkip(test, reason)
-        self.status[test.id()] = "skip"
-
-
-loader = unittest.TestLoader()
-suite = unittest.TestSuite()
-for name in sorted(os.listdir("tests")):
-    if name.startswith("test") and name.endswith(".py"):
-        suite.addTests(loader.loadTestsFromName("tests." + name[:-3]))
-runner = unittest.TextTestRunner(stream=sys.stderr, resultclass=Collect, verbosity=2)
-result = runner.run(suite)
-print({RESULTS_MARKER!r}, nonce, json.dumps(result.status))
-'''
 
 
 @dataclass(frozen=True)
@@ -616,11 +575,11 @@ def _task(template: Template, bug: Bug, split: str) -> Task:
         suite=NAME,
         split=split,
         instructions=instructions,
-        test_command="python3 -I .forgerl/run_tests.py",
+        test_command=harness.COMMAND,
         time_budget_s=TIME_BUDGET_S,
         baseline_s=BASELINE_S,
         files=files,
-        test_files={".forgerl/run_tests.py": HARNESS, "tests/__init__.py": "", test_path: template.tests},
+        test_files={"tests/__init__.py": "", test_path: template.tests},
         fail_to_pass=f2p,
         pass_to_pass=p2p,
         tools=TOOLS,
@@ -632,6 +591,7 @@ def _task(template: Template, bug: Bug, split: str) -> Task:
             "buggy": bug.buggy,
             "correct": bug.correct,
         },
+        harness="unittest",
     )
 
 

@@ -29,6 +29,7 @@ def build(config: DatapoolConfig) -> ServiceSpec:
         register=lambda server: add_to_server(servicer, server),
         on_start=servicer.start,
         on_stop=servicer.stop,
+        health_check=pool.failure,
         metrics=pool.registry,  # the pool's counters (dead letters, drops, lag) on the service's /metrics
     )
 

@@ -26,6 +26,7 @@ def build(config: GatewayConfig, servicer: GatewayServicer | None = None) -> Ser
         register=lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server),
         on_start=servicer.start,
         on_stop=servicer.stop,
+        health_check=servicer.failure,
     )
 
 

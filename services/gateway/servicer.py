@@ -118,6 +118,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if self.publisher is not None:
             await self.publisher.close()
 
+    def failure(self) -> str | None:
+        """The agents' HTTP API is what the gateway is for: NOT_SERVING once its server task has ended."""
+        task = getattr(self.http, "task", None)
+        if task is not None and task.done():
+            error = None if task.cancelled() else task.exception()
+            return f"the HTTP server on port {self.config.http_port} stopped ({error!r})"
+        return None
+
     async def _core(self, context: grpc.aio.ServicerContext) -> GatewayCore:
         if self.core is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is still starting: retry shortly")

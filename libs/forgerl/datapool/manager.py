@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from forgerl.datapool.feed import KafkaSettings, RunFeed
 from forgerl.datapool.pool import AckError, PoolCounters, RunPool
-from forgerl.datapool.producer import PoolBehindError, producer_config
+from forgerl.datapool.producer import PoolBehindError, producer_config, producer_failure
 from forgerl.datapool.topics import RunTopics, encode_trajectory
 from forgerl.v1 import trajectory_pb2
 
@@ -192,6 +192,12 @@ class DataPool:
             self._producer = None
             await loop.run_in_executor(self._io, lambda: producer.close(timeout=10))
         self._io.shutdown(wait=False)
+
+    def failure(self) -> str | None:
+        """Why the pool cannot take or serve trajectories now (its producer is unusable), or None."""
+        if self._loop is None:
+            return "the data pool has not started"
+        return producer_failure(self._producer)
 
     async def _housekeep(self) -> None:
         loop = asyncio.get_running_loop()

@@ -23,7 +23,7 @@ from kafka.producer.future import FutureRecordMetadata
 from forgerl.datapool.topics import RunTopics, encode_trajectory
 from forgerl.v1 import trajectory_pb2
 
-__all__ = ["PoolBehindError", "TrajectoryProducer", "producer_config"]
+__all__ = ["PoolBehindError", "TrajectoryProducer", "producer_config", "producer_failure"]
 
 
 class PoolBehindError(RuntimeError):
@@ -50,6 +50,21 @@ def producer_config(bootstrap: str, client_id: str = "forgerl-producer", **overr
     }
     config.update(overrides)
     return config
+
+
+def producer_failure(producer: KafkaProducer | None) -> str | None:
+    """Why `producer` can send nothing more (closed, its sender thread gone, or a fatal idempotence error
+    such as OutOfOrderSequenceNumber after the broker lost its state), or None while it is usable.
+    kafka-python has no public call for this; these are the fields its own send() checks."""
+    if producer is None or getattr(producer, "_closed", True):
+        return "the Kafka producer is closed"
+    sender = getattr(producer, "_sender", None)
+    if sender is not None and not sender.is_alive():
+        return "the Kafka producer's sender thread stopped"
+    transactions = getattr(producer, "_transaction_manager", None)
+    if transactions is not None and transactions.has_fatal_error():
+        return f"the Kafka producer failed for good: {transactions.last_error!r}"
+    return None
 
 
 class TrajectoryProducer:

@@ -8,7 +8,9 @@ NOT_SERVING, new calls are refused, in-flight calls get `grace_s` to finish, the
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -32,6 +34,10 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 HEALTH_POLL_S = 1.0
 
 logger = structlog.get_logger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The server could not start (a port in use); the message says which and what to do."""
 
 
 @dataclass
@@ -96,17 +102,20 @@ async def started_server(spec: ServiceSpec, config: ServiceConfig) -> AsyncItera
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # gRPC sets SO_REUSEPORT by default: a second server on a port in use binds without an error and
+            # the kernel splits calls between the two, so health answered for a process that was not ours.
+            ("grpc.so_reuseport", 0),
         ],
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     spec.register(server)
     reflection.enable_server_reflection([*spec.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = _bind(server, spec.name, config)
     running = RunningServer(server, port, health_servicer, spec)
     await running.set_serving(False)
+    metrics_http = _start_metrics(spec.name, config, registry)
     await server.start()
-    metrics_http = _start_metrics(config, registry)
     watcher: asyncio.Task[None] | None = None
     try:
         if spec.on_start is not None:
@@ -151,12 +160,34 @@ def run_service(spec: ServiceSpec | Callable[[], ServiceSpec], config: ServiceCo
     async def main() -> None:
         await serve(spec() if callable(spec) else spec, config)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except StartupError as err:  # one line saying what to do, not a traceback
+        print(f"forgerl: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
-def _start_metrics(config: ServiceConfig, registry: CollectorRegistry) -> WSGIServer | None:
+def _bind(server: grpc.aio.Server, name: str, config: ServiceConfig) -> int:
+    try:
+        return int(server.add_insecure_port(f"{config.host}:{config.port}"))
+    except RuntimeError:
+        raise StartupError(_in_use(name, "gRPC", config.host, config.port, "--port")) from None
+
+
+def _start_metrics(name: str, config: ServiceConfig, registry: CollectorRegistry) -> WSGIServer | None:
     if not config.metrics_port:
         return None
-    return start_metrics_server(
-        config.host, config.metrics_port, registry, config.auth_token if config.metrics_auth else None
+    token = config.auth_token if config.metrics_auth else None
+    try:
+        return start_metrics_server(config.host, config.metrics_port, registry, token)
+    except OSError as err:
+        if err.errno != errno.EADDRINUSE:
+            raise
+        raise StartupError(_in_use(name, "metrics", config.host, config.metrics_port, "--metrics-port")) from None
+
+
+def _in_use(name: str, what: str, host: str, port: int, flag: str) -> str:
+    return (
+        f"{name} cannot bind its {what} port {host}:{port}: the address is in use by another process; "
+        f"stop that process (`forgerl down` for a local topology) or choose another {flag}"
     )

@@ -39,6 +39,7 @@ def topology_file(tmp_path: Path) -> Path:
         "grpc_base_port": _free_block(len(SERVICES)),
         "metrics_base_port": _free_block(len(SERVICES)),
         "gateway_http_port": _free_block(1),
+        "evolution_http_port": _free_block(1),
         "state_dir": str(tmp_path / "state"),
         "grace_s": 2.0,
     }

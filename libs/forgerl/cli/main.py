@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from forgerl.cli.evolve import evolve_app
 from forgerl.cli.run import run_app
 from forgerl.local.bootstrap import ensure_initial_checkpoint
 from forgerl.local.supervisor import Supervisor, status
@@ -21,6 +22,7 @@ from forgerl.runtime.config import ConfigError
 
 app = typer.Typer(help="ForgeRL: agentic RL for mixture-of-experts LLMs.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
+app.add_typer(evolve_app, name="evolve")
 console = Console()
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML file overriding the local topology.")]

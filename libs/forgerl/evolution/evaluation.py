@@ -7,6 +7,7 @@ is ten points of success. Evaluations never publish to the data pool (`publish=F
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -77,3 +78,17 @@ class RolloutEvaluator:
                 scores[event.task_id].append(0.0)
                 failures.append(Failure(event.task_id, f"infrastructure failure: {event.message}"))
         return EvaluationResult(scaffold, split, dict(scores), failures, submitted.episodes)
+
+
+def draw_task_sets(
+    all_ids: Sequence[str], dev: int, subset: int, heldout: int, seed: int = 0
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(subset, dev, held-out) task ids: a seeded shuffle of the split, dev and held-out disjoint, the subset
+    the first tasks of dev. Raises ValueError when the split is too small for the sizes asked."""
+    if dev + heldout > len(all_ids):
+        raise ValueError(f"dev {dev} + held-out {heldout} tasks exceed the split's {len(all_ids)}: ask for fewer")
+    if subset > dev:
+        raise ValueError(f"subset {subset} is larger than the dev set {dev}")
+    ids = sorted(all_ids)
+    random.Random(seed).shuffle(ids)
+    return tuple(ids[:subset]), tuple(ids[:dev]), tuple(ids[dev : dev + heldout])

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from forgerl.evolution.evaluation import EvaluationResult
-from forgerl.evolution.proposers import Failure
+from forgerl.evolution.guard import Proposal
+from forgerl.evolution.proposers import Failure, ProposalContext
 from forgerl.rollout.scaffold_config import ScaffoldConfig, ScaffoldRegistry
 
 
@@ -48,3 +50,36 @@ class SimulatedEvaluator:
             failures += [Failure(task, "wrong answer") for s in scores[task] if s == 0.0]
         self.episodes += len(task_ids) * seeds
         return EvaluationResult(scaffold, split, scores, failures, len(task_ids) * seeds)
+
+
+class ScriptedProposer:
+    """Proposes the given changes in turn, round after round (a stand-in for a model whose answers a test
+    chooses)."""
+
+    name = "scripted"
+
+    def __init__(self, script: Sequence[tuple[dict[str, Any], str]]) -> None:
+        self.script = list(script)
+
+    async def propose(self, context: ProposalContext) -> Proposal:
+        changes, rationale = self.script[(context.round_index - 1) % len(self.script)]
+        return Proposal(changes, rationale, self.name, operator="script")
+
+
+def demo_effect(config: ScaffoldConfig) -> float:
+    """The simulated truth the demo script plays against: an answer-format instruction in the tool-use prompt
+    gains 15 points, a temperature under 1 costs 10, everything else is neutral."""
+    gain = 0.15 if "exactly" in config.system_prompts.get("tooluse", "") else 0.0
+    return gain - (0.10 if config.sampling.temperature < 1.0 else 0.0)
+
+
+DEMO_SCRIPT: tuple[tuple[dict[str, Any], str], ...] = (
+    (
+        {"system_prompts.tooluse": "Solve the task with one tool call, then reply with exactly the tool's output."},
+        "12 of 40 failures answered with extra words around the right value: ask for the output exactly",
+    ),
+    ({"sampling.temperature": 0.7}, "failures vary between seeds: sample less randomly"),
+    ({"graders.tooluse.normalise": "lenient"}, "answers are nearly right: grade them leniently"),
+    ({"sampling.top_p": 0.9}, "cut the sampling tail"),
+    ({"max_turns_by_suite.tooluse": 3}, "no episode used its fourth turn"),
+)

@@ -11,16 +11,12 @@ are OpenAI's error body with a 4xx status that says what to fix; only generation
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import math
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -31,6 +27,7 @@ from forgerl.gateway.errors import GatewayError
 from forgerl.gateway.parsing import ParsedToolCall
 from forgerl.gateway.requests import ChatRequest, parse_chat_request
 from forgerl.gateway.service import GatewayCore, TurnEvent, TurnResult, cancel_quietly
+from forgerl.runtime.http import HttpServer as HttpServer  # the server it runs on (runtime.http)
 
 logger = logging.getLogger(__name__)
 
@@ -286,57 +283,3 @@ class GatewayApp:
             yield {"content": delta.content}
         if delta.tool_calls:
             yield {"tool_calls": [GatewayApp._tool_call(c, tool_index + i) for i, c in enumerate(delta.tool_calls)]}
-
-
-class _Server(uvicorn.Server):
-    """uvicorn inside a loop it does not own: the service's runtime handles SIGTERM, not uvicorn."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-class HttpServer:
-    """Serves an ASGI app with uvicorn as a task of the running event loop."""
-
-    def __init__(self, app: Any, host: str, port: int, grace_s: float = 10.0, log_level: str = "warning") -> None:
-        # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; without it Nagle's algorithm holds
-        # a response body behind its headers until the client's delayed ACK (~40 ms per request).
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.host = host
-        self.port = int(self.sock.getsockname()[1])
-        config = uvicorn.Config(
-            app,
-            lifespan="off",
-            log_level=log_level,
-            access_log=False,
-            timeout_graceful_shutdown=max(1, math.ceil(grace_s)),
-            timeout_keep_alive=30,
-        )
-        self.server = _Server(config)
-        self.task: asyncio.Task[None] | None = None
-
-    @property
-    def base_url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/v1"
-
-    async def start(self) -> None:
-        self.task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
-        while not self.server.started:
-            if self.task.done():
-                self.task.result()  # raises why it did not start
-                raise RuntimeError("the HTTP server stopped before it started")
-            await asyncio.sleep(0.01)
-
-    async def stop(self) -> None:
-        if self.task is None:
-            return
-        self.server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-        self.task = None
-        self.sock.close()

@@ -28,6 +28,8 @@ class LocalTopology:
     metrics_base_port: int = 19151
     # The gateway's OpenAI-compatible HTTP endpoint, for agents.
     gateway_http_port: int = 18080
+    # The evolution service's operator console (HTTP).
+    evolution_http_port: int = 18090
     state_dir: Path = Path(".forgerl")
     auth_token: str | None = None
     # The checkpoint inference serves first; unset: a fresh `model_preset` one under state_dir.
@@ -105,6 +107,9 @@ class LocalTopology:
             env[prefix + "ACK_TIMEOUT_S"] = "60"
         if service == "rollout":
             env[prefix + "MAX_IN_FLIGHT"] = "64"
+        if service == "evolution":  # the console, and the gateway's OpenAI API for the model proposer
+            env[prefix + "HTTP_PORT"] = str(self.evolution_http_port)
+            env[prefix + "PROPOSER_BASE_URL"] = f"http://{self.host}:{self.gateway_http_port}/v1"
         if self.auth_token:
             env["FORGERL_AUTH_TOKEN"] = self.auth_token
         return env

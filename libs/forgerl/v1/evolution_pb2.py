@@ -25,37 +25,49 @@ _sym_db = _symbol_database.Default()
 from forgerl.v1 import run_pb2 as forgerl_dot_v1_dot_run__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66orgerl/v1/evolution.proto\x12\nforgerl.v1\x1a\x14\x66orgerl/v1/run.proto\"q\n\x15StartIterationRequest\x12\x15\n\rbase_scaffold\x18\x01 \x01(\t\x12\r\n\x05suite\x18\x02 \x01(\t\x12\x12\n\ncandidates\x18\x03 \x01(\x05\x12\x1e\n\x16\x65pisodes_per_candidate\x18\x04 \x01(\x05\"K\n\x16StartIterationResponse\x12\x31\n\titeration\x18\x01 \x01(\x0b\x32\x1e.forgerl.v1.EvolutionIteration\"+\n\x13GetIterationRequest\x12\x14\n\x0citeration_id\x18\x01 \x01(\t\"v\n\x14GetIterationResponse\x12\x31\n\titeration\x18\x01 \x01(\x0b\x32\x1e.forgerl.v1.EvolutionIteration\x12+\n\x0b\x65valuations\x18\x02 \x03(\x0b\x32\x16.forgerl.v1.Evaluation\"&\n\x15ListIterationsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"L\n\x16ListIterationsResponse\x12\x32\n\niterations\x18\x01 \x03(\x0b\x32\x1e.forgerl.v1.EvolutionIteration\"z\n\x17\x41pproveCandidateRequest\x12\x14\n\x0citeration_id\x18\x01 \x01(\t\x12\x18\n\x10scaffold_version\x18\x02 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x03 \x01(\x08\x12\x10\n\x08operator\x18\x04 \x01(\t\x12\x0c\n\x04note\x18\x05 \x01(\t\"M\n\x18\x41pproveCandidateResponse\x12\x31\n\titeration\x18\x01 \x01(\x0b\x32\x1e.forgerl.v1.EvolutionIteration\":\n\x0fRollbackRequest\x12\x13\n\x0bscaffold_id\x18\x01 \x01(\t\x12\x12\n\nto_version\x18\x02 \x01(\x03\"A\n\x10RollbackResponse\x12-\n\x08scaffold\x18\x01 \x01(\x0b\x32\x1b.forgerl.v1.ScaffoldVersion\"2\n\x1bListScaffoldVersionsRequest\x12\x13\n\x0bscaffold_id\x18\x01 \x01(\t\"M\n\x1cListScaffoldVersionsResponse\x12-\n\x08versions\x18\x01 \x03(\x0b\x32\x1b.forgerl.v1.ScaffoldVersion2\xa8\x04\n\x10\x45volutionService\x12W\n\x0eStartIteration\x12!.forgerl.v1.StartIterationRequest\x1a\".forgerl.v1.StartIterationResponse\x12Q\n\x0cGetIteration\x12\x1f.forgerl.v1.GetIterationRequest\x1a .forgerl.v1.GetIterationResponse\x12W\n\x0eListIterations\x12!.forgerl.v1.ListIterationsRequest\x1a\".forgerl.v1.ListIterationsResponse\x12]\n\x10\x41pproveCandidate\x12#.forgerl.v1.ApproveCandidateRequest\x1a$.forgerl.v1.ApproveCandidateResponse\x12\x45\n\x08Rollback\x12\x1b.forgerl.v1.RollbackRequest\x1a\x1c.forgerl.v1.RollbackResponse\x12i\n\x14ListScaffoldVersions\x12\'.forgerl.v1.ListScaffoldVersionsRequest\x1a(.forgerl.v1.ListScaffoldVersionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66orgerl/v1/evolution.proto\x12\nforgerl.v1\x1a\x14\x66orgerl/v1/run.proto\"q\n\x15StartIterationRequest\x12\x15\n\rbase_scaffold\x18\x01 \x01(\t\x12\r\n\x05suite\x18\x02 \x01(\t\x12\x12\n\ncandidates\x18\x03 \x01(\x05\x12\x1e\n\x16\x65pisodes_per_candidate\x18\x04 \x01(\x05\"x\n\x16StartIterationResponse\x12\x31\n\titeration\x18\x01 \x01(\x0b\x32\x1e.forgerl.v1.EvolutionIteration\x12+\n\x06status\x18\x02 \x01(\x0b\x32\x1b.forgerl.v1.EvolutionStatus\"\xb1\x02\n\x0f\x45volutionStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x13\n\x0bhalt_reason\x18\x02 \x01(\t\x12\x11\n\tincumbent\x18\x03 \x01(\t\x12\r\n\x05suite\x18\x04 \x01(\t\x12\x14\n\x0crounds_spent\x18\x05 \x01(\x05\x12\x14\n\x0crounds_limit\x18\x06 \x01(\x05\x12\x16\n\x0e\x65pisodes_spent\x18\x07 \x01(\x03\x12\x16\n\x0e\x65pisodes_limit\x18\x08 \x01(\x03\x12\x19\n\x11wall_time_spent_s\x18\t \x01(\x01\x12\x19\n\x11wall_time_limit_s\x18\n \x01(\x01\x12\x19\n\x11\x61waiting_approval\x18\x0b \x03(\t\x12\x16\n\x0eopen_anomalies\x18\x0c \x01(\x05\x12\x13\n\x0b\x63onsole_url\x18\r \x01(\t\"\x1b\n\x19GetEvolutionStatusRequest\"I\n\x1aGetEvolutionStatusResponse\x12+\n\x06status\x18\x01 \x01(\x0b\x32\x1b.forgerl.v1.EvolutionStatus\"h\n\x17\x43ontrolEvolutionRequest\x12+\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1b.forgerl.v1.EvolutionAction\x12\x10\n\x08operator\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"G\n\x18\x43ontrolEvolutionResponse\x12+\n\x06status\x18\x01 \x01(\x0b\x32\x1b.forgerl.v1.EvolutionStatus\"+\n\x13GetIterationRequest\x12\x14\n\x0citeration_id\x18\x01 \x01(\t\"v\n\x14GetIterationResponse\x12\x31\n\titeration\x18\x01 \x01(\x0b\x32\x1e.forgerl.v1.EvolutionIteration\x12+\n\x0b\x65valuations\x18\x02 \x03(\x0b\x32\x16.forgerl.v1.Evaluation\"&\n\x15ListIterationsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"L\n\x16ListIterationsResponse\x12\x32\n\niterations\x18\x01 \x03(\x0b\x32\x1e.forgerl.v1.EvolutionIteration\"z\n\x17\x41pproveCandidateRequest\x12\x14\n\x0citeration_id\x18\x01 \x01(\t\x12\x18\n\x10scaffold_version\x18\x02 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x03 \x01(\x08\x12\x10\n\x08operator\x18\x04 \x01(\t\x12\x0c\n\x04note\x18\x05 \x01(\t\"M\n\x18\x41pproveCandidateResponse\x12\x31\n\titeration\x18\x01 \x01(\x0b\x32\x1e.forgerl.v1.EvolutionIteration\"L\n\x0fRollbackRequest\x12\x13\n\x0bscaffold_id\x18\x01 \x01(\t\x12\x12\n\nto_version\x18\x02 \x01(\x03\x12\x10\n\x08operator\x18\x03 \x01(\t\"A\n\x10RollbackResponse\x12-\n\x08scaffold\x18\x01 \x01(\x0b\x32\x1b.forgerl.v1.ScaffoldVersion\"2\n\x1bListScaffoldVersionsRequest\x12\x13\n\x0bscaffold_id\x18\x01 \x01(\t\"M\n\x1cListScaffoldVersionsResponse\x12-\n\x08versions\x18\x01 \x03(\x0b\x32\x1b.forgerl.v1.ScaffoldVersion*\x87\x01\n\x0f\x45volutionAction\x12 \n\x1c\x45VOLUTION_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45VOLUTION_ACTION_PAUSE\x10\x01\x12\x1b\n\x17\x45VOLUTION_ACTION_RESUME\x10\x02\x12\x19\n\x15\x45VOLUTION_ACTION_HALT\x10\x03\x32\xec\x05\n\x10\x45volutionService\x12W\n\x0eStartIteration\x12!.forgerl.v1.StartIterationRequest\x1a\".forgerl.v1.StartIterationResponse\x12Q\n\x0cGetIteration\x12\x1f.forgerl.v1.GetIterationRequest\x1a .forgerl.v1.GetIterationResponse\x12W\n\x0eListIterations\x12!.forgerl.v1.ListIterationsRequest\x1a\".forgerl.v1.ListIterationsResponse\x12]\n\x10\x41pproveCandidate\x12#.forgerl.v1.ApproveCandidateRequest\x1a$.forgerl.v1.ApproveCandidateResponse\x12\x45\n\x08Rollback\x12\x1b.forgerl.v1.RollbackRequest\x1a\x1c.forgerl.v1.RollbackResponse\x12i\n\x14ListScaffoldVersions\x12\'.forgerl.v1.ListScaffoldVersionsRequest\x1a(.forgerl.v1.ListScaffoldVersionsResponse\x12\x63\n\x12GetEvolutionStatus\x12%.forgerl.v1.GetEvolutionStatusRequest\x1a&.forgerl.v1.GetEvolutionStatusResponse\x12]\n\x10\x43ontrolEvolution\x12#.forgerl.v1.ControlEvolutionRequest\x1a$.forgerl.v1.ControlEvolutionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'forgerl.v1.evolution_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_EVOLUTIONACTION']._serialized_start=1655
+  _globals['_EVOLUTIONACTION']._serialized_end=1790
   _globals['_STARTITERATIONREQUEST']._serialized_start=64
   _globals['_STARTITERATIONREQUEST']._serialized_end=177
   _globals['_STARTITERATIONRESPONSE']._serialized_start=179
-  _globals['_STARTITERATIONRESPONSE']._serialized_end=254
-  _globals['_GETITERATIONREQUEST']._serialized_start=256
-  _globals['_GETITERATIONREQUEST']._serialized_end=299
-  _globals['_GETITERATIONRESPONSE']._serialized_start=301
-  _globals['_GETITERATIONRESPONSE']._serialized_end=419
-  _globals['_LISTITERATIONSREQUEST']._serialized_start=421
-  _globals['_LISTITERATIONSREQUEST']._serialized_end=459
-  _globals['_LISTITERATIONSRESPONSE']._serialized_start=461
-  _globals['_LISTITERATIONSRESPONSE']._serialized_end=537
-  _globals['_APPROVECANDIDATEREQUEST']._serialized_start=539
-  _globals['_APPROVECANDIDATEREQUEST']._serialized_end=661
-  _globals['_APPROVECANDIDATERESPONSE']._serialized_start=663
-  _globals['_APPROVECANDIDATERESPONSE']._serialized_end=740
-  _globals['_ROLLBACKREQUEST']._serialized_start=742
-  _globals['_ROLLBACKREQUEST']._serialized_end=800
-  _globals['_ROLLBACKRESPONSE']._serialized_start=802
-  _globals['_ROLLBACKRESPONSE']._serialized_end=867
-  _globals['_LISTSCAFFOLDVERSIONSREQUEST']._serialized_start=869
-  _globals['_LISTSCAFFOLDVERSIONSREQUEST']._serialized_end=919
-  _globals['_LISTSCAFFOLDVERSIONSRESPONSE']._serialized_start=921
-  _globals['_LISTSCAFFOLDVERSIONSRESPONSE']._serialized_end=998
-  _globals['_EVOLUTIONSERVICE']._serialized_start=1001
-  _globals['_EVOLUTIONSERVICE']._serialized_end=1553
+  _globals['_STARTITERATIONRESPONSE']._serialized_end=299
+  _globals['_EVOLUTIONSTATUS']._serialized_start=302
+  _globals['_EVOLUTIONSTATUS']._serialized_end=607
+  _globals['_GETEVOLUTIONSTATUSREQUEST']._serialized_start=609
+  _globals['_GETEVOLUTIONSTATUSREQUEST']._serialized_end=636
+  _globals['_GETEVOLUTIONSTATUSRESPONSE']._serialized_start=638
+  _globals['_GETEVOLUTIONSTATUSRESPONSE']._serialized_end=711
+  _globals['_CONTROLEVOLUTIONREQUEST']._serialized_start=713
+  _globals['_CONTROLEVOLUTIONREQUEST']._serialized_end=817
+  _globals['_CONTROLEVOLUTIONRESPONSE']._serialized_start=819
+  _globals['_CONTROLEVOLUTIONRESPONSE']._serialized_end=890
+  _globals['_GETITERATIONREQUEST']._serialized_start=892
+  _globals['_GETITERATIONREQUEST']._serialized_end=935
+  _globals['_GETITERATIONRESPONSE']._serialized_start=937
+  _globals['_GETITERATIONRESPONSE']._serialized_end=1055
+  _globals['_LISTITERATIONSREQUEST']._serialized_start=1057
+  _globals['_LISTITERATIONSREQUEST']._serialized_end=1095
+  _globals['_LISTITERATIONSRESPONSE']._serialized_start=1097
+  _globals['_LISTITERATIONSRESPONSE']._serialized_end=1173
+  _globals['_APPROVECANDIDATEREQUEST']._serialized_start=1175
+  _globals['_APPROVECANDIDATEREQUEST']._serialized_end=1297
+  _globals['_APPROVECANDIDATERESPONSE']._serialized_start=1299
+  _globals['_APPROVECANDIDATERESPONSE']._serialized_end=1376
+  _globals['_ROLLBACKREQUEST']._serialized_start=1378
+  _globals['_ROLLBACKREQUEST']._serialized_end=1454
+  _globals['_ROLLBACKRESPONSE']._serialized_start=1456
+  _globals['_ROLLBACKRESPONSE']._serialized_end=1521
+  _globals['_LISTSCAFFOLDVERSIONSREQUEST']._serialized_start=1523
+  _globals['_LISTSCAFFOLDVERSIONSREQUEST']._serialized_end=1573
+  _globals['_LISTSCAFFOLDVERSIONSRESPONSE']._serialized_start=1575
+  _globals['_LISTSCAFFOLDVERSIONSRESPONSE']._serialized_end=1652
+  _globals['_EVOLUTIONSERVICE']._serialized_start=1793
+  _globals['_EVOLUTIONSERVICE']._serialized_end=2541
 # @@protoc_insertion_point(module_scope)

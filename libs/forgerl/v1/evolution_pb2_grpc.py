@@ -66,6 +66,16 @@ class EvolutionServiceStub:
                 request_serializer=forgerl_dot_v1_dot_evolution__pb2.ListScaffoldVersionsRequest.SerializeToString,
                 response_deserializer=forgerl_dot_v1_dot_evolution__pb2.ListScaffoldVersionsResponse.FromString,
                 _registered_method=True)
+        self.GetEvolutionStatus = channel.unary_unary(
+                '/forgerl.v1.EvolutionService/GetEvolutionStatus',
+                request_serializer=forgerl_dot_v1_dot_evolution__pb2.GetEvolutionStatusRequest.SerializeToString,
+                response_deserializer=forgerl_dot_v1_dot_evolution__pb2.GetEvolutionStatusResponse.FromString,
+                _registered_method=True)
+        self.ControlEvolution = channel.unary_unary(
+                '/forgerl.v1.EvolutionService/ControlEvolution',
+                request_serializer=forgerl_dot_v1_dot_evolution__pb2.ControlEvolutionRequest.SerializeToString,
+                response_deserializer=forgerl_dot_v1_dot_evolution__pb2.ControlEvolutionResponse.FromString,
+                _registered_method=True)
 
 
 class EvolutionServiceServicer:
@@ -109,6 +119,20 @@ class EvolutionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEvolutionStatus(self, request, context):
+        """The controller's state, its budget ledger, and where the operator console is served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControlEvolution(self, request, context):
+        """Pause, resume or halt the iteration loop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EvolutionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +165,16 @@ def add_EvolutionServiceServicer_to_server(servicer, server):
                     servicer.ListScaffoldVersions,
                     request_deserializer=forgerl_dot_v1_dot_evolution__pb2.ListScaffoldVersionsRequest.FromString,
                     response_serializer=forgerl_dot_v1_dot_evolution__pb2.ListScaffoldVersionsResponse.SerializeToString,
+            ),
+            'GetEvolutionStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEvolutionStatus,
+                    request_deserializer=forgerl_dot_v1_dot_evolution__pb2.GetEvolutionStatusRequest.FromString,
+                    response_serializer=forgerl_dot_v1_dot_evolution__pb2.GetEvolutionStatusResponse.SerializeToString,
+            ),
+            'ControlEvolution': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControlEvolution,
+                    request_deserializer=forgerl_dot_v1_dot_evolution__pb2.ControlEvolutionRequest.FromString,
+                    response_serializer=forgerl_dot_v1_dot_evolution__pb2.ControlEvolutionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +341,60 @@ class EvolutionService:
             '/forgerl.v1.EvolutionService/ListScaffoldVersions',
             forgerl_dot_v1_dot_evolution__pb2.ListScaffoldVersionsRequest.SerializeToString,
             forgerl_dot_v1_dot_evolution__pb2.ListScaffoldVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEvolutionStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forgerl.v1.EvolutionService/GetEvolutionStatus',
+            forgerl_dot_v1_dot_evolution__pb2.GetEvolutionStatusRequest.SerializeToString,
+            forgerl_dot_v1_dot_evolution__pb2.GetEvolutionStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControlEvolution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forgerl.v1.EvolutionService/ControlEvolution',
+            forgerl_dot_v1_dot_evolution__pb2.ControlEvolutionRequest.SerializeToString,
+            forgerl_dot_v1_dot_evolution__pb2.ControlEvolutionResponse.FromString,
             options,
             channel_credentials,
             insecure,

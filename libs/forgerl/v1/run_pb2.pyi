@@ -28,6 +28,7 @@ class IterationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ITERATION_STATE_PROMOTED: _ClassVar[IterationState]
     ITERATION_STATE_REJECTED: _ClassVar[IterationState]
     ITERATION_STATE_ROLLED_BACK: _ClassVar[IterationState]
+    ITERATION_STATE_INCONCLUSIVE: _ClassVar[IterationState]
 RUN_STATE_UNSPECIFIED: RunState
 RUN_STATE_PENDING: RunState
 RUN_STATE_RUNNING: RunState
@@ -41,6 +42,7 @@ ITERATION_STATE_AWAITING_APPROVAL: IterationState
 ITERATION_STATE_PROMOTED: IterationState
 ITERATION_STATE_REJECTED: IterationState
 ITERATION_STATE_ROLLED_BACK: IterationState
+ITERATION_STATE_INCONCLUSIVE: IterationState
 
 class SftStage(_message.Message):
     __slots__ = ("steps", "batch_size", "learning_rate", "lr_schedule", "warmup_steps", "min_lr_ratio", "teacher_error_rate", "examples", "expert_bias_update_rate")
@@ -220,7 +222,7 @@ class ScaffoldVersion(_message.Message):
     def __init__(self, scaffold_id: _Optional[str] = ..., version: _Optional[int] = ..., parent: _Optional[str] = ..., config_yaml: _Optional[str] = ..., created_by: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class EvolutionIteration(_message.Message):
-    __slots__ = ("iteration_id", "index", "base_scaffold", "candidate_scaffolds", "state", "diagnosis", "selected_scaffold", "approved_by", "created_at", "updated_at")
+    __slots__ = ("iteration_id", "index", "base_scaffold", "candidate_scaffolds", "state", "diagnosis", "selected_scaffold", "approved_by", "created_at", "updated_at", "rationale", "mean_difference", "ci_low", "ci_high")
     ITERATION_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     BASE_SCAFFOLD_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +233,10 @@ class EvolutionIteration(_message.Message):
     APPROVED_BY_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    RATIONALE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    CI_HIGH_FIELD_NUMBER: _ClassVar[int]
     iteration_id: str
     index: int
     base_scaffold: str
@@ -241,7 +247,11 @@ class EvolutionIteration(_message.Message):
     approved_by: str
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, iteration_id: _Optional[str] = ..., index: _Optional[int] = ..., base_scaffold: _Optional[str] = ..., candidate_scaffolds: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[IterationState, str]] = ..., diagnosis: _Optional[str] = ..., selected_scaffold: _Optional[str] = ..., approved_by: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    rationale: str
+    mean_difference: float
+    ci_low: float
+    ci_high: float
+    def __init__(self, iteration_id: _Optional[str] = ..., index: _Optional[int] = ..., base_scaffold: _Optional[str] = ..., candidate_scaffolds: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[IterationState, str]] = ..., diagnosis: _Optional[str] = ..., selected_scaffold: _Optional[str] = ..., approved_by: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rationale: _Optional[str] = ..., mean_difference: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ...) -> None: ...
 
 class Evaluation(_message.Message):
     __slots__ = ("evaluation_id", "iteration_id", "scaffold_version", "suite", "split", "episodes", "success_rate", "mean_reward", "mean_wall_clock_s")

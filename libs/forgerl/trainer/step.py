@@ -137,7 +137,7 @@ def build_batch(
             # Generated token j was sampled by the forward of input position p - 1 + j, and vLLM records
             # that forward's routing with it (forgerl.vllm_plugin.routing keeps positions from the last
             # prompt token on): the rows are positions p - 1 .. p + g - 2. The last generated token was
-            # never fed; its routing comes from _fill_routes.
+            # never fed; its routing comes from fill_routes.
             routed[row, p - 1 : p - 1 + g] = torch.tensor(ids).view(g, num_layers, top_k)  # type: ignore[arg-type]
     stats = {
         "batch/trajectories": float(n),
@@ -229,7 +229,7 @@ def mtp_target_mask(batch: RlBatch) -> torch.Tensor:
     return target_mask
 
 
-def _fill_routes(model: MiniMaxM2ForCausalLM, batch: RlBatch) -> torch.Tensor | None:
+def fill_routes(model: MiniMaxM2ForCausalLM, batch: RlBatch) -> torch.Tensor | None:
     """Routing to replay [B, L, nL, K]: the rollout's expert ids where it recorded them (the last prompt
     token and the generated tokens but the last); a position a row shares with another row's recorded
     one (the same prefix: a later turn's prompt holds an earlier turn's generation, which the engine's
@@ -288,7 +288,7 @@ def rl_step(
     model.train()
     loss_fn = get_policy_loss(cfg.loss)
     metrics: dict[str, float] = dict(batch.stats)
-    routed = _fill_routes(core, batch) if cfg.routing_replay else None
+    routed = fill_routes(core, batch) if cfg.routing_replay else None
     if cfg.prefix_merge:
         outs, mtp_loss, forward_metrics = _merged_forward(model, core, batch, routed, cfg)
         metrics.update(forward_metrics)

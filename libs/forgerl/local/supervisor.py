@@ -53,6 +53,7 @@ class Supervisor:
         """Start the broker and every service; return once all report SERVING (or raise, stopping all)."""
         self.topology.logs_dir.mkdir(parents=True, exist_ok=True)
         names = [BROKER, *SERVICES]
+        self.topology.check_ports_free(names)
         try:
             for name in names:
                 self._spawn(name)

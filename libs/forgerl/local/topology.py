@@ -6,6 +6,7 @@ variables the Helm chart sets in a cluster.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,30 @@ class LocalTopology:
     def initial_model_path(self) -> Path:
         return self.model_path or self.state_dir / "checkpoints" / f"init-{self.model_preset}"
 
+    def ports(self, name: str) -> list[tuple[str, int]]:
+        """The ports component `name` listens on, labelled: the broker's, or a service's gRPC, metrics (and
+        the gateway's HTTP) ports."""
+        if name == BROKER:
+            return [("Kafka", self.broker_port)]
+        ports = [("gRPC", self.port(name)), ("metrics", self.metrics_base_port + SERVICES.index(name))]
+        return [*ports, ("HTTP", self.gateway_http_port)] if name == "gateway" else ports
+
+    def check_ports_free(self, names: list[str]) -> None:
+        """RuntimeError naming every port of `names` another process listens on. Checked before anything
+        starts: a foreign server on a service's port answers the health checks meant for ours."""
+        busy = [
+            f"{name} {what} {self.host}:{port}"
+            for name in names
+            for what, port in self.ports(name)
+            if not _bindable(self.host, port)
+        ]
+        if busy:
+            raise RuntimeError(
+                f"ports in use by another process: {', '.join(busy)}; stop it (`forgerl down --config ...` for "
+                "another local topology) or move this one (grpc_base_port, metrics_base_port, broker_port, "
+                "gateway_http_port in `forgerl up --config local.yaml`)"
+            )
+
     def service_env(self, service: str) -> dict[str, str]:
         """The variables a service process is started with: its own keys and where its peers are."""
         prefix = f"FORGERL_{service.upper()}_"
@@ -120,3 +145,14 @@ class LocalTopology:
         values["model_path"] = None if self.model_path is None else str(self.model_path)
         values.pop("auth_token")
         return values
+
+
+def _bindable(host: str, port: int) -> bool:
+    """Whether a listener could bind `host:port` now (SO_REUSEADDR: a closed socket in TIME_WAIT is free)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True

@@ -67,7 +67,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
 def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     async def reject(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)  # before decoding: nothing about the body
 
     async def reject_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -76,22 +76,57 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.Rpc
     return _rebuild(handler, reject, reject_stream)
 
 
+class _Undecodable:
+    """What a request that could not be parsed becomes, so the handler can answer INVALID_ARGUMENT (grpc
+    answers UNKNOWN to a deserializer that raises, which tells the caller nothing it can act on)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.message = f"the request could not be decoded ({type(error).__name__}: {error}): send a valid message"
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def safe(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as err:
+            return _Undecodable(err)
+
+    return safe
+
+
+async def _decoded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        yield request
+
+
 def _wrap_handler(
     handler: grpc.RpcMethodHandler, observe: Callable[[float, grpc.aio.ServicerContext], None]
 ) -> grpc.RpcMethodHandler:
     inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
 
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if handler.request_streaming:
+            return _decoded(request, context)
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return request
+
     async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         try:
-            return await inner(request, context)
+            return await inner(await checked(request, context), context)
         finally:
             observe(started, context)
 
     async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         started = time.perf_counter()
         try:
-            result = inner(request, context)
+            result = inner(await checked(request, context), context)
             if inspect.isasyncgen(result):
                 async for item in result:
                     yield item
@@ -100,17 +135,19 @@ def _wrap_handler(
         finally:
             observe(started, context)
 
-    return _rebuild(handler, unary_response, stream_response)
+    return _rebuild(handler, unary_response, stream_response, _safe_deserializer(handler.request_deserializer))
 
 
 def _rebuild(
     handler: grpc.RpcMethodHandler,
     unary_response: Callable[..., Any],
     stream_response: Callable[..., Any],
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind and (de)serializers as `handler`, calling the new functions."""
+    """A handler of the same streaming kind and (de)serializers as `handler` (or `request_deserializer`),
+    calling the new functions."""
     codec = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": request_deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.request_streaming and handler.response_streaming:

@@ -93,3 +93,24 @@ async def test_the_health_check_turns_health_not_serving_and_back() -> None:
         assert took < 2.5  # polled every second
         reason[0] = None
         await wait_for(health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.mark.parametrize("token", [None, "t0ken"])
+async def test_undecodable_requests_are_invalid_argument_not_unknown(token: str | None) -> None:
+    """Bytes that are no protobuf message, to a unary method (health) and a streaming one (reflection)."""
+    garbage = b"\xff\xff\xff"
+    config = ServiceConfig(auth_token=token)
+    async with serve_in_process(empty_spec(), config) as address, grpc.aio.insecure_channel(address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await channel.unary_unary("/grpc.health.v1.Health/Check")(garbage, timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as stream:
+            method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+            async for _ in channel.stream_stream(method)(iter([garbage]), timeout=5):
+                pass
+        # still serving: a good request after the bad ones
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # health takes no token (probes)
+    assert "could not be decoded (DecodeError" in (unary.value.details() or "")
+    expected = grpc.StatusCode.UNAUTHENTICATED if token else grpc.StatusCode.INVALID_ARGUMENT
+    assert stream.value.code() == expected, stream.value.details()
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from forgerl.datapool.topics import SKIPPED_LABEL, TrajectoryIndex, min_policy_version, submit_seq
+from forgerl.datapool.topics import TrajectoryIndex, index_of
 from forgerl.rl.windowed_fifo import ItemState, WindowedFIFO
 from forgerl.v1 import trajectory_pb2
 
@@ -268,15 +268,7 @@ class RunPool:
 
     def offer_trajectory(self, partition: int, offset: int, traj: trajectory_pb2.Trajectory) -> str:
         """offer() for a Trajectory message (tests, tools)."""
-        index = TrajectoryIndex(
-            traj.trajectory_id,
-            traj.run_id,
-            traj.schema_version,
-            submit_seq(traj),
-            min_policy_version(traj),
-            SKIPPED_LABEL in traj.labels,
-        )
-        return self.offer(partition, offset, index, traj.SerializeToString())
+        return self.offer(partition, offset, index_of(traj), traj.SerializeToString())
 
     def dead_lettered(self, partition: int, offset: int, reason: str) -> bool:
         """A record that went to the dead-letter topic; False when it had been settled before."""

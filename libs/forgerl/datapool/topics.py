@@ -46,6 +46,7 @@ __all__ = [
     "decode_index",
     "decode_trajectory",
     "encode_trajectory",
+    "index_of",
     "min_policy_version",
     "skip_marker",
     "submit_seq",
@@ -159,15 +160,7 @@ def decode_index(value: bytes | None, expected_run_id: str | None = None, *, ful
     full=False parses the envelope (every top-level field and each turn's policy_version) and leaves
     the bulk unparsed; full=True parses the whole Trajectory."""
     if full:
-        traj = decode_trajectory(value, expected_run_id)
-        return TrajectoryIndex(
-            traj.trajectory_id,
-            traj.run_id,
-            traj.schema_version,
-            submit_seq(traj),
-            min_policy_version(traj),
-            SKIPPED_LABEL in traj.labels,
-        )
+        return index_of(decode_trajectory(value, expected_run_id))
     if not value:
         raise DecodeError("empty", "the record has no value")
     try:
@@ -228,6 +221,18 @@ def decode_trajectory(value: bytes | None, expected_run_id: str | None = None) -
         raise DecodeError("not_protobuf", f"not a Trajectory protobuf ({exc})") from None
     _check(traj.schema_version, traj.trajectory_id, traj.run_id, traj.labels, expected_run_id)
     return traj
+
+
+def index_of(traj: trajectory_pb2.Trajectory) -> TrajectoryIndex:
+    """The index fields of a parsed trajectory (unchecked: `decode_trajectory` checks)."""
+    return TrajectoryIndex(
+        traj.trajectory_id,
+        traj.run_id,
+        traj.schema_version,
+        submit_seq(traj),
+        min_policy_version(traj),
+        SKIPPED_LABEL in traj.labels,
+    )
 
 
 def skip_marker(run_id: str, seq: int, episode_id: str, reason: str) -> trajectory_pb2.Trajectory:

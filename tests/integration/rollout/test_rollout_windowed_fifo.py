@@ -20,7 +20,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -126,18 +126,6 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@asynccontextmanager
-async def grpc_server(add: Any, servicer: Any) -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    add(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
-
-
 async def until(condition: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not await condition():
@@ -155,9 +143,11 @@ async def test_batches_follow_the_window_rule(
     inference = GatedInference(load_tokenizer(tokenizer_dir), str(tokenizer_dir))
     async with AsyncExitStack() as stack:
         stack.callback(inference.open_all)  # nothing left waiting at teardown
-        inference_address = await stack.enter_async_context(
-            grpc_server(inference_pb2_grpc.add_InferenceServiceServicer_to_server, inference)
-        )
+        inference_server = grpc.aio.server()
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, inference_server)
+        inference_address = f"127.0.0.1:{inference_server.add_insecure_port('127.0.0.1:0')}"
+        await inference_server.start()
+        stack.push_async_callback(inference_server.stop, 0)
         pool_config = DatapoolConfig(
             kafka_bootstrap=broker.bootstrap, fifo_window=1.0, database_url=db_url, gap_timeout_s=600.0,
             state_dir=tmp_path / "pool", grace_s=1.0, log_level="warning",

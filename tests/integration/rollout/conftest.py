@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rollout_wheels import wheelhouse_with_pytest, wheel_from_files
 
-from forgerl.rollout.sandbox.base import SandboxLimits
+from forgerl.rollout.sandbox.base import SandboxLimits, TaskEnvironment
+from forgerl.rollout.sandbox.environments import EnvironmentBuilder
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the local sandbox needs root (namespaces, uid switch)")
 
@@ -28,3 +30,16 @@ def limits() -> SandboxLimits:
     return SandboxLimits(
         memory_bytes=512 << 20, file_size_bytes=8 << 20, processes=32, cpu_seconds=30, command_timeout_s=60.0
     )
+
+
+@pytest.fixture(scope="session")
+def env_with_pytest() -> Iterator[tuple[EnvironmentBuilder, TaskEnvironment]]:
+    """A task environment with pytest and a tiny package (`demo_units`) that the machine's python3 lacks,
+    installed from wheels made here (no package index); built once per session (about 8 s)."""
+    base = Path("/var/tmp") / f"forgerl-test-envs-{uuid.uuid4().hex[:8]}"
+    wheels = base / "wheels"
+    pinned_pytest = wheelhouse_with_pytest(wheels)
+    wheel_from_files(wheels, "forgerl-demo-units", "1.0", {"demo_units.py": "METRES_PER_KM = 1000\n"})
+    builder = EnvironmentBuilder(base / "envs", pip_options=("--no-index", "--find-links", str(wheels)))
+    yield builder, TaskEnvironment(python="3", requirements=(pinned_pytest, "forgerl-demo-units==1.0"))
+    shutil.rmtree(base, ignore_errors=True)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rollout_wheels import wheelhouse_with_pytest, wheel_from_files
+from rollout_wheels import wheel_from_files, wheelhouse_with_pytest
 
 from forgerl.rollout.sandbox.base import SandboxLimits, TaskEnvironment
 from forgerl.rollout.sandbox.environments import EnvironmentBuilder

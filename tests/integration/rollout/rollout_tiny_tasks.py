@@ -10,6 +10,7 @@ from forgerl.rollout import harness
 from forgerl.rollout.sandbox.base import TaskEnvironment
 from forgerl.rollout.tasks import Task
 
+TOOLS = ("bash", "read_file", "write_file", "str_replace")
 BUGGY = "def add(a, b):\n    return a - b\n\n\ndef sub(a, b):\n    return a - b\n"
 FIXED = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n"
 UNITTEST_TESTS = """import unittest
@@ -56,6 +57,7 @@ def unittest_task() -> Task:
         fail_to_pass=("tests.test_calc.TestCalc.test_add",),
         pass_to_pass=("tests.test_calc.TestCalc.test_sub",),
         harness="unittest",
+        tools=TOOLS,
     )
 
 
@@ -76,4 +78,5 @@ def pytest_task(environment: TaskEnvironment) -> Task:
         pass_to_pass=("tests/test_calc.py::test_sub", "tests/test_calc.py::test_units"),
         harness="pytest",
         environment=environment,
+        tools=TOOLS,
     )

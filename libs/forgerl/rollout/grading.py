@@ -49,7 +49,9 @@ MAX_CHANGED_BYTES = 4 << 20  # all kept edits together: the grading sandbox gets
 MAX_ENTRIES = 2000  # changed paths listed at most (a tree of generated files is not a source edit)
 RUNNER_MARKER = "FORGERL_RUNNER"
 RUNNER_CONFIG = frozenset({"pytest.ini", ".pytest.ini", "tox.ini", "setup.cfg", "pyproject.toml"})
-TEST_FOLDER_NAMES = frozenset({"tests", "test"})
+# Folders of tests by name, beside the folders of the task's own test files. Not "test": Django's source
+# package django/test/ is code an agent may have to fix (SWE-bench has such tasks).
+TEST_FOLDER_NAMES = frozenset({"tests"})
 PRUNED = {".tmp": "the sandbox's temporary directory", "__pycache__": "bytecode: a .pyc can stand in for its source"}
 
 # Runs in the agent's sandbox as `python3 -I -S` (no site, no .pth: nothing the agent left there runs) and

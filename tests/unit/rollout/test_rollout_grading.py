@@ -3,6 +3,7 @@ the harness files, environment identity and the Kubernetes image choice."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from forgerl.rollout import harness
 from forgerl.rollout.grading import Change, _verdict, refusal, screen
 from forgerl.rollout.sandbox.base import ExecResult, SandboxInfraError, SandboxRequest, TaskEnvironment
 from forgerl.rollout.sandbox.environments import EnvironmentBuilder, EnvironmentBuildError
-from forgerl.rollout.sandbox.kubernetes import DEFAULT_IMAGE, KubernetesSandboxFactory
+from forgerl.rollout.sandbox.kubernetes import DEFAULT_IMAGE, KubernetesSandbox, KubernetesSandboxFactory
 from forgerl.rollout.tasks import Task
 
 pytestmark = pytest.mark.unit
@@ -178,3 +179,16 @@ def test_kubernetes_runs_the_declared_image_and_refuses_requirements_without_one
     bare = TaskEnvironment(python="3.12", requirements=("pytest==8.3.3",))
     with pytest.raises(SandboxInfraError, match=r"declares requirements .* but no image"):
         factory.image_for(SandboxRequest(environment=bare))
+
+
+async def test_kubernetes_keeps_the_nonce_out_of_the_commands_argv() -> None:
+    """Inline, stdin would sit in the argv of `timeout` for the whole test run, readable from the tests."""
+    factory = KubernetesSandboxFactory("ns", api=object())
+    calls: list[list[str]] = []
+    factory.exec_in_pod = lambda name, argv: (calls.append(argv), ("", "", 0))[1]  # type: ignore[method-assign]
+    sandbox = KubernetesSandbox(factory, "forgerl-sbx-x")
+    await sandbox.exec(harness.COMMAND, stdin=b"n0nce-5ecret\n", timeout_s=5)
+    encoded = base64.b64encode(b"n0nce-5ecret\n").decode()
+    staging, run = calls
+    assert encoded in staging[2] and encoded not in run[2] and "n0nce" not in run[2]
+    assert "exec < /tmp/.stdin-" in run[2] and "rm -f /tmp/.stdin-" in run[2]

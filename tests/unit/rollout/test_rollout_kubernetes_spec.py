@@ -118,7 +118,7 @@ async def test_pod_lifecycle_create_wait_exec_delete() -> None:
     sandbox = await factory.create(SandboxRequest(files={"a.py": "print(1)"}, labels={"forgerl/run": "r"}))
     (pod,) = api.created
     assert pod["metadata"]["namespace"] == "sandboxes" and pod["metadata"]["labels"]["forgerl.io/run"] == "r"
-    assert "base64 -d" in calls[0][2], "task files are written through exec"
+    assert "printf %s" in calls[0][2] and "base64 -d" in calls[1][2], "task files are written through exec"
     result = await sandbox.exec(["echo", "hello"], timeout_s=5)
     assert result.ok and result.stdout == "hello\n" and "timeout -s KILL 5 echo hello" in calls[-1][2]
     await sandbox.close()

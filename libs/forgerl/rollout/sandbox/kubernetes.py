@@ -200,17 +200,7 @@ class KubernetesSandbox(Sandbox):
         if env:
             command = ["env", *(f"{k}={v}" for k, v in env.items()), *command]
         if stdin is not None:  # the exec stream's stdin is awkward to close; hand the bytes over in base64
-            encoded = base64.b64encode(stdin).decode()
-            if len(encoded) <= STDIN_CHUNK:
-                command = ["sh", "-c", f"echo {encoded} | base64 -d | {quote(command)}"]
-            else:  # one argument may hold 128 KiB at most: stage larger input in a file, chunk by chunk
-                staged = f"/tmp/.stdin-{uuid.uuid4().hex[:8]}"
-                for i in range(0, len(encoded), STDIN_CHUNK):
-                    part = encoded[i : i + STDIN_CHUNK]
-                    await asyncio.to_thread(
-                        self.factory.exec_in_pod, self.name, ["sh", "-c", f"printf %s {part} >> {staged}"]
-                    )
-                command = ["sh", "-c", f"base64 -d {staged} | {quote(command)}; rc=$?; rm -f {staged}; exit $rc"]
+            command = await self._staged_stdin(stdin, command)
         wrapped = wrap_command(command, self.limits, timeout)
         start = time.monotonic()
         try:
@@ -235,6 +225,19 @@ class KubernetesSandbox(Sandbox):
             truncated=truncated,
             violations=classify(exit_code, sig, err, timed_out=timed_out, truncated=truncated),
         )
+
+    async def _staged_stdin(self, stdin: bytes, command: list[str]) -> list[str]:
+        """The command reading `stdin` from a file staged by earlier execs (one argument holds 128 KiB at
+        most) and unlinked before the command starts. Never inline: the bytes would sit in the argv of
+        `timeout` for the whole command, where any process of the Pod reads them (/proc/*/cmdline), and the
+        grader's nonce must stay out of the tests' reach."""
+        encoded = base64.b64encode(stdin).decode()
+        staged = f"/tmp/.stdin-{uuid.uuid4().hex[:8]}"
+        for i in range(0, len(encoded), STDIN_CHUNK):
+            part = encoded[i : i + STDIN_CHUNK]
+            await asyncio.to_thread(self.factory.exec_in_pod, self.name, ["sh", "-c", f"printf %s {part} >> {staged}"])
+        unstage = f"base64 -d {staged} > {staged}.raw && exec < {staged}.raw && rm -f {staged} {staged}.raw"
+        return ["sh", "-c", f"{unstage} && exec {quote(command)}"]
 
     async def close(self) -> None:
         if self.closed:

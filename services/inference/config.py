@@ -12,6 +12,12 @@ from forgerl.runtime import ServiceConfig
 class InferenceConfig(ServiceConfig):
     model_path: str = Field("", description="Checkpoint directory to serve first (config.json + safetensors).")
     policy_version: int = Field(1, ge=0, description="Policy version of the checkpoint at model_path.")
+    resume_latest_policy: bool = Field(
+        True,
+        description="Serve the policy version the running run published last (from the run store), not model_path: "
+        "an engine that replaces a dead one continues the run. Off: model_path (a fresh start: `forgerl up`).",
+    )
+    database_url: str | None = Field(None, description="Run store URL; default: SQLite under state_dir.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="Compute dtype of the engine; float32 on CPU for exact parity."
     )

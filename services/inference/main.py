@@ -6,8 +6,10 @@ that holds no checkpoint, or an engine that cannot start, ends the process with 
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from forgerl.inference.checkpoint import CheckpointError, inspect_checkpoint
 from forgerl.runtime import ConfigError, ServiceSpec, load_config, run_service
@@ -40,9 +42,31 @@ def check_model_path(config: InferenceConfig) -> None:
         raise ConfigError(f"inference cannot serve --model-path {config.model_path!r}: {err}") from None
 
 
+def with_latest_policy(config: InferenceConfig) -> InferenceConfig:
+    """`config` serving the policy the running run published last (`resume_latest_policy`), when there is one."""
+    if not config.resume_latest_policy:
+        return config
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from forgerl.store import Store, StoreError, default_url
+
+    try:
+        with Store.open(config.database_url or default_url(config.state_dir), migrate=False) as store:
+            latest = store.latest_policy()
+    except (SQLAlchemyError, StoreError) as err:  # no store yet (nothing was ever published): the initial one
+        logging.getLogger("forgerl.inference").info("no published policy to resume (%s)", err)
+        return config
+    if latest is None or not Path(latest.path, "config.json").exists():
+        return config
+    print(f"forgerl inference: serving run {latest.run_id}'s latest policy, version {latest.policy_version}: "
+          f"{latest.path}", file=sys.stderr)  # fmt: skip
+    return config.model_copy(update={"model_path": latest.path, "policy_version": latest.policy_version})
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = load_config(InferenceConfig, "inference", sys.argv[1:] if argv is None else argv)
+        config = with_latest_policy(config)
         check_model_path(config)
     except ConfigError as err:
         print(f"forgerl inference: {err}", file=sys.stderr)

@@ -24,9 +24,14 @@ class RolloutConfig(ServiceConfig):
     model: str = Field("forgerl", description="Model name the agents send to the gateway.")
     max_in_flight: int = Field(8, ge=1, description="Episodes running at once, over all submissions.")
     max_attempts: int = Field(
-        3, ge=1, description="Attempts per episode when sandboxes fail for infrastructure reasons."
+        10,
+        ge=1,
+        description="Attempts per episode that fails for infrastructure reasons (sandbox, gateway, inference). "
+        "With the doubling backoff, 10 attempts span ~2 min: an inference engine restarting on CPU takes 1-2 min.",
     )
-    retry_backoff_s: float = Field(0.5, ge=0, description="Wait before a retry, times the attempt number.")
+    retry_backoff_s: float = Field(
+        0.5, ge=0, description="Wait before the first retry; it doubles with each attempt, up to 30 s."
+    )
     scaffold_dir: str = Field(
         "", description="Directory of scaffold versions (<version>.yaml); default <state_dir>/scaffolds."
     )

@@ -24,4 +24,11 @@ class TrainerConfig(ServiceConfig):
     local_episodes: bool = Field(
         False, description="Sample RL episodes in-process instead of rollout + data pool (no Kafka; tests)."
     )
-    resume_on_start: bool = Field(True, description="Resume runs the store shows RUNNING (after a crash).")
+    retry_deadline_s: float = Field(
+        600.0, gt=0, description="How long a call to the data pool, rollout or inference waits for it to come back."
+    )
+    resume_on_start: bool = Field(
+        True,
+        description="Resume runs the store shows RUNNING (this trainer replaces one that crashed); off: mark them "
+        "INTERRUPTED (a fresh start: `forgerl up`), resumable with StartRun(resume_run_id).",
+    )

@@ -2,8 +2,15 @@
 
 A run trains in a thread of this process (torch releases the GIL in its kernels; the asyncio server
 stays responsive). Runs, step metrics, checkpoints and policy versions go to the SQL store; metrics are
-also pushed live to StreamMetrics subscribers. A trainer restarted after a crash resumes the runs the
-store still shows RUNNING, from their saved state (`resume_on_start`).
+also pushed live to StreamMetrics subscribers.
+
+What happens to a run whose trainer goes away:
+- shutdown (SIGTERM, Ctrl-C, the topology taken down): the run is marked INTERRUPTED at once and its
+  thread saves the state after the current step; `StartRun(resume_run_id)` continues it, and no trainer
+  trains it meanwhile, so a new run can start.
+- crash (`kill -9`, OOM): the run stays RUNNING; a trainer restarted in its place (a Deployment, the local
+  supervisor) resumes it from the saved state (`resume_on_start`). A trainer started fresh
+  (`resume_on_start` off: `forgerl up`, `make run`) marks it INTERRUPTED instead.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from .config import TrainerConfig
 log = logging.getLogger("forgerl.trainer")
 
 _TERMINAL = (run_pb2.RUN_STATE_SUCCEEDED, run_pb2.RUN_STATE_FAILED, run_pb2.RUN_STATE_STOPPED)
+_UNFINISHED = (run_pb2.RUN_STATE_RUNNING, run_pb2.RUN_STATE_PENDING)
 
 
 def new_run_id(name: str) -> str:
@@ -59,18 +67,23 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        if not self.config.resume_on_start:
-            return
-        for run in self.store.runs.list(states=[run_pb2.RUN_STATE_RUNNING, run_pb2.RUN_STATE_PENDING]):
-            if (Path(self.config.runs_dir) / run.run_id).exists():
+        for run in self.store.runs.list(states=_UNFINISHED):
+            if self.config.resume_on_start and (Path(self.config.runs_dir) / run.run_id).exists():
                 log.info("resuming run %s after a restart", run.run_id)
                 self._launch(run.run_id, run.config)
+            else:  # its trainer died and this one starts fresh: nobody trains it, say so
+                log.info("run %s was left %s by a trainer that stopped: marked interrupted", run.run_id,
+                         run_pb2.RunState.Name(run.state))  # fmt: skip
+                self.store.runs.update(run.run_id, state=run_pb2.RUN_STATE_INTERRUPTED)
 
     async def stop(self) -> None:
-        # A shutdown is not a StopRun: the runs stay RUNNING in the store and resume when a trainer starts.
+        # A shutdown is not a StopRun: the run is INTERRUPTED (resumable), marked before the threads finish
+        # their step, so that a shutdown cut short by SIGKILL leaves the same mark.
         self._shutting_down = True
-        for live in self.live.values():
+        for run_id, live in self.live.items():
             live.training.stop()
+            if not live.done:
+                self.store.runs.update(run_id, state=run_pb2.RUN_STATE_INTERRUPTED)
         for live in list(self.live.values()):
             if live.thread is not None:
                 await asyncio.to_thread(live.thread.join, 60)
@@ -97,8 +110,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             episodes = None  # TrainingRun samples in-process (settings.local_episodes)
             publisher = None
         else:
-            episodes = ServiceEpisodes(c.rollout_address, c.datapool_address, c.auth_token)
-            publisher = InferencePublisher(c.inference_address, c.auth_token)
+            episodes = ServiceEpisodes(c.rollout_address, c.datapool_address, c.auth_token, c.retry_deadline_s)
+            publisher = InferencePublisher(c.inference_address, c.auth_token, retry_deadline_s=c.retry_deadline_s)
         training = TrainingRun(
             run_id,
             config,
@@ -123,7 +136,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             progress = training.run()
             if training.stopped and progress.stage != "done":
                 if self._shutting_down:
-                    log.info("run %s paused by the shutdown; a restarted trainer resumes it", run_id)
+                    log.info("run %s interrupted by the shutdown at %s; StartRun(resume_run_id) resumes it",
+                             run_id, progress.stage)  # fmt: skip
+                    self.store.runs.update(run_id, state=run_pb2.RUN_STATE_INTERRUPTED, stage=progress.stage)
                     return
                 state = run_pb2.RUN_STATE_STOPPED
             else:
@@ -131,6 +146,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             self.store.runs.update(run_id, state=state, stage=progress.stage)
             self._write_report(run_id)
         except Exception as err:
+            if self._shutting_down:  # its peers went down with the topology: the run did not fail
+                log.info("run %s interrupted by the shutdown (%s: %s)", run_id, type(err).__name__, err)
+                return
             log.exception("run %s failed", run_id)
             self.store.runs.update(run_id, state=run_pb2.RUN_STATE_FAILED, error=f"{type(err).__name__}: {err}")
         finally:
@@ -175,7 +193,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if busy:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"run {busy[0]} is still training on this trainer; StopRun it first (one run at a time)",
+                f"run {busy[0]} is still training on this trainer (one run at a time): follow it with "
+                f"`forgerl run status {busy[0]}`, or stop it with `forgerl run stop {busy[0]}` first",
             )
         if request.resume_run_id:
             run = self.store.runs.find(request.resume_run_id)
@@ -254,6 +273,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if run.state not in _TERMINAL:
             run = self.store.runs.update(request.run_id, state=run_pb2.RUN_STATE_STOPPED)
         return trainer_pb2.StopRunResponse(run=run)
+
+    async def ListRuns(
+        self, request: trainer_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.ListRunsResponse:
+        runs = self.store.runs.list(states=list(request.states), limit=request.limit or 100)
+        return trainer_pb2.ListRunsResponse(runs=runs)
 
     async def ListCheckpoints(
         self, request: trainer_pb2.ListCheckpointsRequest, context: grpc.aio.ServicerContext

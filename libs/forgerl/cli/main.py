@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from forgerl.cli.errors import OneLineErrors
 from forgerl.cli.evolve import evolve_app
 from forgerl.cli.run import run_app
 from forgerl.local.bootstrap import ensure_initial_checkpoint
@@ -20,10 +21,20 @@ from forgerl.local.supervisor import Supervisor, status
 from forgerl.local.topology import BROKER, SERVICES, LocalTopology
 from forgerl.runtime.config import ConfigError
 
-app = typer.Typer(help="ForgeRL: agentic RL for mixture-of-experts LLMs.", no_args_is_help=True)
+app = OneLineErrors(
+    help="ForgeRL: agentic RL for mixture-of-experts LLMs.", no_args_is_help=True, pretty_exceptions_enable=False
+)
 app.add_typer(run_app, name="run")
 app.add_typer(evolve_app, name="evolve")
 console = Console()
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error, not just its line.")] = False,
+) -> None:
+    app.debug = debug
+
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML file overriding the local topology.")]
 StateOption = Annotated[Path | None, typer.Option("--state-dir", help="Where logs and the pid file live.")]
@@ -71,7 +82,9 @@ def up(
     _print_status(topology)
     if detach:
         return
+    supervisor.watch(lambda name, what: console.print(f"[yellow]{name}: {what}[/yellow]"))
     _wait_for_interrupt(supervisor)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave processes behind
     supervisor.stop_all()
     console.print("stopped")
 
@@ -89,7 +102,7 @@ def _start_with_progress(supervisor: Supervisor) -> None:
 
 def _wait_for_interrupt(supervisor: Supervisor) -> None:
     try:  # entered before saying so, so that an immediate Ctrl-C is caught here too
-        console.print("Ctrl-C (or `forgerl down` elsewhere) stops everything.")
+        console.print("Ctrl-C (or `forgerl down` elsewhere) stops everything; a component that dies is restarted.")
         while supervisor.topology.state_file.exists():  # `forgerl down` elsewhere removes it
             time.sleep(0.5)
     except KeyboardInterrupt:

@@ -10,7 +10,10 @@ forgerl run report <run-id>                             # PNGs + summary under r
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,7 +25,9 @@ from rich.table import Table
 
 from forgerl.v1 import run_pb2, trainer_pb2, trainer_pb2_grpc
 
-run_app = typer.Typer(help="Training runs: start, follow, stop, report.", no_args_is_help=True)
+run_app = typer.Typer(
+    help="Training runs: start, follow, stop, report.", no_args_is_help=True, pretty_exceptions_enable=False
+)
 console = Console()
 
 AddressOption = Annotated[
@@ -49,6 +54,15 @@ def _stub(
     from forgerl.runtime.client import insecure_channel
 
     return trainer_pb2_grpc.TrainerServiceStub(insecure_channel(_address(address, topology), token))
+
+
+# States in which no trainer trains the run (an interrupted one waits for `start --resume`).
+_ENDED = (
+    run_pb2.RUN_STATE_SUCCEEDED,
+    run_pb2.RUN_STATE_FAILED,
+    run_pb2.RUN_STATE_STOPPED,
+    run_pb2.RUN_STATE_INTERRUPTED,
+)
 
 
 def _state(run: run_pb2.Run) -> str:
@@ -124,7 +138,7 @@ def follow(stub: trainer_pb2_grpc.TrainerServiceStub, run_id: str) -> run_pb2.Ru
                 time.sleep(2)  # the trainer is (re)starting
                 continue
             view.run = run
-            if run.state in (run_pb2.RUN_STATE_SUCCEEDED, run_pb2.RUN_STATE_FAILED, run_pb2.RUN_STATE_STOPPED):
+            if run.state in _ENDED:
                 live.update(view.render())
                 return run
             time.sleep(1)
@@ -174,17 +188,22 @@ def start(
 
     run_config = load_run_config(config)
     supervisor = None
-    if local:
-        preset = run_config.model_preset or "debug"
-        supervisor = _bring_up(topology, preset)
-        if not run_config.init_checkpoint:  # the checkpoint (and tokenizer) inference starts from
-            initial = LocalTopology.load(topology, model_preset=preset).initial_model_path
-            run_config.init_checkpoint = str(initial.resolve())
+    run_id = resume or ""
+    if local:  # SIGTERM stops the run as Ctrl-C does: topology down, state saved, no process left
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        if local:
+            preset = run_config.model_preset or "debug"
+            supervisor = _bring_up(topology, preset)
+            if not run_config.init_checkpoint:  # the checkpoint (and tokenizer) inference starts from
+                initial = LocalTopology.load(topology, model_preset=preset).initial_model_path
+                run_config.init_checkpoint = str(initial.resolve())
         stub = _stub(address, token, topology)
         request = trainer_pb2.StartRunRequest(config=run_config, resume_run_id=resume or "")
         run = stub.StartRun(request, timeout=60).run
-        console.print(f"run [bold]{run.run_id}[/bold] started ({run.config.name})")
+        run_id = run.run_id
+        console.print(f"run [bold]{run.run_id}[/bold] {'resumed' if resume else 'started'} ({run.config.name})")
+        _show_interrupted(stub, run.run_id, _resume_command(config, local, topology))
         if detach:
             return
         run = follow(stub, run.run_id)
@@ -192,10 +211,52 @@ def start(
         report(stub, run.run_id, runs_dir)
         if run.state != run_pb2.RUN_STATE_SUCCEEDED:
             raise typer.Exit(1)
+    except KeyboardInterrupt:
+        _on_interrupt(run_id, _resume_command(config, local, topology), supervisor)
+        raise typer.Exit(130) from None
     finally:
         if supervisor is not None:
-            supervisor.stop_all()
+            with _ignoring_interrupts():
+                supervisor.stop_all()
             console.print("local topology stopped")
+
+
+def _resume_command(config: Path, local: bool, topology: Path | None) -> str:
+    options = (" --local" if local else "") + (f" --topology {topology}" if topology else "")
+    return f"forgerl run start {config}{options} --resume"
+
+
+def _show_interrupted(stub: trainer_pb2_grpc.TrainerServiceStub, current: str, resume: str) -> None:
+    """Name the runs an earlier Ctrl-C (or shutdown) interrupted, and how to continue each."""
+    try:
+        runs = stub.ListRuns(trainer_pb2.ListRunsRequest(states=[run_pb2.RUN_STATE_INTERRUPTED], limit=3), timeout=10)
+    except grpc.RpcError:  # a trainer without ListRuns: nothing to show
+        return
+    for run in runs.runs:
+        if run.run_id != current:
+            console.print(f"[yellow]run {run.run_id} was interrupted at {run.stage} step {run.step}; "
+                          f"continue it with: {resume} {run.run_id}[/yellow]")  # fmt: skip
+
+
+def _on_interrupt(run_id: str, resume: str, supervisor: Any) -> None:
+    if supervisor is None:
+        following = f"; run {run_id} goes on: `forgerl run status {run_id}`, `forgerl run stop {run_id}`"
+        console.print("interrupted" + (following if run_id else ""))
+        return
+    console.print("interrupted: stopping the local topology (the trainer saves the run's state)")
+    if run_id:
+        console.print(f"continue the run with: {resume} {run_id}")
+
+
+@contextlib.contextmanager
+def _ignoring_interrupts() -> Iterator[None]:
+    """A second Ctrl-C (or SIGTERM) while the topology stops must not leave processes behind."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
 
 
 def _bring_up(path: Path | None, preset: str) -> Any:
@@ -215,6 +276,7 @@ def _bring_up(path: Path | None, preset: str) -> Any:
     with console.status("starting the local topology (broker, inference, datapool, gateway, rollout, trainer)"):
         supervisor.start_all(lambda name, what: None)
     console.print("local topology SERVING")
+    supervisor.watch(lambda name, what: console.print(f"[yellow]{name}: {what}[/yellow]"))
     return supervisor
 
 

@@ -131,7 +131,8 @@ class GrpcGateway:
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:
-            return await method(request, timeout=self.timeout_s)
+            # A gateway that is restarting is waited for (up to the timeout), not counted as a failed attempt.
+            return await method(request, timeout=self.timeout_s, wait_for_ready=True)
         except grpc.aio.AioRpcError as err:
             if err.code() in _INFRA_CODES:
                 raise InfraError(f"gateway {err.code().name}: {err.details()}") from err

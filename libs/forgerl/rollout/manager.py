@@ -4,7 +4,7 @@
 share a baseline in the RL core) and returns at once. A dispatcher keeps at most `max_in_flight` episodes
 running overall (and at most the submission's own `max_in_flight`), in submission order, groups kept
 together. An attempt that fails for infrastructure reasons (`InfraError`: sandbox, gateway, model
-endpoint) is retried on a fresh sandbox up to `max_attempts`, after a short backoff; an episode the
+endpoint) is retried on a fresh sandbox up to `max_attempts`, after a doubling backoff; an episode the
 agent itself botched is a normal, rewarded outcome and never retried.
 
 Every episode emits STARTED (per attempt), then RETRIED (per failed attempt), and finally FINISHED or
@@ -34,6 +34,9 @@ from forgerl.rollout.tasks import Suite, Task
 from forgerl.v1 import rollout_pb2, trajectory_pb2
 
 log = logging.getLogger("forgerl.rollout")
+
+# Longest wait between two attempts of an episode (the backoff doubles from retry_backoff_s up to it).
+MAX_RETRY_BACKOFF_S = 30.0
 
 Kind = rollout_pb2.EpisodeEventKind
 RunEpisode = Callable[[EpisodeSpec], Awaitable[EpisodeResult]]
@@ -322,7 +325,8 @@ class RolloutManager:
                     await self._emit(
                         ep, self._event(ep, Kind.EPISODE_EVENT_KIND_RETRIED, message=f"attempt {spec.attempt}: {exc}")
                     )
-                    await asyncio.sleep(self.retry_backoff_s * spec.attempt)
+                    # Doubling, capped: an engine that restarts takes a minute or two, a sandbox hiccup none.
+                    await asyncio.sleep(min(MAX_RETRY_BACKOFF_S, self.retry_backoff_s * 2 ** (spec.attempt - 1)))
                     spec = dataclasses.replace(spec, attempt=spec.attempt + 1)
                     continue
                 except EpisodeError as exc:

@@ -600,6 +600,18 @@ class Store:
             db.upgrade(engine)
         return cls(engine)
 
+    def latest_policy(self, states: Sequence[int | str] = (run_pb2.RUN_STATE_RUNNING,)) -> run_pb2.Checkpoint | None:
+        """The checkpoint of the newest policy version that the newest run in `states` published, with that
+        version in `policy_version`; None when no such run published one. What an inference engine that
+        replaces a dead one serves, so that the run's trajectories are not all stale."""
+        for run in self.runs.list(states=states, limit=1):
+            version = self.policy_versions.latest(run.run_id)
+            if version is not None and version.checkpoint_id:
+                checkpoint = self.checkpoints.get(version.checkpoint_id)
+                checkpoint.policy_version = version.version
+                return checkpoint
+        return None
+
     def close(self) -> None:
         self.engine.dispose()
 

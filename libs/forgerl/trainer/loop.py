@@ -413,6 +413,9 @@ class TrainingRun:
         if hasattr(self.episodes, "model_ref"):
             self.episodes.model_ref = lambda: self.model
         if self.rank == 0:
+            # A resumed run's policy may be newer than what inference serves (a topology started afresh
+            # serves the initial checkpoint): trajectories of the old policy would all be dropped as stale.
+            self.publisher.ensure(self.progress.last_checkpoint, self.progress.policy_version)
             self.episodes.start(
                 self.run_id, self.config.rl, self.config.suite, task_ids, self.config.seed, self.progress.task_cursor
             )

@@ -7,7 +7,9 @@
 - `LocalEpisodes`: in-process sampling with the trainer's own model (tests, experiments, no services).
 - `InferencePublisher` / `NullPublisher`: `UpdateWeights(checkpoint_path, version)` on inference.
 
-All blocking (sync gRPC): the training loop runs in its own thread.
+All blocking (sync gRPC): the training loop runs in its own thread. Every call waits for a peer that is
+restarting (UNAVAILABLE), with backoff, up to `retry_deadline_s` (forgerl.runtime.retry), instead of
+failing the run: a data pool, rollout or inference brought back by its supervisor continues the run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import grpc
 import torch
 
 from forgerl.runtime.client import insecure_channel
+from forgerl.runtime.retry import retry_call
 from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
 from forgerl.v1 import (
     datapool_pb2,
@@ -74,8 +77,20 @@ class TaskCursor:
         return out
 
 
+# How long a call waits for a restarting peer: vLLM's CPU engine takes ~1-2 min to come back on 2 busy
+# cores (benchmarks/README.md, "Chaos"); the data pool, rollout and the gateway take seconds.
+RETRY_DEADLINE_S = 600.0
+
+
 class ServiceEpisodes:
-    def __init__(self, rollout_address: str, datapool_address: str, token: str | None = None) -> None:
+    def __init__(
+        self,
+        rollout_address: str,
+        datapool_address: str,
+        token: str | None = None,
+        retry_deadline_s: float = RETRY_DEADLINE_S,
+    ) -> None:
+        self.retry_deadline_s = retry_deadline_s
         self._rollout_channel = insecure_channel(rollout_address, token)
         self._datapool_channel = insecure_channel(datapool_address, token)
         self.rollout = rollout_pb2_grpc.RolloutServiceStub(self._rollout_channel)
@@ -93,7 +108,11 @@ class ServiceEpisodes:
     def top_up(self) -> None:
         """Submit groups of tasks until rollout has `episodes_in_flight` episodes running or queued."""
         assert self._tasks is not None
-        stats = self.rollout.GetRolloutStats(rollout_pb2.GetRolloutStatsRequest(run_id=self.run_id), timeout=30)
+        stats = retry_call(
+            lambda: self.rollout.GetRolloutStats(rollout_pb2.GetRolloutStatsRequest(run_id=self.run_id), timeout=30),
+            "rollout GetRolloutStats",
+            self.retry_deadline_s,
+        )
         outstanding = stats.in_flight + stats.queued
         group = max(1, self._rl.group_size)
         want = max(self._rl.episodes_in_flight, self._rl.batch_size)
@@ -101,36 +120,41 @@ class ServiceEpisodes:
         if missing < group:
             return
         task_ids = self._tasks.take(missing // group)
-        self.rollout.Submit(
-            rollout_pb2.SubmitRequest(
-                run_id=self.run_id,
-                suite=self._suite,
-                split="train",
-                task_ids=task_ids,
-                group_size=group,
-                scaffold_version=self._rl.scaffold_version,
-                max_in_flight=self._rl.episodes_in_flight,
-                publish=True,
-                reward_weights=rollout_pb2.RewardWeights(alpha=self._rl.alpha_process, beta=self._rl.beta_speed),
-            ),
-            timeout=30,
+        request = rollout_pb2.SubmitRequest(
+            run_id=self.run_id,
+            suite=self._suite,
+            split="train",
+            task_ids=task_ids,
+            group_size=group,
+            scaffold_version=self._rl.scaffold_version,
+            max_in_flight=self._rl.episodes_in_flight,
+            publish=True,
+            reward_weights=rollout_pb2.RewardWeights(alpha=self._rl.alpha_process, beta=self._rl.beta_speed),
         )
+        # A Submit lost with a rollout that died is topped up again at the next fetch (it counts what runs).
+        retry_call(lambda: self.rollout.Submit(request, timeout=30), "rollout Submit", self.retry_deadline_s)
 
     def fetch(self, size: int, policy_version: int, timeout_s: float) -> FetchedBatch:
         self.top_up()
-        resp = self.datapool.FetchBatch(
-            datapool_pb2.FetchBatchRequest(
-                run_id=self.run_id, size=size, policy_version=policy_version, timeout_s=timeout_s
-            ),
-            timeout=timeout_s + 30,
+        request = datapool_pb2.FetchBatchRequest(
+            run_id=self.run_id, size=size, policy_version=policy_version, timeout_s=timeout_s
+        )
+        # A batch served by a pool that then died was never acknowledged: the restarted pool serves its
+        # trajectories again, and the trainer skips any it trained already.
+        resp = retry_call(
+            lambda: self.datapool.FetchBatch(request, timeout=timeout_s + 30),
+            "data pool FetchBatch",
+            self.retry_deadline_s,
         )
         return FetchedBatch(resp.batch_id, list(resp.trajectories), resp.dropped_stale)
 
     def ack(self, batch_id: str) -> None:
+        request = datapool_pb2.AckRequest(run_id=self.run_id, batch_id=batch_id)
         try:
-            self.datapool.Ack(datapool_pb2.AckRequest(run_id=self.run_id, batch_id=batch_id), timeout=60)
+            retry_call(lambda: self.datapool.Ack(request, timeout=60), "data pool Ack", self.retry_deadline_s)
         except grpc.RpcError as err:
-            # Acknowledged before the crash we are resuming from: nothing left to do.
+            # Acknowledged before the crash we are resuming from, or served by a pool that died since (the
+            # new one serves those trajectories again, and they are skipped as trained): nothing left to do.
             if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
                 raise
 
@@ -198,6 +222,11 @@ class Publisher(Protocol):
         """Serve the checkpoint as `version` or newer; returns (the version served, reload seconds)."""
         ...
 
+    def ensure(self, checkpoint_path: str, version: int) -> None:
+        """Serve the checkpoint as `version` unless the engine serves `version` or newer already (a resumed
+        run's policy, on an engine that started from the initial checkpoint)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -205,29 +234,54 @@ class NullPublisher:
     def publish(self, checkpoint_path: str, version: int) -> tuple[int, float]:
         return version, 0.0
 
+    def ensure(self, checkpoint_path: str, version: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
 class InferencePublisher:
-    def __init__(self, inference_address: str, token: str | None = None, timeout_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        inference_address: str,
+        token: str | None = None,
+        timeout_s: float = 300.0,
+        retry_deadline_s: float = RETRY_DEADLINE_S,
+    ) -> None:
         self._channel = insecure_channel(inference_address, token)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self.timeout_s = timeout_s
+        self.retry_deadline_s = retry_deadline_s
+
+    def _served(self) -> int:
+        return int(
+            retry_call(
+                lambda: self.stub.GetStatus(inference_pb2.GetStatusRequest(), timeout=30),
+                "inference GetStatus",
+                self.retry_deadline_s,
+            ).policy_version
+        )
+
+    def _update(self, checkpoint_path: str, version: int) -> inference_pb2.UpdateWeightsResponse:
+        request = inference_pb2.UpdateWeightsRequest(
+            checkpoint_path=checkpoint_path, version=version, in_flight=inference_pb2.IN_FLIGHT_POLICY_FINISH
+        )
+        return retry_call(
+            lambda: self.stub.UpdateWeights(request, timeout=self.timeout_s),
+            "inference UpdateWeights",
+            self.retry_deadline_s,
+        )
 
     def publish(self, checkpoint_path: str, version: int) -> tuple[int, float]:
         # Versions only go up on the engine, which may serve a newer one than the trainer knows (it starts
         # at 1 with the initial checkpoint, or kept running while the trainer restarted).
-        served = self.stub.GetStatus(inference_pb2.GetStatusRequest(), timeout=30).policy_version
-        resp = self.stub.UpdateWeights(
-            inference_pb2.UpdateWeightsRequest(
-                checkpoint_path=checkpoint_path,
-                version=max(version, served + 1),
-                in_flight=inference_pb2.IN_FLIGHT_POLICY_FINISH,
-            ),
-            timeout=self.timeout_s,
-        )
+        resp = self._update(checkpoint_path, max(version, self._served() + 1))
         return int(resp.policy_version), float(resp.reload_s)
+
+    def ensure(self, checkpoint_path: str, version: int) -> None:
+        if checkpoint_path and self._served() < version:
+            self._update(checkpoint_path, version)
 
     def close(self) -> None:
         self._channel.close()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from forgerl.v1 import run_pb2 as forgerl_dot_v1_dot_run__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66orgerl/v1/trainer.proto\x12\nforgerl.v1\x1a\x14\x66orgerl/v1/run.proto\"O\n\x0fStartRunRequest\x12%\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x15.forgerl.v1.RunConfig\x12\x15\n\rresume_run_id\x18\x02 \x01(\t\"0\n\x10StartRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.forgerl.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\".\n\x0eGetRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.forgerl.v1.Run\"9\n\x14StreamMetricsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tfrom_step\x18\x02 \x01(\x03\"A\n\x15StreamMetricsResponse\x12(\n\x07metrics\x18\x01 \x01(\x0b\x32\x17.forgerl.v1.StepMetrics\" \n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"/\n\x0fStopRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.forgerl.v1.Run\"(\n\x16ListCheckpointsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"F\n\x17ListCheckpointsResponse\x12+\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x16.forgerl.v1.Checkpoint2\x90\x03\n\x0eTrainerService\x12\x45\n\x08StartRun\x12\x1b.forgerl.v1.StartRunRequest\x1a\x1c.forgerl.v1.StartRunResponse\x12?\n\x06GetRun\x12\x19.forgerl.v1.GetRunRequest\x1a\x1a.forgerl.v1.GetRunResponse\x12V\n\rStreamMetrics\x12 .forgerl.v1.StreamMetricsRequest\x1a!.forgerl.v1.StreamMetricsResponse0\x01\x12\x42\n\x07StopRun\x12\x1a.forgerl.v1.StopRunRequest\x1a\x1b.forgerl.v1.StopRunResponse\x12Z\n\x0fListCheckpoints\x12\".forgerl.v1.ListCheckpointsRequest\x1a#.forgerl.v1.ListCheckpointsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66orgerl/v1/trainer.proto\x12\nforgerl.v1\x1a\x14\x66orgerl/v1/run.proto\"O\n\x0fStartRunRequest\x12%\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x15.forgerl.v1.RunConfig\x12\x15\n\rresume_run_id\x18\x02 \x01(\t\"0\n\x10StartRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.forgerl.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\".\n\x0eGetRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.forgerl.v1.Run\"9\n\x14StreamMetricsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tfrom_step\x18\x02 \x01(\x03\"A\n\x15StreamMetricsResponse\x12(\n\x07metrics\x18\x01 \x01(\x0b\x32\x17.forgerl.v1.StepMetrics\" \n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"/\n\x0fStopRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.forgerl.v1.Run\"(\n\x16ListCheckpointsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"F\n\x17ListCheckpointsResponse\x12+\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x16.forgerl.v1.Checkpoint\"F\n\x0fListRunsRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.forgerl.v1.RunState\x12\r\n\x05limit\x18\x02 \x01(\x05\"1\n\x10ListRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.forgerl.v1.Run2\xd7\x03\n\x0eTrainerService\x12\x45\n\x08StartRun\x12\x1b.forgerl.v1.StartRunRequest\x1a\x1c.forgerl.v1.StartRunResponse\x12?\n\x06GetRun\x12\x19.forgerl.v1.GetRunRequest\x1a\x1a.forgerl.v1.GetRunResponse\x12V\n\rStreamMetrics\x12 .forgerl.v1.StreamMetricsRequest\x1a!.forgerl.v1.StreamMetricsResponse0\x01\x12\x42\n\x07StopRun\x12\x1a.forgerl.v1.StopRunRequest\x1a\x1b.forgerl.v1.StopRunResponse\x12Z\n\x0fListCheckpoints\x12\".forgerl.v1.ListCheckpointsRequest\x1a#.forgerl.v1.ListCheckpointsResponse\x12\x45\n\x08ListRuns\x12\x1b.forgerl.v1.ListRunsRequest\x1a\x1c.forgerl.v1.ListRunsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,6 +52,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=523
   _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=525
   _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=595
-  _globals['_TRAINERSERVICE']._serialized_start=598
-  _globals['_TRAINERSERVICE']._serialized_end=998
+  _globals['_LISTRUNSREQUEST']._serialized_start=597
+  _globals['_LISTRUNSREQUEST']._serialized_end=667
+  _globals['_LISTRUNSRESPONSE']._serialized_start=669
+  _globals['_LISTRUNSRESPONSE']._serialized_end=718
+  _globals['_TRAINERSERVICE']._serialized_start=721
+  _globals['_TRAINERSERVICE']._serialized_end=1192
 # @@protoc_insertion_point(module_scope)

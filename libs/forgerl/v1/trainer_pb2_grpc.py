@@ -61,6 +61,11 @@ class TrainerServiceStub:
                 request_serializer=forgerl_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
                 response_deserializer=forgerl_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/forgerl.v1.TrainerService/ListRuns',
+                request_serializer=forgerl_dot_v1_dot_trainer__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=forgerl_dot_v1_dot_trainer__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -99,6 +104,13 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRuns(self, request, context):
+        """Runs in the given states (all when none), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +138,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ListCheckpoints,
                     request_deserializer=forgerl_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.FromString,
                     response_serializer=forgerl_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=forgerl_dot_v1_dot_trainer__pb2.ListRunsRequest.FromString,
+                    response_serializer=forgerl_dot_v1_dot_trainer__pb2.ListRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +282,33 @@ class TrainerService:
             '/forgerl.v1.TrainerService/ListCheckpoints',
             forgerl_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
             forgerl_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forgerl.v1.TrainerService/ListRuns',
+            forgerl_dot_v1_dot_trainer__pb2.ListRunsRequest.SerializeToString,
+            forgerl_dot_v1_dot_trainer__pb2.ListRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

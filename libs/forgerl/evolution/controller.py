@@ -191,6 +191,7 @@ class Controller:
                     self._changed("budget_spent", "controller", {"reason": spent})
                     return
                 await self.round()
+                await asyncio.sleep(0)  # an evaluator that never awaits must not starve the console's requests
         except Exception as exc:
             log.exception("evolution round failed")
             self.status, self.halt_reason = "halted", f"round failed: {exc}"

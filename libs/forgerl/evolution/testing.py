@@ -68,8 +68,10 @@ class ScriptedProposer:
 
 def demo_effect(config: ScaffoldConfig) -> float:
     """The simulated truth the demo script plays against: an answer-format instruction in the tool-use prompt
-    gains 15 points, a temperature under 1 costs 10, everything else is neutral."""
-    gain = 0.15 if "exactly" in config.system_prompts.get("tooluse", "") else 0.0
+    gains 15 points, asking to retry failed tool calls 12 more, a temperature under 1 costs 10, everything else
+    is neutral."""
+    prompt = config.system_prompts.get("tooluse", "")
+    gain = (0.15 if "exactly" in prompt else 0.0) + (0.12 if "call it again" in prompt else 0.0)
     return gain - (0.10 if config.sampling.temperature < 1.0 else 0.0)
 
 
@@ -82,4 +84,11 @@ DEMO_SCRIPT: tuple[tuple[dict[str, Any], str], ...] = (
     ({"graders.tooluse.normalise": "lenient"}, "answers are nearly right: grade them leniently"),
     ({"sampling.top_p": 0.9}, "cut the sampling tail"),
     ({"max_turns_by_suite.tooluse": 3}, "no episode used its fourth turn"),
+    (
+        {
+            "system_prompts.tooluse": "Solve the task with one tool call, then reply with exactly the tool's output. "
+            "If a tool call fails, fix the arguments and call it again."
+        },
+        "9 of 31 failures gave up after a tool error: ask the agent to retry with fixed arguments",
+    ),
 )

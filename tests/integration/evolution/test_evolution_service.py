@@ -84,12 +84,13 @@ async def test_grpc_and_console_api_approval_and_rollback(tmp_path: Path) -> Non
         status = (await stub.GetEvolutionStatus(evolution_pb2.GetEvolutionStatusRequest())).status
         assert status.incumbent == "default@1"
 
-        # Round 2 (temperature 0.7, 10 points worse) ends without a promotion; then the budget stops the loop.
+        # Round 2 (temperature 0.7, 10 points worse) is rejected; then the budget stops the loop.
         async with asyncio.timeout(60):
             while (await http.get("/api/v1/status")).json()["status"] != "finished":
                 await asyncio.sleep(0.05)
         listed = await stub.ListIterations(evolution_pb2.ListIterationsRequest())
-        assert [i.state for i in listed.iterations][0] in (run_pb2.ITERATION_STATE_REJECTED, run_pb2.ITERATION_STATE_INCONCLUSIVE)
+        assert listed.iterations[0].state == run_pb2.ITERATION_STATE_REJECTED
+        assert listed.iterations[0].ci_high < 0 < listed.iterations[1].ci_low
 
         rolled = await stub.Rollback(evolution_pb2.RollbackRequest(scaffold_id="default", to_version=0, operator="bob"))
         assert (rolled.scaffold.scaffold_id, rolled.scaffold.version) == ("default", 0)

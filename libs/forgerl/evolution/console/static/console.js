@@ -189,8 +189,8 @@ const views = {
 
   async audit() {
     const a = await get("/audit");
-    const rows = a.entries.map((e) => `<tr><td class="num">${e.seq}</td><td>${when(e.time)}</td><td>${esc(e.kind.replace(/_/g, " "))}</td><td>${esc(e.actor)}</td>
-      <td class="mono">${esc(JSON.stringify(e.data)).slice(0, 160)}</td><td class="mono muted">${esc(e.hash.slice(0, 12))}</td></tr>`).join("");
+    const rows = a.entries.map((e) => `<tr><td class="num">${e.seq}</td><td class="nowrap">${when(e.time)}</td><td class="nowrap">${esc(e.kind.replace(/_/g, " "))}</td><td>${esc(e.actor)}</td>
+      <td class="data">${esc(brief(e.data))}</td><td class="mono muted">${esc(e.hash.slice(0, 12))}</td></tr>`).join("");
     return `<h1>Audit log</h1><div class="sub">Append-only; each entry hashes the previous one.
         ${a.verified ? `<span class="chain-ok" id="chain">✓ chain verified (${a.entries.length} entries)</span>` : `<span class="chain-bad" id="chain">✗ chain broken at ${a.problems.map((p) => p.seq).join(", ")}</span>`}</div>
       <div class="table-wrap"><table><thead><tr><th class="num">#</th><th>time</th><th>event</th><th>actor</th><th>data</th><th>hash</th></tr></thead><tbody>${rows}</tbody></table></div>`;
@@ -202,10 +202,17 @@ const views = {
   },
 };
 
+// An audit entry's data on one line: numbers to 3 decimals, long values cut.
+function brief(data) {
+  const show = (v) => (typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toFixed(3))
+    : typeof v === "string" ? (v.length > 90 ? `${v.slice(0, 90)}…` : v) : JSON.stringify(v).slice(0, 90));
+  return Object.entries(data).map(([k, v]) => `${k}: ${show(v)}`).join(" · ");
+}
+
 // -- charts (inline SVG) ------------------------------------------------------------------------
 
 function forest(stages) {
-  const W = 760, row = 34, H = stages.length * row + 36, left = 90, right = 20;
+  const W = 860, row = 34, H = stages.length * row + 36, left = 80, right = 200; // right: room for the labels
   const lo = Math.min(-0.2, ...stages.map((s) => s.decision.ci_low)), hi = Math.max(0.2, ...stages.map((s) => s.decision.ci_high));
   const x = (v) => left + ((v - lo) / (hi - lo)) * (W - left - right);
   const margin = stages[0].decision.margin;

@@ -1,0 +1,73 @@
+// Drives the operator console in Debian's Chromium (playwright-core): every page renders from the live
+// service, and an approval clicked in the page promotes the iteration. Screenshots go to the artefacts dir.
+// Usage: node console_pages.mjs <console url> <operator token> <awaiting iteration id> <promoted iteration id> <out dir>
+import { chromium } from "playwright-core";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+const [url, token, awaitingId, promotedId, outDir] = process.argv.slice(2);
+mkdirSync(outDir, { recursive: true });
+const profile = mkdtempSync(join(tmpdir(), "forgerl-console-")); // a fresh --user-data-dir each run
+const browser = await chromium.launchPersistentContext(profile, {
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  viewport: { width: 1440, height: 900 },
+  args: [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  ],
+});
+const results = [];
+const check = (name, ok, detail = "") => results.push({ name, ok: Boolean(ok), detail });
+try {
+  const page = await browser.newPage();
+  const requests = [];
+  page.on("request", (r) => requests.push(r.url()));
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+
+  const visit = async (hash, waitFor, shot) => {
+    await page.goto(`${url}${hash}`);
+    await page.waitForSelector(waitFor, { timeout: 15000 });
+    await page.waitForTimeout(150); // the header's status arrives after the view
+    await page.screenshot({ path: `${outDir}/${shot}.png`, fullPage: true });
+  };
+
+  await visit("#/", "text=Recent iterations", "overview");
+  check("overview shows the budget", await page.isVisible("text=Evaluation episodes"));
+  await visit("#/iterations", ".timeline .tl-item", "iterations");
+  check("timeline lists six iterations", (await page.locator(".tl-item").count()) === 6);
+  await visit("#/lineage", ".tree .node", "lineage");
+  check("lineage marks the incumbent", (await page.locator(".node.incumbent").count()) === 1);
+  await visit(`#/compare/${promotedId}`, "svg[aria-label='confidence intervals']", "compare");
+  check("compare draws one interval per stage", (await page.locator("svg[aria-label='confidence intervals'] circle").count()) === 3);
+  await visit("#/anomalies", "text=non finite", "anomalies");
+  await visit("#/audit", "#chain", "audit");
+  check("audit chain verified", (await page.textContent("#chain")).includes("verified"));
+  await visit("#/budget", "text=Budget & controls", "budget");
+  await visit("#/memory", "pre.md", "memory");
+  check("memory holds round notes", (await page.textContent("pre.md")).includes("## Round 1"));
+
+  await visit(`#/iteration/${awaitingId}`, "#approval-box", "candidate-awaiting");
+  check("candidate page shows its diff", await page.isVisible(".diff .add"));
+  check("state is awaiting approval", (await page.textContent("#iteration-state")).includes("awaiting approval"));
+  await page.fill("#operator-name", "browser-operator");
+  await page.fill("#operator-token", token);
+  await page.fill("#approval-note", "approved from the console");
+  await page.click("button[data-action=approve]");
+  await page.waitForFunction(() => document.querySelector("#iteration-state")?.textContent.includes("promoted"), null, { timeout: 15000 });
+  await page.screenshot({ path: `${outDir}/candidate-approved.png`, fullPage: true });
+  check("approval in the page promoted the iteration", (await page.textContent("#iteration-state")).includes("promoted"));
+
+  const foreign = requests.filter((r) => !r.startsWith(url.replace(/\/$/, "")));
+  check("no request leaves the console's origin", foreign.length === 0, foreign.join(" "));
+  check("no script errors", errors.length === 0, errors.join(" | "));
+} catch (err) {
+  check("page flow", false, String(err));
+} finally {
+  await browser.close();
+  rmSync(profile, { recursive: true, force: true });
+}
+console.log(JSON.stringify(results));
+process.exit(results.every((r) => r.ok) ? 0 : 1);

@@ -42,6 +42,9 @@ class GatewayConfig(ServiceConfig):
     closed_trajectories: int = Field(
         16, ge=0, description="Newest closed episodes that keep their trajectory (a repeated close returns it)."
     )
+    episode_idle_ttl_s: float = Field(
+        3600.0, ge=0, description="An open episode without a request for this long is dropped unpublished; 0: never."
+    )
 
     def replica_addresses(self) -> list[str]:
         raw = self.inference_replicas or self.inference_address

@@ -29,6 +29,7 @@ def settings_from_config(config: GatewayConfig) -> GatewaySettings:
         close_wait_s=config.close_wait_s,
         closed_retention=config.closed_retention,
         closed_trajectories=config.closed_trajectories,
+        episode_idle_ttl_s=config.episode_idle_ttl_s,
     )
 
 
@@ -81,6 +82,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.http: HttpServer | None = None
         self.router: Router | None = None
         self.publisher: DatapoolPublisher | None = None
+        self._expiry: asyncio.Task[None] | None = None
 
     @property
     def base_url(self) -> str:
@@ -106,11 +108,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.http = HttpServer(app.app, config.host, config.http_port, config.grace_s, config.log_level)
         await self.http.start()
         self.router.start()
+        if config.episode_idle_ttl_s:
+            self._expiry = asyncio.create_task(self._expire_idle(self.core, config.episode_idle_ttl_s))
         logger.info(
             "gateway serving %s for replicas %s (tokenizer %s)", self.base_url, ", ".join(self.router.addresses), path
         )
 
+    @staticmethod
+    async def _expire_idle(core: GatewayCore, ttl_s: float) -> None:
+        while True:  # an episode lives at most ttl_s plus a quarter of it (a minute at most) past its last request
+            await asyncio.sleep(min(ttl_s / 4, 60.0))
+            core.expire_idle()
+
     async def stop(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         if self.http is not None:
             await self.http.stop()
         if self.router is not None:

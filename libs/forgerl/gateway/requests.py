@@ -16,6 +16,12 @@ from typing import Any
 from forgerl.gateway.chat import Message, Tools, parse_messages
 from forgerl.gateway.errors import bad_request
 
+# Deepest nesting of a request body: a chat request with tool schemas nests ~10 levels; the limit keeps the
+# recursive parts of the gateway (message and schema walks) far from Python's recursion limit of 1000.
+MAX_JSON_DEPTH = 64
+# The engine's wire format carries top_k and max_tokens as int32 (protos/forgerl/v1/inference.proto).
+INT32_MAX = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class ChatRequest:
@@ -65,9 +71,43 @@ def _int(body: Mapping[str, Any], key: str, lo: int, hi: int | None = None) -> i
     return value
 
 
+def check_json_value(body: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """400 for a body nested deeper than `max_depth` or holding a string that is not Unicode text (a lone
+    UTF-16 surrogate such as "\\ud800", which JSON can escape but UTF-8 cannot encode); iterative, so any
+    depth is safe to check."""
+    stack: list[tuple[Any, str, int]] = [(body, "body", 1)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, where)
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth > max_depth:
+            raise bad_request(f"the request body nests deeper than {max_depth} levels (at {where}): flatten it")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, f"a key of {where}")
+                stack.append((item, f"{where}.{key}", depth + 1))
+        else:
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise bad_request(
+            f"{where} is not valid Unicode: {text[err.start : err.end]!a} at character {err.start} is a lone "
+            "UTF-16 surrogate; send text (pair surrogates, or escape the character itself)",
+            code="invalid_unicode",
+        ) from None
+
+
 def parse_chat_request(body: Any, default_model: str) -> ChatRequest:
     if not isinstance(body, Mapping):
         raise bad_request("the request body must be a JSON object")
+    check_json_value(body)
     messages = parse_messages(body.get("messages"))
     tools = Tools.parse(body.get("tools"))
     tool_choice, tool_choice_name = _tool_choice(body.get("tool_choice"), tools)
@@ -95,9 +135,9 @@ def parse_chat_request(body: Any, default_model: str) -> ChatRequest:
     logprobs = body.get("logprobs", False)
     if not isinstance(logprobs, bool):
         raise bad_request("logprobs must be true or false", param="logprobs")
-    max_tokens = _int(body, "max_completion_tokens", 1)
+    max_tokens = _int(body, "max_completion_tokens", 1, INT32_MAX)
     if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 1)
+        max_tokens = _int(body, "max_tokens", 1, INT32_MAX)
     seed = _int(body, "seed", -(2**63), 2**63 - 1)
     model = body.get("model", default_model)
     if not isinstance(model, str):
@@ -114,7 +154,7 @@ def parse_chat_request(body: Any, default_model: str) -> ChatRequest:
         top_logprobs=_int(body, "top_logprobs", 0, 20) or 0,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-        top_k=_int(body, "top_k", -1) or 0,
+        top_k=_int(body, "top_k", -1, INT32_MAX) or 0,  # the engine checks it against the vocabulary
         max_tokens=max_tokens or 0,
         seed=seed,
     )

@@ -54,6 +54,9 @@ class GatewaySettings:
     # their trajectory, so a repeated CloseEpisode gets the same answer.
     closed_retention: int = 1024
     closed_trajectories: int = 16
+    # An open episode with no request for this long is dropped (its agent is gone: 2,000 abandoned episodes
+    # grew the gateway's memory without bound, issue 24); 0 keeps them forever.
+    episode_idle_ttl_s: float = 3600.0
 
 
 @dataclass
@@ -82,6 +85,9 @@ class Episode:
     inflight: asyncio.Task[Any] | None = None
     # Set when a closed episode lets go of its turns and trajectory (memory); the counts stay.
     released: tuple[int, int] | None = None
+    # time.monotonic() of the last request; an episode idle for episode_idle_ttl_s expires (closed unpublished).
+    last_active: float = field(default_factory=time.monotonic)
+    expired: bool = False
 
     @property
     def turn_count(self) -> int:
@@ -193,12 +199,31 @@ class GatewayCore:
                 code="invalid_episode_key",
             )
         if episode.closed:
-            raise GatewayError(
-                403,
-                f"episode {episode.id} is closed: its trajectory is final, open a new episode",
-                code="episode_closed",
-            )
+            why = "expired (no request for a while)" if episode.expired else "closed: its trajectory is final"
+            raise GatewayError(403, f"episode {episode.id} is {why}, open a new episode", code="episode_closed")
         return episode
+
+    def expire_idle(self, now: float | None = None) -> list[str]:
+        """Close, unpublished, every open episode without a request for `episode_idle_ttl_s` and no turn in
+        flight; returns their ids. Their keys answer 403 "expired" while the closed episodes are remembered."""
+        ttl = self.settings.episode_idle_ttl_s
+        now = time.monotonic() if now is None else now
+        idle = [
+            (key, e)
+            for key, e in self.episodes.items()
+            if ttl and now - e.last_active > ttl and not e.lock.locked() and (e.inflight is None or e.inflight.done())
+        ]
+        for key, episode in idle:
+            episode.closed = episode.expired = True
+            episode.release()
+            self.router.release(episode.route)
+            del self.episodes[key]
+            self.closed[key] = episode
+        while len(self.closed) > self.settings.closed_retention:
+            self.closed.popitem(last=False)
+        if idle:
+            logger.warning("%d episode(s) expired after %.0f s idle: %s", len(idle), ttl, [e.id for _, e in idle])
+        return [e.id for _, e in idle]
 
     async def close_episode(
         self,
@@ -265,6 +290,11 @@ class GatewayCore:
 
     @staticmethod
     def _closed_trajectory(episode: Episode) -> trajectory_pb2.Trajectory:
+        if episode.expired:
+            raise TrajectoryReleased(
+                f"episode {episode.id} expired: no request for longer than the gateway's episode_idle_ttl_s, so "
+                "it was dropped unpublished; open a new episode (or raise FORGERL_GATEWAY_EPISODE_IDLE_TTL_S)"
+            )
         if episode.trajectory is None:
             raise TrajectoryReleased(
                 f"episode {episode.id} was closed earlier and its trajectory is no longer held here (it went to "
@@ -315,6 +345,7 @@ class GatewayCore:
         """Match the history and build the prompt, holding the episode's lock (released by `run_turn`,
         or here on error)."""
         await episode.lock.acquire()
+        episode.last_active = time.monotonic()
         try:
             if episode.closed:
                 raise GatewayError(

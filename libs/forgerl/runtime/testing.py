@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from typing import TypeVar
 
 from forgerl.runtime.config import ServiceConfig
 from forgerl.runtime.server import RunningServer, ServiceSpec, started_server
+
+T = TypeVar("T")
 
 
 @asynccontextmanager
@@ -24,3 +29,28 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serve_in_thread(factory: Callable[[], AbstractAsyncContextManager[T]]) -> Iterator[T]:
+    """Run the async context manager that `factory` builds (called on the new loop, so what it creates belongs
+    to it: `lambda: serve_in_process(build(config), config)`) on an event loop of its own thread; yield what
+    it yields (an address). For blocking tests, such as
+    hypothesis' property tests, that cannot await."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="serve-in-thread", daemon=True)
+    thread.start()
+    entered = asyncio.run_coroutine_threadsafe(_enter(factory), loop).result(timeout=120)
+    manager, address = entered
+    try:
+        yield address
+    finally:
+        asyncio.run_coroutine_threadsafe(manager.__aexit__(None, None, None), loop).result(timeout=120)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
+
+
+async def _enter(factory: Callable[[], AbstractAsyncContextManager[T]]) -> tuple[AbstractAsyncContextManager[T], T]:
+    manager = factory()
+    return manager, await manager.__aenter__()

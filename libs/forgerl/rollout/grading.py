@@ -47,6 +47,9 @@ COLLECT_TIMEOUT_S = 60.0
 MAX_FILE_BYTES = 1 << 20  # a source file larger than this is not a hand edit
 MAX_CHANGED_BYTES = 4 << 20  # all kept edits together: the grading sandbox gets them in one request
 MAX_ENTRIES = 2000  # changed paths listed at most (a tree of generated files is not a source edit)
+# The result line holds every test of the test files run: 1,000 pytest node ids are ~90 KB, over the
+# sandbox's default 64 KiB per stream. Test output goes to stderr; stdout holds the harness's two lines.
+RESULTS_OUTPUT_BYTES = 8 << 20
 RUNNER_MARKER = "FORGERL_RUNNER"
 RUNNER_CONFIG = frozenset({"pytest.ini", ".pytest.ini", "tox.ini", "setup.cfg", "pyproject.toml"})
 # Folders of tests by name, beside the folders of the task's own test files. Not "test": Django's source
@@ -274,7 +277,9 @@ async def run_tests(
     sandbox = await sandboxes.create(request)
     try:
         nonce = secrets.token_hex(16)
-        result = await sandbox.exec(command, stdin=f"{nonce}\n".encode(), timeout_s=timeout_s)
+        result = await sandbox.exec(
+            command, stdin=f"{nonce}\n".encode(), timeout_s=timeout_s, output_bytes=RESULTS_OUTPUT_BYTES
+        )
     finally:
         await sandbox.close()
     return _verdict(task, result, nonce, canary, tree.dropped)

@@ -42,10 +42,9 @@ def test_units():
 """
 
 
-def unittest_task() -> Task:
-    tests = {"tests/__init__.py": "", "tests/test_calc.py": UNITTEST_TESTS}
+def _task(kind: str, tests: dict[str, str], f2p: tuple[str, ...], p2p: tuple[str, ...], **extra: object) -> Task:
     return Task(
-        id="tiny/test/calc-unittest",
+        id=f"tiny/test/calc-{kind}",
         suite="tiny",
         split="test",
         instructions="add() subtracts; fix calc.py.",
@@ -54,29 +53,20 @@ def unittest_task() -> Task:
         baseline_s=10,
         files={"calc.py": BUGGY, **tests},
         test_files=tests,
-        fail_to_pass=("tests.test_calc.TestCalc.test_add",),
-        pass_to_pass=("tests.test_calc.TestCalc.test_sub",),
-        harness="unittest",
+        fail_to_pass=f2p,
+        pass_to_pass=p2p,
+        harness=kind,
         tools=TOOLS,
+        **extra,  # type: ignore[arg-type]
     )
+
+
+def unittest_task() -> Task:
+    tests = {"tests/__init__.py": "", "tests/test_calc.py": UNITTEST_TESTS}
+    return _task("unittest", tests, ("tests.test_calc.TestCalc.test_add",), ("tests.test_calc.TestCalc.test_sub",))
 
 
 def pytest_task(environment: TaskEnvironment) -> Task:
     """No tests/__init__.py: the harness puts the repository on sys.path, as `python -m pytest` would."""
-    tests = {"tests/test_calc.py": PYTEST_TESTS}
-    return Task(
-        id="tiny/test/calc-pytest",
-        suite="tiny",
-        split="test",
-        instructions="add() subtracts; fix calc.py.",
-        test_command=harness.COMMAND,
-        time_budget_s=60,
-        baseline_s=10,
-        files={"calc.py": BUGGY, **tests},
-        test_files=tests,
-        fail_to_pass=("tests/test_calc.py::test_add",),
-        pass_to_pass=("tests/test_calc.py::test_sub", "tests/test_calc.py::test_units"),
-        harness="pytest",
-        environment=environment,
-        tools=TOOLS,
-    )
+    ids = tuple(f"tests/test_calc.py::test_{name}" for name in ("add", "sub", "units"))
+    return _task("pytest", {"tests/test_calc.py": PYTEST_TESTS}, ids[:1], ids[1:], environment=environment)

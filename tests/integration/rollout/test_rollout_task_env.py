@@ -9,6 +9,8 @@ grading) runs on it.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -114,3 +116,30 @@ async def test_an_episode_runs_the_agent_and_the_grader_on_the_environment(
     assert fixed.success and fixed.tool_errors == 0 and fixed.tests.dropped == {}, (fixed.tests, fixed.stopped)
     untouched = await runner.run(EpisodeSpec(run_id="it", task=task, scaffold_version="noop", publish=False))
     assert not untouched.success and untouched.tests.results["tests/test_calc.py::test_units"] == "pass"
+
+
+async def test_a_thousand_test_ids_fit_the_result_line(
+    sandbox_root: Path, limits: SandboxLimits, env_with_pytest: EnvFixture
+) -> None:
+    """SWE-bench tasks list hundreds to thousands of PASS_TO_PASS ids: 1,500 here, ~100 KB of result line."""
+    builder, env = env_with_pytest
+    many = (
+        "import pytest\n\n\n@pytest.mark.parametrize('case', range(1500))\n"
+        "def test_a_long_name_for_each(case):\n    pass\n"
+    )
+    base = pytest_task(env)
+    p2p = tuple(f"tests/test_many.py::test_a_long_name_for_each[{i}]" for i in range(1500))
+    task = dataclasses.replace(
+        base,
+        files={**base.files, "tests/test_many.py": many},
+        test_files={**base.test_files, "tests/test_many.py": many},
+        pass_to_pass=p2p,
+    )
+    factory = LocalSandboxFactory(sandbox_root, limits, environments=builder)
+    work = await factory.create(SandboxRequest(files={**task.files, "calc.py": FIXED}, environment=env))
+    try:
+        grading = await run_tests(factory, work, task, "")
+    finally:
+        await work.close()
+    assert len(json.dumps(grading.results)) > 64 << 10
+    assert grading.success and len(grading.results) == 1501, grading.detail

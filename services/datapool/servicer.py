@@ -210,4 +210,5 @@ class DatapoolServicer(datapool_pb2_grpc.DatapoolServiceServicer):
             in_flight=s.in_flight,
             redelivered=s.redelivered,
             skipped=s.skipped,
+            next_submit_seq=s.next_submit_seq,
         )

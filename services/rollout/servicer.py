@@ -12,7 +12,7 @@ import grpc
 
 from forgerl.datapool.topics import skip_marker
 from forgerl.rollout.episode import EpisodeRunner, GrpcGateway
-from forgerl.rollout.manager import ReportSkipped, RolloutManager
+from forgerl.rollout.manager import QueueStart, ReportSkipped, RolloutManager
 from forgerl.rollout.rewards import RewardSettings
 from forgerl.rollout.sandbox.base import SandboxFactory, SandboxLimits
 from forgerl.rollout.scaffold_config import ScaffoldRegistry
@@ -161,6 +161,17 @@ def skip_reporter(channel: grpc.aio.Channel, attempts: int = 3, backoff_s: float
     return report
 
 
+def pool_queue_start(channel: grpc.aio.Channel) -> QueueStart:
+    """The data pool's next_submit_seq of a run: where this process goes on numbering its episodes."""
+    stub = datapool_pb2_grpc.DatapoolServiceStub(channel)
+
+    async def start(run_id: str) -> int:
+        stats = await stub.GetPoolStats(datapool_pb2.GetPoolStatsRequest(run_id=run_id), timeout=5.0)
+        return int(stats.next_submit_seq)
+
+    return start
+
+
 def build_servicer(
     config: RolloutConfig,
     *,
@@ -177,11 +188,12 @@ def build_servicer(
         channels.append(channel)
         gateway = GrpcGateway(channel)
     pool_behind = None
-    report_skipped = None
+    report_skipped = queue_start = None
     if config.datapool_address:
         channel = aio_channel(config.datapool_address, config.auth_token)
         channels.append(channel)
         report_skipped = skip_reporter(channel)
+        queue_start = pool_queue_start(channel)
         if config.max_pool_lag > 0:
             pool_behind = pool_lag_check(channel, config.max_pool_lag)
     runner = EpisodeRunner(
@@ -200,6 +212,7 @@ def build_servicer(
         retry_backoff_s=config.retry_backoff_s,
         pool_behind=pool_behind,
         report_skipped=report_skipped,
+        queue_start=queue_start,
     )
 
     async def close_clients() -> None:

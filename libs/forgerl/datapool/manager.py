@@ -87,6 +87,7 @@ class PoolStats:
     acknowledged: int
     redelivered: int
     skipped: int = 0
+    next_submit_seq: int = 0
 
 
 def _log_commit_failure(future: concurrent.futures.Future[None]) -> None:
@@ -401,6 +402,7 @@ class DataPool:
                 acknowledged=c.acknowledged,
                 redelivered=c.redelivered,
                 skipped=c.skipped,
+                next_submit_seq=run.pool.next_seq,
             )
         stats.lag = run.feed.lag()
         return stats

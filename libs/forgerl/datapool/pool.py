@@ -520,5 +520,10 @@ class RunPool:
     def pending_gaps(self) -> int:
         return self._fifo.num_pending
 
+    @property
+    def next_seq(self) -> int:
+        """The sequence number after the newest queued; 0 when none is (or none since a restart)."""
+        return 0 if self._last_seq is None else self._last_seq + 1
+
     def committed_offsets(self) -> dict[int, int]:
         return {p: t.committed for p, t in self.partitions.items()}

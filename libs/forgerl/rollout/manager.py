@@ -14,7 +14,9 @@ Each publishing episode is stamped with its position in the run's generation que
 `forgerl/submit_seq` (0, 1, 2, ... per run, in the order `submit` queues them; retries keep it), which
 the gateway copies into the trajectory and the data pool's windowed FIFO schedules by. One that ends
 without a published trajectory (failed, cancelled, an agent that never called the model) is reported
-through `report_skipped`, so that the pool does not hold its window for it until the gap timeout.
+through `report_skipped`, so that the pool does not hold its window for it until the gap timeout. A
+run's numbering starts where `queue_start` says (the data pool's next expected number), so that it
+carries on across a restart of rollout instead of starting at 0 again.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ RunEpisode = Callable[[EpisodeSpec], Awaitable[EpisodeResult]]
 PoolBehind = Callable[[str], Awaitable[bool]]
 # Called when a publishing episode ended without a trajectory: (run_id, submit_seq, episode_id, reason).
 ReportSkipped = Callable[[str, int, str, str], Awaitable[None]]
+# Where a run's generation queue goes on (asked once per run and process): the data pool's next_submit_seq.
+QueueStart = Callable[[str], Awaitable[int]]
 
 
 @dataclass
@@ -109,6 +113,7 @@ class RolloutManager:
         pool_poll_s: float = 1.0,
         report_skipped: ReportSkipped | None = None,
         report_timeout_s: float = 10.0,
+        queue_start: QueueStart | None = None,
     ) -> None:
         self.run_episode = run_episode
         self.suites = suites
@@ -120,6 +125,7 @@ class RolloutManager:
         self.pool_poll_s = pool_poll_s
         self.report_skipped = report_skipped
         self.report_timeout_s = report_timeout_s
+        self.queue_start = queue_start
         self._next_seq: dict[str, int] = {}  # run -> the next position in its generation queue
         self.submissions: dict[str, _Submission] = {}
         self.queue: collections.deque[_Episode] = collections.deque()
@@ -181,6 +187,9 @@ class RolloutManager:
             raise ValueError("no tasks to run")
         if self._stopping:
             raise RuntimeError("rollout is shutting down")
+        if publish and run_id not in self._next_seq:
+            start = await self._queue_start(run_id)
+            self._next_seq.setdefault(run_id, start)  # a concurrent first submission may have set it
         submission_id = uuid.uuid4().hex[:16]
         sub = _Submission(submission_id, run_id, [], max_in_flight if max_in_flight > 0 else self.max_in_flight)
         seq = self._next_seq.get(run_id, 0)
@@ -370,6 +379,15 @@ class RolloutManager:
         if ep.submission.remaining == 0:
             ep.submission.finished_event.set()
         await self._log(ep.spec.run_id).wake()
+
+    async def _queue_start(self, run_id: str) -> int:
+        if self.queue_start is None:
+            return 0
+        try:
+            return max(0, await asyncio.wait_for(self.queue_start(run_id), self.report_timeout_s))
+        except Exception as exc:  # numbering from 0 still trains: repeated numbers are served unwindowed
+            log.warning("could not ask where run %s's queue goes on (%r); numbering its episodes from 0", run_id, exc)
+            return 0
 
     async def _report_if_skipped(self, ep: _Episode, event: rollout_pb2.EpisodeEvent | None) -> None:
         """Tell the data pool that a publishing episode's queue position will see no trajectory."""

@@ -62,7 +62,7 @@ class GetPoolStatsRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class GetPoolStatsResponse(_message.Message):
-    __slots__ = ("lag", "buffered", "dropped_stale", "dead_lettered", "duplicates", "served", "acknowledged", "in_flight", "redelivered", "skipped")
+    __slots__ = ("lag", "buffered", "dropped_stale", "dead_lettered", "duplicates", "served", "acknowledged", "in_flight", "redelivered", "skipped", "next_submit_seq")
     LAG_FIELD_NUMBER: _ClassVar[int]
     BUFFERED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_STALE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class GetPoolStatsResponse(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     REDELIVERED_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SUBMIT_SEQ_FIELD_NUMBER: _ClassVar[int]
     lag: int
     buffered: int
     dropped_stale: int
@@ -83,4 +84,5 @@ class GetPoolStatsResponse(_message.Message):
     in_flight: int
     redelivered: int
     skipped: int
-    def __init__(self, lag: _Optional[int] = ..., buffered: _Optional[int] = ..., dropped_stale: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., duplicates: _Optional[int] = ..., served: _Optional[int] = ..., acknowledged: _Optional[int] = ..., in_flight: _Optional[int] = ..., redelivered: _Optional[int] = ..., skipped: _Optional[int] = ...) -> None: ...
+    next_submit_seq: int
+    def __init__(self, lag: _Optional[int] = ..., buffered: _Optional[int] = ..., dropped_stale: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., duplicates: _Optional[int] = ..., served: _Optional[int] = ..., acknowledged: _Optional[int] = ..., in_flight: _Optional[int] = ..., redelivered: _Optional[int] = ..., skipped: _Optional[int] = ..., next_submit_seq: _Optional[int] = ...) -> None: ...

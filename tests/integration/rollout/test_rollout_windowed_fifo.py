@@ -9,7 +9,8 @@ the trainer may take a finished episode only within W = ceil(f * N) positions of
 positions from the head to the newest, the head the oldest episode neither taken nor failed), not taken
 from the code under test. The window f = 0.3 comes from the run's config in the run store (the pool's
 own default is greedy, f = 1), as the trainer writes it; the failed episode's skip marker must free its
-position at once (the pool's gap timeout is 600 s). Everything listens on 127.0.0.1.
+position at once (the pool's gap timeout is 600 s). Then rollout restarts (a fresh service) and queues
+one more episode: it must be position 10 of the run's queue, not 0 again. Everything listens on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ pytestmark = [
 K = rollout_pb2.EpisodeEventKind
 RUN = "run-windowed-fifo"
 WINDOW = 0.3
-TASKS = get_suite("tooluse").tasks("test")[:10]
+ALL_TASKS = get_suite("tooluse").tasks("test")[:11]
+TASKS, AFTER_RESTART = ALL_TASKS[:10], ALL_TASKS[10]
 FAILING = 5  # the position whose episode names an unknown scaffold
 USER = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.S)
 
@@ -64,6 +66,9 @@ class WindowRule:
     def __init__(self, n: int, window: float) -> None:
         self.state = ["running"] * n
         self.window = Fraction(str(window))  # exact: 0.3 * 10 is 3 positions, not 3.0000000000000004
+
+    def submit(self) -> None:
+        self.state.append("running")
 
     def finish(self, seq: int) -> None:
         self.state[seq] = "finished"
@@ -93,8 +98,8 @@ class GatedInference(ScriptedInference):
     def __init__(self, tokenizer: Any, model_path: str) -> None:
         super().__init__(respond=self._answer, eos_id=tokenizer.eos_token_id, model_path=model_path)
         self.tok = tokenizer
-        self.task_of = {t.instructions: t.id for t in TASKS}
-        self.gates = {t.id: asyncio.Event() for t in TASKS}
+        self.task_of = {t.instructions: t.id for t in ALL_TASKS}
+        self.gates = {t.id: asyncio.Event() for t in ALL_TASKS}
 
     def open_all(self) -> None:
         for gate in self.gates.values():
@@ -165,20 +170,25 @@ async def test_batches_follow_the_window_rule(
         rollout_address = await stack.enter_async_context(
             serve_in_process(spec_for(build_servicer(ro_config)), ro_config)
         )
-        channels = [aio_channel(rollout_address), aio_channel(pool_address)]
-        for channel in channels:
-            stack.push_async_callback(channel.close)
-        rollout = rollout_pb2_grpc.RolloutServiceStub(channels[0])
-        pool = datapool_pb2_grpc.DatapoolServiceStub(channels[1])
-
         events: list[rollout_pb2.EpisodeEvent] = []
 
-        async def follow() -> None:
-            async for response in rollout.StreamEpisodeEvents(rollout_pb2.StreamEpisodeEventsRequest(run_id=RUN)):
-                events.append(response.event)
+        def connect(address: str) -> grpc.aio.Channel:
+            channel = aio_channel(address)
+            stack.push_async_callback(channel.close)
+            return channel
 
-        follower = asyncio.create_task(follow())
-        stack.callback(follower.cancel)
+        def follow(address: str) -> rollout_pb2_grpc.RolloutServiceStub:
+            stub = rollout_pb2_grpc.RolloutServiceStub(connect(address))
+
+            async def read() -> None:
+                async for response in stub.StreamEpisodeEvents(rollout_pb2.StreamEpisodeEventsRequest(run_id=RUN)):
+                    events.append(response.event)
+
+            stack.callback(asyncio.create_task(read()).cancel)
+            return stub
+
+        rollout = follow(rollout_address)
+        pool = datapool_pb2_grpc.DatapoolServiceStub(connect(pool_address))
 
         # Queue order, as submitted: tasks 0-4, the failing one, tasks 6-9.
         for ids, scaffold in (([t.id for t in TASKS[:FAILING]], "default"), ([TASKS[FAILING].id], "no-such-scaffold"),
@@ -189,7 +199,7 @@ async def test_batches_follow_the_window_rule(
                     scaffold_version=scaffold, publish=True,
                 )
             )  # fmt: skip
-        seq_of = {t.id: i for i, t in enumerate(TASKS)}
+        seq_of = {t.id: i for i, t in enumerate(ALL_TASKS)}  # AFTER_RESTART: the run's 11th, position 10
 
         rule = WindowRule(len(TASKS), WINDOW)
         recorded: list[int] = []  # finish order: the position of each FINISHED/FAILED event, as they came
@@ -204,7 +214,7 @@ async def test_batches_follow_the_window_rule(
 
         async def phase(release: list[int]) -> None:
             for seq in release:
-                inference.gates[TASKS[seq].id].set()
+                inference.gates[ALL_TASKS[seq].id].set()
             want = len(recorded) + len(release) + (1 if not recorded else 0)  # the failing one ends first
 
             async def all_ended() -> bool:
@@ -241,7 +251,20 @@ async def test_batches_follow_the_window_rule(
         for release in ([1, 2, 3, 7, 8, 9], [0], [4], [6]):
             await phase(release)
 
+        # Rollout restarts: a fresh service, whose numbering must go on where the run's queue ends.
+        restarted = follow(
+            await stack.enter_async_context(serve_in_process(spec_for(build_servicer(ro_config)), ro_config))
+        )
+        await restarted.Submit(
+            rollout_pb2.SubmitRequest(
+                run_id=RUN, suite="tooluse", split="test", task_ids=[AFTER_RESTART.id], group_size=1,
+                scaffold_version="default", publish=True,
+            )
+        )  # fmt: skip
+        rule.submit()
+        await phase([seq_of[AFTER_RESTART.id]])
+
     assert [got for got, _ in batches] == [predicted for _, predicted in batches], batches
     # The rule held episodes back: with f = 0.3 the first batch is two of the six finished, not all six.
-    assert [len(got) for got, _ in batches] == [2, 2, 2, 3]
-    assert sorted(served) == [s for s in range(len(TASKS)) if s != FAILING]
+    assert [len(got) for got, _ in batches] == [2, 2, 2, 3, 1]
+    assert sorted(served) == [s for s in range(len(ALL_TASKS)) if s != FAILING]

@@ -111,3 +111,17 @@ def test_skip_marker_decodes_and_needs_its_seq():
     assert err.value.reason == "bad_skip_marker"
     with pytest.raises(ValueError):
         skip_marker("r", -1, "ep", "x")
+
+
+def test_next_seq_is_where_a_restarted_rollout_goes_on():
+    pool = RunPool("r", window=1)
+    pool.restore({0: 0}, [])
+    assert pool.next_seq == 0
+    pool.offer_trajectory(0, 0, traj(3))
+    pool.offer_trajectory(0, 1, skip_marker("r", 5, "ep5", "cancelled"))
+    assert pool.next_seq == 6  # 4 is still in flight: numbering goes on after the newest queued
+    restarted = RunPool("r", window=1)
+    restarted.restore({0: 2}, [])
+    assert restarted.next_seq == 0  # unknown until something arrives
+    restarted.offer_trajectory(0, 2, traj(9))
+    assert restarted.next_seq == 10

@@ -136,3 +136,36 @@ async def test_a_failing_report_does_not_hold_the_episode() -> None:
         await manager.stop()
     assert events[-1].kind == K.EPISODE_EVENT_KIND_FAILED
     assert manager.run_stats("run-a").failed == 1
+
+
+async def test_numbering_goes_on_where_the_data_pool_says() -> None:
+    # A restarted rollout: the pool has queued run-a up to 40; run-b is new to it; run-c's pool is away.
+    asked: list[str] = []
+
+    async def queue_start(run_id: str) -> int:
+        asked.append(run_id)
+        if run_id == "run-c":
+            raise ConnectionError("data pool restarting")
+        return {"run-a": 41, "run-b": 0}[run_id]
+
+    runner = Runner()
+    manager = RolloutManager(runner, SUITES, queue_start=queue_start)
+    await manager.start()
+    try:
+        sids = [await manager.submit(run, TASKS[:2], group_size=1, scaffold_version="oracle") for run in
+                ("run-a", "run-a", "run-b", "run-c")]  # fmt: skip
+        await manager.submit("run-d", TASKS[:1], group_size=1, scaffold_version="oracle", publish=False)
+        for sid, _ in sids:
+            await drain(manager, sid)
+    finally:
+        await manager.stop()
+    seqs = collections.defaultdict(list)
+    for spec in runner.specs:
+        if SEQ in spec.labels:
+            seqs[spec.run_id].append(int(spec.labels[SEQ]))
+    assert {run: sorted(s) for run, s in seqs.items()} == {
+        "run-a": [41, 42, 43, 44],
+        "run-b": [0, 1],
+        "run-c": [0, 1],
+    }
+    assert asked == ["run-a", "run-b", "run-c"]  # once per run; evaluations take no number

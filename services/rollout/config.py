@@ -43,6 +43,15 @@ class RolloutConfig(ServiceConfig):
     sandbox_processes: int = Field(64, ge=4, description="Processes and threads per sandbox.")
     sandbox_cpu_s: int = Field(120, ge=1, description="CPU seconds per sandbox command.")
     sandbox_command_timeout_s: float = Field(60.0, gt=0, description="Wall clock per sandbox command by default.")
+    task_env_root: str = Field(
+        "",
+        description="Where local sandboxes' task environments (virtualenvs) are built; default <sandbox_root>/.envs.",
+    )
+    task_env_pip_args: str = Field(
+        "",
+        description="Extra pip arguments for building task environments, e.g. '--no-index --find-links /wheels' "
+        "offline or '--index-url https://mirror/simple'; empty: pip's own configuration.",
+    )
     k8s_namespace: str = Field("forgerl-sandboxes", description="Namespace of sandbox Pods.")
     k8s_image: str = Field("python:3.11-slim", description="Image of sandbox Pods.")
     k8s_kubeconfig: str = Field("", description="Kubeconfig file; empty: in-cluster, then the default kubeconfig.")

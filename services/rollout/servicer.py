@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -46,9 +47,16 @@ def make_sandbox_factory(config: RolloutConfig) -> SandboxFactory:
             kubeconfig=config.k8s_kubeconfig or None,
             runtime_class=config.k8s_runtime_class or None,
         )
-    from forgerl.rollout.sandbox.local import DEFAULT_ROOT, LocalSandboxFactory
+    from forgerl.rollout.sandbox.environments import EnvironmentBuilder
+    from forgerl.rollout.sandbox.local import DEFAULT_PATH, DEFAULT_ROOT, LocalSandboxFactory
 
-    return LocalSandboxFactory(config.sandbox_root or DEFAULT_ROOT, limits, uid_base=config.sandbox_uid_base)
+    root = Path(config.sandbox_root or DEFAULT_ROOT)
+    environments = EnvironmentBuilder(
+        config.task_env_root or root / ".envs",
+        search_path=DEFAULT_PATH,
+        pip_options=shlex.split(config.task_env_pip_args),
+    )
+    return LocalSandboxFactory(root, limits, uid_base=config.sandbox_uid_base, environments=environments)
 
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
@@ -130,8 +138,13 @@ def pool_lag_check(channel: grpc.aio.Channel, max_lag: int, cache_s: float = 1.0
         hit = cache.get(run_id)
         if hit is not None and now - hit[0] < cache_s:
             return hit[1]
-        stats = await stub.GetPoolStats(datapool_pb2.GetPoolStatsRequest(run_id=run_id), timeout=5.0)
-        value = stats.lag > max_lag
+        try:
+            stats = await stub.GetPoolStats(datapool_pb2.GetPoolStatsRequest(run_id=run_id), timeout=5.0)
+            value = stats.lag > max_lag
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            value = False  # none of the run's trajectories reached the pool yet: nothing to lag behind
         cache[run_id] = (now, value)
         return value
 

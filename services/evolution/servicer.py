@@ -299,16 +299,21 @@ class EvolutionService:
 
     async def _diagnose_forever(self) -> None:
         url = self.config.database_url or default_url(self.config.state_dir)
+        sqlite_file = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
         store: Store | None = None
+        last_error = ""
         try:
             while True:
                 try:
-                    if store is None:
+                    if store is None and (sqlite_file is None or sqlite_file.exists()):  # the trainer creates it
                         store = await asyncio.to_thread(Store.open, url, migrate=False)
-                    for run_id, anomalies in await asyncio.to_thread(runs_anomalies, store):
+                    for run_id, anomalies in await asyncio.to_thread(runs_anomalies, store) if store else []:
                         self.controller.report_anomalies(run_id, anomalies)
-                except Exception:  # a store not created yet (no run so far) is tried again next time
-                    log.warning("diagnosis scan of %s failed", url, exc_info=True)
+                    last_error = ""
+                except Exception as exc:  # e.g. a store whose tables the trainer has not migrated yet
+                    if str(exc) != last_error:  # once per distinct error, not every scan
+                        log.warning("diagnosis scan of %s failed: %s", url, exc)
+                    last_error = str(exc)
                 await asyncio.sleep(self.config.diagnose_interval_s)
         finally:
             if store is not None:

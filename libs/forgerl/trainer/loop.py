@@ -162,8 +162,21 @@ class TrainingRun:
         if self.world > 1:
             from forgerl.model.sharding import apply_ddp
 
-            # MTP modules get no gradient from prefix-merged losses: let DDP skip them.
-            self._ddp = apply_ddp(self.model, find_unused_parameters=True)
+            # The MTP modules get gradients only from RL's MTP loss, computed outside DDP's forward: in
+            # SFT (whose merged loss has no MTP) DDP must skip them as unused, and in RL with MTP it must
+            # not look for unused ones, or it marks the MTP parameters ready before their gradients come
+            # ("Expected to mark a variable ready only once"; two gloo ranks, torch 2.x).
+            self._ddp = apply_ddp(self.model, find_unused_parameters=not self._rl_trains_mtp())
+
+    def _rl_trains_mtp(self) -> bool:
+        return self.progress.stage != "sft" and self.config.rl.mtp_loss_weight > 0 and len(self.model.mtp) > 0
+
+    def _grow_mtp(self) -> None:
+        """RL trains `rl.grow_mtp_to` MTP modules: the new ones are copies of module 1 (grow_mtp). Called
+        before the RL optimizer is built and the model re-wrapped, which must both hold them."""
+        wanted = self.config.rl.grow_mtp_to
+        if wanted > len(self.model.mtp):
+            self.model.grow_mtp(wanted)
 
     def _emit(self, stage: str, step: int, values: dict[str, float]) -> None:
         if self.rank == 0:
@@ -377,6 +390,8 @@ class TrainingRun:
         self._emit("sft", self.config.sft.steps, ev)
         self._publish("sft", self.config.sft.steps)
         self.progress.stage = "rl"
+        self._grow_mtp()
+        self._wrap()
         # A new optimizer for RL: SFT's first moments would carry its last direction into the first RL
         # steps, and its second moments (from gradients 10-100x larger) would shrink RL's for dozens.
         self.optimizer = self._optimizer(self.config.rl.learning_rate)

@@ -1,8 +1,9 @@
 """The end-of-run report: PNG plots and a summary table under `runs/<run-id>/report/`.
 
 Plots: reward (and its components), held-out success, entropy, staleness, expert load (max violation),
-from the run's step metrics. The summary (summary.json and summary.md, also printed as a rich table by
-the CLI) holds SFT vs final held-out success, steps, trajectories trained, time, and the last values.
+loss, the multi-token-prediction loss (when RL trains MTP), from the run's step metrics. The summary
+(summary.json and summary.md, also printed as a rich table by the CLI) holds SFT vs final held-out
+success, steps, trajectories trained, time, the last values and the MTP loss's first and last.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ PLOTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("staleness.png", "Policy lag (versions)", ("staleness/mean", "staleness/max")),
     ("expert_load.png", "Expert load: max violation", ("moe/max_violation",)),
     ("loss.png", "Loss", ("loss", "sft/loss")),
+    (
+        "mtp_loss.png",
+        "Multi-token prediction loss (unweighted)",
+        ("mtp/loss", "mtp/loss_1", "mtp/loss_2", "mtp/loss_3"),
+    ),
 )
 
 
@@ -59,6 +65,7 @@ def summarize(run: run_pb2.Run, metrics: Sequence[run_pb2.StepMetrics]) -> dict[
         return [sft[-1] if sft else None, final[-1] if final else None]
 
     levels = sorted({k for m in metrics for k in m.values if k.startswith("eval/heldout_success_level")})
+    mtp = series(rl, "mtp/loss")
     summary = {
         "run_id": run.run_id,
         "name": run.config.name,
@@ -81,6 +88,8 @@ def summarize(run: run_pb2.Run, metrics: Sequence[run_pb2.StepMetrics]) -> dict[
         "final_entropy": last("entropy"),
         "final_clip_frac": last("clip_frac"),
         "final_expert_max_violation": last("moe/max_violation"),
+        # [first RL step, last RL step]: the MTP loss falls when RL trains the MTP modules.
+        "mtp_loss": [mtp[0][1], mtp[-1][1]] if mtp else None,
     }
     return summary
 
@@ -130,6 +139,8 @@ def write_report(run: run_pb2.Run, metrics: Sequence[run_pb2.StepMetrics], out_d
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list):  # mtp_loss: [first, last]
+        return " -> ".join(_fmt(v) for v in value)
     if isinstance(value, dict):  # heldout_by_level: {"level3": [after SFT, after RL]}
         return ", ".join(f"{k} {' -> '.join(_fmt(v) for v in pair)}" for k, pair in value.items())
     return "-" if value is None else str(value)
@@ -140,5 +151,6 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         "run_id", "state", "sft_steps", "rl_steps", "heldout_success_sft", "heldout_success_final",
         "heldout_success_gain", "heldout_by_level", "trajectories_trained", "staleness_max", "tokens_merged_total",
         "mean_step_time_s", "final_reward", "final_entropy", "final_clip_frac", "final_expert_max_violation",
+        "mtp_loss",
     )  # fmt: skip
     return [(k, _fmt(summary.get(k))) for k in keys]

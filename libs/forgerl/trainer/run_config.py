@@ -63,6 +63,8 @@ def run_config_from_dict(data: dict[str, Any]) -> run_pb2.RunConfig:
         raise ValueError("bad run config: sft.teacher_error_rate must be in [0, 1]")
     if config.sft.examples < 0 or config.sft.expert_bias_update_rate < 0:
         raise ValueError("bad run config: sft.examples and sft.expert_bias_update_rate must be >= 0")
+    if config.rl.mtp_loss_weight < 0 or config.rl.grow_mtp_to < 0:
+        raise ValueError("bad run config: rl.mtp_loss_weight and rl.grow_mtp_to must be >= 0")
     return config
 
 

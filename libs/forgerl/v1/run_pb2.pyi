@@ -69,7 +69,7 @@ class SftStage(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., teacher_error_rate: _Optional[float] = ..., examples: _Optional[int] = ..., expert_bias_update_rate: _Optional[float] = ...) -> None: ...
 
 class RlStage(_message.Message):
-    __slots__ = ("steps", "batch_size", "group_size", "learning_rate", "loss", "eps_high", "eps_low", "gamma", "alpha_process", "beta_speed", "fifo_window", "max_staleness", "episodes_in_flight", "scaffold_version", "prefix_merge", "mtp_loss_weight", "routing_replay", "lr_schedule", "warmup_steps", "min_lr_ratio", "scale_advantages_by_std")
+    __slots__ = ("steps", "batch_size", "group_size", "learning_rate", "loss", "eps_high", "eps_low", "gamma", "alpha_process", "beta_speed", "fifo_window", "max_staleness", "episodes_in_flight", "scaffold_version", "prefix_merge", "mtp_loss_weight", "routing_replay", "lr_schedule", "warmup_steps", "min_lr_ratio", "scale_advantages_by_std", "grow_mtp_to")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class RlStage(_message.Message):
     WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     MIN_LR_RATIO_FIELD_NUMBER: _ClassVar[int]
     SCALE_ADVANTAGES_BY_STD_FIELD_NUMBER: _ClassVar[int]
+    GROW_MTP_TO_FIELD_NUMBER: _ClassVar[int]
     steps: int
     batch_size: int
     group_size: int
@@ -112,7 +113,8 @@ class RlStage(_message.Message):
     warmup_steps: int
     min_lr_ratio: float
     scale_advantages_by_std: bool
-    def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., group_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., loss: _Optional[str] = ..., eps_high: _Optional[float] = ..., eps_low: _Optional[float] = ..., gamma: _Optional[float] = ..., alpha_process: _Optional[float] = ..., beta_speed: _Optional[float] = ..., fifo_window: _Optional[float] = ..., max_staleness: _Optional[int] = ..., episodes_in_flight: _Optional[int] = ..., scaffold_version: _Optional[str] = ..., prefix_merge: _Optional[bool] = ..., mtp_loss_weight: _Optional[float] = ..., routing_replay: _Optional[bool] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., scale_advantages_by_std: _Optional[bool] = ...) -> None: ...
+    grow_mtp_to: int
+    def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., group_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., loss: _Optional[str] = ..., eps_high: _Optional[float] = ..., eps_low: _Optional[float] = ..., gamma: _Optional[float] = ..., alpha_process: _Optional[float] = ..., beta_speed: _Optional[float] = ..., fifo_window: _Optional[float] = ..., max_staleness: _Optional[int] = ..., episodes_in_flight: _Optional[int] = ..., scaffold_version: _Optional[str] = ..., prefix_merge: _Optional[bool] = ..., mtp_loss_weight: _Optional[float] = ..., routing_replay: _Optional[bool] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., scale_advantages_by_std: _Optional[bool] = ..., grow_mtp_to: _Optional[int] = ...) -> None: ...
 
 class RunConfig(_message.Message):
     __slots__ = ("name", "model_preset", "init_checkpoint", "suite", "sft", "rl", "seed", "checkpoint_every")

@@ -1,6 +1,7 @@
 """A whole run in-process (SFT, then RL on in-process episodes), and resume: a run stopped mid-way and
 started again produces exactly the losses of an uninterrupted run (fixed seeds, CPU), and never trains a
-batch twice."""
+batch twice. RL grows the MTP modules from 1 to 2 and trains them: the MTP loss is in every RL step's
+metrics, and resuming after the growth is exact too."""
 
 from __future__ import annotations
 
@@ -29,7 +30,15 @@ CONFIG = {
         "warmup_steps": 1,
         "examples": 40,
     },
-    "rl": {"steps": 4, "batch_size": 8, "group_size": 4, "learning_rate": 1e-3, "warmup_steps": 2},
+    "rl": {
+        "steps": 4,
+        "batch_size": 8,
+        "group_size": 4,
+        "learning_rate": 1e-3,
+        "warmup_steps": 2,
+        "mtp_loss_weight": 0.1,
+        "grow_mtp_to": 2,
+    },
 }
 
 
@@ -47,6 +56,8 @@ def _run(tmp: Path, tokenizer_dir: Path, stop_at: tuple[str, int] | None = None)
     def sink(stage: str, step: int, values: dict[str, float]) -> None:
         if "loss" in values:
             losses.append((stage, step, values["loss"]))
+            if stage == "rl":
+                losses.append((stage, step, values["mtp/loss_2"]))
             if stop_at == (stage, step):
                 holder["run"].stop()
 
@@ -74,3 +85,5 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path, tokenizer_dir: Path, s
     checkpoints = sorted(p.name for p in (tmp_path / "split" / "r1" / "checkpoints").iterdir())
     assert checkpoints == ["rl-00002", "rl-00004", "sft-00004"]
     assert (tmp_path / "split" / "r1" / "checkpoints" / "rl-00004" / "model.safetensors").exists()
+    config = json.loads((tmp_path / "split" / "r1" / "checkpoints" / "rl-00004" / "config.json").read_text())
+    assert config["num_mtp_modules"] == 2 and len(second.model.mtp) == 2

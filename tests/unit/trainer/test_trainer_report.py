@@ -37,10 +37,10 @@ def test_report(tmp_path: Path) -> None:
         ("sft", 1, {"loss": 2.0, "sft/loss": 2.0}),
         ("sft", 2, {"loss": 1.0, "sft/loss": 1.0, "eval/heldout_success": 0.25, "eval/heldout_success_level3": 0.125}),
         ("rl", 3, {"loss": 0.1, "reward/mean": 0.3, "entropy": 0.5, "staleness/max": 1.0, "moe/max_violation": 0.4,
-                   "batch/trajectories": 64.0, "tokens/merged": 1000.0}),
+                   "batch/trajectories": 64.0, "tokens/merged": 1000.0, "mtp/loss": 8.25}),
         ("rl", 4, {"loss": 0.1, "reward/mean": 0.6, "entropy": 0.4, "staleness/max": 2.0, "moe/max_violation": 0.3,
                    "batch/trajectories": 64.0, "tokens/merged": 1000.0, "eval/heldout_success": 0.5,
-                   "eval/heldout_success_level3": 0.625}),
+                   "eval/heldout_success_level3": 0.625, "mtp/loss": 6.5}),
     ]  # fmt: skip
     metrics = [run_pb2.StepMetrics(run_id="r", stage=s, step=n, values=v) for s, n, v in rows]
     summary = write_report(run, metrics, tmp_path)
@@ -49,6 +49,21 @@ def test_report(tmp_path: Path) -> None:
     assert summary["staleness_max"] == 2.0 and summary["rl_steps"] == 2
     assert summary["heldout_by_level"] == {"level3": [0.125, 0.625]}
     assert "level3 0.125 -> 0.625" in (tmp_path / "summary.md").read_text()
-    for name in ("reward.png", "heldout_success.png", "entropy.png", "staleness.png", "expert_load.png"):
+    assert summary["mtp_loss"] == [8.25, 6.5] and "| mtp_loss | 8.25 -> 6.5 |" in (tmp_path / "summary.md").read_text()
+    for name in (
+        "reward.png",
+        "heldout_success.png",
+        "entropy.png",
+        "staleness.png",
+        "expert_load.png",
+        "mtp_loss.png",
+    ):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "summary.json").read_text())["final_reward"] == 0.6
+
+
+def test_mtp_settings_are_checked() -> None:
+    assert run_config_from_dict({"name": "x", "rl": {"grow_mtp_to": 3}}).rl.grow_mtp_to == 3
+    for bad in ({"grow_mtp_to": -1}, {"mtp_loss_weight": -0.1}):
+        with pytest.raises(ValueError, match=r"rl\.mtp_loss_weight and rl\.grow_mtp_to"):
+            run_config_from_dict({"name": "x", "rl": bad})

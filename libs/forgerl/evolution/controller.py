@@ -21,7 +21,7 @@ from typing import Any
 from forgerl.evolution import guard, stats
 from forgerl.evolution.audit import AuditLog
 from forgerl.evolution.diagnosis import Anomaly
-from forgerl.evolution.evaluation import EvaluationResult, Evaluator
+from forgerl.evolution.evaluation import Evaluator
 from forgerl.evolution.ledger import BudgetLedger, BudgetLimits
 from forgerl.evolution.memory import Memory
 from forgerl.evolution.proposers import Failure, ProposalContext, Proposer
@@ -255,7 +255,9 @@ class Controller:
             self.evaluator.evaluate(it.base, s.suite, split, tasks, s.seeds),
         )
         if name != "heldout":  # the held-out split stays sealed: its failures never reach the proposer
-            self._failures = inc.failures[:50] if not self._failures_from(cand, inc) else cand.failures[:50]
+            # The next proposal reads the better version's failures: it is the one likely to be built on.
+            better = cand if cand.success_rate > inc.success_rate else inc
+            self._failures = better.failures[:50]
         diffs = stats.paired_differences(cand.scores, inc.scores, s.seeds)
         decision = stats.decide(diffs, margin=s.margin, confidence=s.confidence, seed=it.index, seeds=s.seeds)
         stage = Stage.of(name, split, s.seeds, cand.scores, inc.scores, decision)
@@ -267,10 +269,6 @@ class Controller:
         )
         self._changed("stage_finished", "controller", {"iteration": it.id, "stage": name, **decision.to_json()})
         return stage
-
-    def _failures_from(self, cand: EvaluationResult, inc: EvaluationResult) -> bool:
-        """Whose failures the next proposal reads: the better of the two (it may become the incumbent)."""
-        return cand.success_rate > inc.success_rate
 
     async def _evaluate_and_decide(self, it: Iteration) -> Iteration:
         s = self.settings

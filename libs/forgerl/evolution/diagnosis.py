@@ -72,31 +72,37 @@ def _loss_spike(metric: str, series: Series, s: DiagnosisSettings) -> list[Anoma
     return []
 
 
-def _entropy_collapse(metric: str, series: Series, s: DiagnosisSettings) -> list[Anomaly]:
+def _ends(series: Series, window: int) -> tuple[float, float, int] | None:
+    """Mean of the first and of the last `window` finite values, and the last step; None when too short."""
     points = _clean(series)
-    if len(points) < 2 * s.window:
+    if len(points) < 2 * window:
+        return None
+    start = statistics.fmean(v for _, v in points[:window])
+    return start, statistics.fmean(v for _, v in points[-window:]), points[-1][0]
+
+
+def _entropy_collapse(metric: str, series: Series, s: DiagnosisSettings) -> list[Anomaly]:
+    ends = _ends(series, s.window)
+    if ends is None:
         return []
-    start = statistics.fmean(v for _, v in points[: s.window])
-    recent = statistics.fmean(v for _, v in points[-s.window :])
+    start, recent, step = ends
     if start > 0 and recent < s.entropy_floor_ratio * start:
-        step = points[-1][0]
         evidence = f"{metric} fell to {recent:.3g} (last {s.window} steps) from {start:.3g} (first {s.window})"
         return [Anomaly("entropy_collapse", metric, step, evidence, "rollback", "warning")]
     return []
 
 
 def _drift(metric: str, series: Series, s: DiagnosisSettings) -> list[Anomaly]:
-    points = _clean(series)
-    if len(points) < 2 * s.window:
+    ends = _ends(series, s.window)
+    if ends is None:
         return []
-    start = statistics.fmean(v for _, v in points[: s.window])
-    recent = statistics.fmean(v for _, v in points[-s.window :])
+    start, recent, step = ends
     scale = max(abs(start), 1e-6)
     if abs(recent - start) > s.drift_ratio * scale:
         direction = "rose" if recent > start else "fell"
         evidence = f"{metric} {direction} from {start:.3g} to {recent:.3g} ({(recent - start) / scale:+.0%})"
         action = "inspect" if direction == "rose" and "reward" in metric else "rollback"
-        return [Anomaly("drift", metric, points[-1][0], evidence, action, "warning")]
+        return [Anomaly("drift", metric, step, evidence, action, "warning")]
     return []
 
 

@@ -1,4 +1,5 @@
-"""The trainer under torchrun: two CPU processes (gloo), DDP, SFT then RL on in-process episodes."""
+"""The trainer under torchrun: two CPU processes (gloo), DDP, SFT then RL on in-process episodes; RL grows
+the MTP modules to 2 and trains them (computed outside DDP's forward, their gradients still reach DDP)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,14 @@ def test_two_ranks_train_and_checkpoint(tmp_path: Path, tokenizer_dir: Path) -> 
         "seed": 1,
         "checkpoint_every": 2,
         "sft": {"steps": 2, "batch_size": 4, "learning_rate": 3e-3},
-        "rl": {"steps": 2, "batch_size": 8, "group_size": 4, "learning_rate": 1e-3},
+        "rl": {
+            "steps": 2,
+            "batch_size": 8,
+            "group_size": 4,
+            "learning_rate": 1e-3,
+            "mtp_loss_weight": 0.1,
+            "grow_mtp_to": 2,
+        },
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -41,3 +49,6 @@ def test_two_ranks_train_and_checkpoint(tmp_path: Path, tokenizer_dir: Path) -> 
     assert (run_dir / "checkpoints" / "rl-00002" / "model.safetensors").exists()
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if m["stage"] == "rl" and "loss" in m] == [3, 4]
+    assert [m["step"] for m in lines if m["stage"] == "rl" and "mtp/loss_2" in m] == [3, 4]
+    saved = json.loads((run_dir / "checkpoints" / "rl-00002" / "config.json").read_text())
+    assert saved["num_mtp_modules"] == 2

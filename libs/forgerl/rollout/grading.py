@@ -223,7 +223,8 @@ def describe_dropped(dropped: Mapping[str, str], shown: int = 12) -> str:
     return f"dropped {len(items)} agent change(s): {', '.join(items[:shown])}{more}"
 
 
-def _verdict(task: Task, result: ExecResult, nonce: str, canary: Canary | None, dropped: Mapping[str, str]) -> Grading:
+def verdict(task: Task, result: ExecResult, nonce: str, canary: Canary | None, dropped: Mapping[str, str]) -> Grading:
+    """The grading of one test run: its result line, the canary's two outcomes, and why, in the detail."""
     results = parse_results(result.stdout, nonce)
     runner: dict[str, Any] = tagged_json(result.stdout, nonce, RUNNER_MARKER) or {}
     context = [f"tests: {result.describe()}"]
@@ -282,4 +283,4 @@ async def run_tests(
         )
     finally:
         await sandbox.close()
-    return _verdict(task, result, nonce, canary, tree.dropped)
+    return verdict(task, result, nonce, canary, tree.dropped)

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from forgerl.rollout import harness
-from forgerl.rollout.grading import Change, _verdict, refusal, screen
+from forgerl.rollout.grading import Change, refusal, screen, verdict
 from forgerl.rollout.sandbox.base import ExecResult, SandboxInfraError, SandboxRequest, TaskEnvironment
 from forgerl.rollout.sandbox.environments import EnvironmentBuilder, EnvironmentBuildError
 from forgerl.rollout.sandbox.kubernetes import DEFAULT_IMAGE, KubernetesSandbox, KubernetesSandboxFactory
@@ -116,18 +116,18 @@ def test_the_canary_decides_tampering() -> None:
     canary = harness.Canary.new()
     must_fail, must_pass = canary.ids("pytest")
     honest = {"pkg/tests/test_mod.py::test_x": "pass", must_fail: "fail", must_pass: "pass"}
-    good = _verdict(task, _run(_lines("n1", honest)), "n1", canary, {})
+    good = verdict(task, _run(_lines("n1", honest)), "n1", canary, {})
     assert good.success and good.performance == 1.0 and good.results == {"pkg/tests/test_mod.py::test_x": "pass"}
     assert good.runner["python"] == "/env/bin/python"
-    forced = _verdict(task, _run(_lines("n1", {**honest, must_fail: "pass"})), "n1", canary, {"conftest.py": "why"})
+    forced = verdict(task, _run(_lines("n1", {**honest, must_fail: "pass"})), "n1", canary, {"conftest.py": "why"})
     assert not forced.success and forced.performance == 0.0
     assert forced.detail.startswith("tampered: the canary that must fail reported pass")
     assert "dropped 1 agent change(s): conftest.py (why)" in forced.detail
-    no_canary = _verdict(task, _run(_lines("n1", {"pkg/tests/test_mod.py::test_x": "pass"})), "n1", canary, {})
+    no_canary = verdict(task, _run(_lines("n1", {"pkg/tests/test_mod.py::test_x": "pass"})), "n1", canary, {})
     assert no_canary.performance == 0.0 and "reported missing, the one that must pass missing" in no_canary.detail
-    wrong_nonce = _verdict(task, _run(_lines("guess", honest)), "n1", canary, {})
+    wrong_nonce = verdict(task, _run(_lines("guess", honest)), "n1", canary, {})
     assert wrong_nonce.performance == 0.0 and "printed no results with this run's nonce" in wrong_nonce.detail
-    silent = _verdict(task, _run(f"FORGERL_RUNNER n1 {json.dumps({'exit': 0, 'report': 'none'})}\n"), "n1", canary, {})
+    silent = verdict(task, _run(f"FORGERL_RUNNER n1 {json.dumps({'exit': 0, 'report': 'none'})}\n"), "n1", canary, {})
     assert silent.performance == 0.0 and "the test runner ended (exit code 0) without a report" in silent.detail
 
 

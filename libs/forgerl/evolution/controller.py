@@ -78,7 +78,8 @@ class Controller:
         self.incumbent = incumbent
         self.status = "idle"  # idle, running, paused, halted, finished
         self.halt_reason = ""
-        self._failures: list[Failure] = []
+        self._failures: list[Failure] = []  # the incumbent's failed dev episodes, for the next proposal
+        self._candidate_failures: list[Failure] = []
         self._running = asyncio.Event()
         self._running.set()
         self._approvals: dict[str, asyncio.Future[tuple[bool, str, str]]] = {}
@@ -255,9 +256,8 @@ class Controller:
             self.evaluator.evaluate(it.base, s.suite, split, tasks, s.seeds),
         )
         if name != "heldout":  # the held-out split stays sealed: its failures never reach the proposer
-            # The next proposal reads the better version's failures: it is the one likely to be built on.
-            better = cand if cand.success_rate > inc.success_rate else inc
-            self._failures = better.failures[:50]
+            # The next round builds on the incumbent, or on the candidate if promoted: read that one's failures.
+            self._failures, self._candidate_failures = inc.failures[:50], cand.failures[:50]
         diffs = stats.paired_differences(cand.scores, inc.scores, s.seeds)
         decision = stats.decide(diffs, margin=s.margin, confidence=s.confidence, seed=it.index, seeds=s.seeds)
         stage = Stage.of(name, split, s.seeds, cand.scores, inc.scores, decision)
@@ -308,7 +308,7 @@ class Controller:
 
     def _promote(self, it: Iteration, actor: str, why: str) -> Iteration:
         self.incumbent = it.candidate
-        self._failures = []
+        self._failures = self._candidate_failures
         return self._finish(it, State.PROMOTED, why, actor)
 
     def _finish(self, it: Iteration, state: State, why: str, actor: str = "controller") -> Iteration:

@@ -160,3 +160,21 @@ def test_a_model_answer_is_parsed_into_a_proposal() -> None:
     assert (dict(p.changes), p.rationale, p.proposer) == ({"sampling.temperature": 0.3}, "less noise", "model")
     with pytest.raises(ValueError, match="no JSON"):
         parse_model_proposal("I would lower the temperature.", "m")
+
+
+async def test_the_proposer_sees_dev_failures_never_the_sealed_held_out_ones(tmp_path: Path) -> None:
+    contexts: list[ProposalContext] = []
+
+    class Recording(FixedProposer):
+        async def propose(self, context: ProposalContext) -> Proposal:
+            contexts.append(context)
+            return await super().propose(context)
+
+    c = controller(tmp_path, Recording({"sampling.temperature": 0.5}), BudgetLimits(2, 600, 10**6))
+    first = await c.round()
+    assert first.state == State.PROMOTED and [s.name for s in first.stages] == ["subset", "dev", "heldout"]
+    await c.round()
+    failures = {f.task_id for f in contexts[1].failures}
+    assert contexts[0].failures == [] and failures
+    assert failures <= set(SETTINGS.dev_tasks) and not failures & set(SETTINGS.heldout_tasks)
+    assert "promoted default-e1" in contexts[1].memory  # the memory notes of round 1

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
 from forgerl.model.mtp import mtp_module_losses
@@ -18,11 +19,9 @@ pytestmark = pytest.mark.unit
 
 
 def _pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(s) for s in seqs])
-    ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq)
-    return ids, lengths
+    """Rows right-padded with 0, and their lengths."""
+    ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True)
+    return ids, torch.tensor([len(s) for s in seqs])
 
 
 def test_cut_tree_of_a_hand_made_forest() -> None:

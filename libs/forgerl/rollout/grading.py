@@ -230,7 +230,8 @@ def verdict(task: Task, result: ExecResult, nonce: str, canary: Canary | None, d
     context = [f"tests: {result.describe()}"]
     if runner.get("report") == "none":
         how = f"signal {runner['signal']}" if runner.get("signal") else f"exit code {runner.get('exit')}"
-        context.append(f"the test runner ended ({how}) without a report")
+        last = result.stderr.strip().splitlines()[-1:] or [""]
+        context.append(f"the test runner ended ({how}) without a report; its last words: {last[0][-300:]}")
     if dropped:
         context.append(describe_dropped(dropped))
     if results is None:

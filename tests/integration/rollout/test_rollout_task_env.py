@@ -143,3 +143,17 @@ async def test_a_thousand_test_ids_fit_the_result_line(
         await work.close()
     assert len(json.dumps(grading.results)) > 64 << 10
     assert grading.success and len(grading.results) == 1501, grading.detail
+
+
+async def test_a_pytest_task_without_an_environment_says_what_is_missing(
+    sandbox_root: Path, limits: SandboxLimits
+) -> None:
+    task = dataclasses.replace(pytest_task(TaskEnvironment()), environment=None)
+    factory = LocalSandboxFactory(sandbox_root, limits)
+    work = await factory.create(SandboxRequest(files={**task.files, "calc.py": FIXED}))
+    try:
+        grading = await run_tests(factory, work, task, "")
+    finally:
+        await work.close()
+    assert not grading.success and "tampered" not in grading.detail, grading.detail
+    assert "pytest is not installed for /usr/bin/python3: declare it in the task's environment" in grading.detail

@@ -18,7 +18,10 @@ sys.path.pop(0)
 for _name in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS"):
     os.environ.pop(_name, None)
 
-import pytest  # noqa: E402 - after the environment is cleaned
+try:
+    import pytest
+except ImportError:
+    sys.exit(f"pytest is not installed for {sys.executable}: declare it in the task's environment (requirements)")
 
 _OUTCOME = {"passed": "pass", "failed": "fail", "skipped": "skip"}
 

@@ -6,7 +6,13 @@ generated_token_ids`; its generated tokens are the trained targets (where the tu
 with the behaviour log-probabilities the rollout recorded. A turn's prompt is the previous turn's row
 plus the new messages, and every episode of a group starts from the same prompt, so the rows of a batch
 share long prefixes: with `prefix_merge` they are packed into prefix trees (forgerl.rl.prefix_tree) and
-the model runs once per tree; without, once per row (the same numbers, more compute).
+the model runs once per tree; without, once per row (the same numbers, more compute). The MTP loss
+(`mtp_loss_weight`) runs on the same trees, each module on the tree of its k-ahead tokens
+(forgerl.rl.prefix_mtp), and equals the per-row loss too.
+
+Routing replay: vLLM records with generated token j the experts of the forward that sampled it, the
+forward of input position p - 1 + j; `build_batch` keeps them there and `fill_routes` completes the
+rest (see both).
 
 Advantages (forgerl.rl.rewards): the step rewards of a trajectory (one per turn; the composite
 alpha*process + beta*speed + performance the rollout computed) -> reward-to-go with `gamma` -> minus
@@ -257,15 +263,16 @@ def share_recorded_routes(routed: torch.Tensor, input_ids: torch.Tensor, lengths
     for pack in PrefixForest.build(input_ids, lengths).packs:
         steps = torch.arange(pack.node_index.shape[1])
         valid_SL = steps[None, :] < pack.lengths[:, None]
-        rows_SL = pack.sequence_rows[:, None].expand_as(valid_SL)
-        cols_SL = steps[None, :].expand_as(valid_SL)
-        values = routed[rows_SL[valid_SL], cols_SL[valid_SL]]  # [V, nL, K]
+        # Every (row, position) of the pack's sequences [V], and the node it is.
+        rows = pack.sequence_rows[:, None].expand_as(valid_SL)[valid_SL]
+        cols = steps[None, :].expand_as(valid_SL)[valid_SL]
         nodes = pack.node_index[valid_SL]
+        values = routed[rows, cols]  # [V, nL, K]
         recorded = values[:, 0, 0] >= 0
         node_routes = routed.new_full((pack.num_tokens, *routed.shape[2:]), -1)
         node_routes[nodes[recorded]] = values[recorded]
         fill = ~recorded
-        out[rows_SL[valid_SL][fill], cols_SL[valid_SL][fill]] = node_routes[nodes[fill]]
+        out[rows[fill], cols[fill]] = node_routes[nodes[fill]]
     return out
 
 

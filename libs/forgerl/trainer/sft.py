@@ -124,7 +124,8 @@ def sft_loss_merged(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The same masked cross-entropy computed on prefix trees: gold trajectories of a suite share their
     system prompt (and tool signatures), which is then computed once per pack instead of once per
-    example. No MTP loss (MTP needs linear sequences)."""
+    example. No MTP loss: RL trains MTP (`rl.mtp_loss_weight`; forgerl.rl.prefix_mtp computes it on the
+    same trees, so SFT could too)."""
     from forgerl.rl.prefix_merge import forward_merged
     from forgerl.rl.prefix_tree import PrefixForest
 

@@ -11,6 +11,7 @@ from forgerl.runtime import ServiceConfig
 
 class EvolutionConfig(ServiceConfig):
     rollout_address: str = Field("", description="RolloutService host:port, which runs the evaluations.")
+    trainer_address: str = Field("", description="TrainerService host:port, to stop a run whose anomaly is approved.")
     http_port: int = Field(18090, ge=0, le=65535, description="The operator console's HTTP port; 0 picks one.")
     operator_token: str = Field(
         "", description="Bearer token of the console's mutating calls; empty: auth_token, else a random one "

@@ -20,14 +20,14 @@ from forgerl.evolution.diagnosis import Anomaly, diagnose
 from forgerl.evolution.evaluation import Evaluator, RolloutEvaluator, draw_task_sets
 from forgerl.evolution.ledger import BudgetLimits
 from forgerl.evolution.proposers import ModelProposer, MutationProposer, Proposer
-from forgerl.evolution.records import Iteration, Version
+from forgerl.evolution.records import AnomalyRecord, Iteration, Version
 from forgerl.rollout.scaffold_config import ScaffoldRegistry
 from forgerl.rollout.tasks import get_suite
 from forgerl.runtime.client import aio_channel
 from forgerl.runtime.http import HttpServer
 from forgerl.services.evolution.config import EvolutionConfig
 from forgerl.store import Store, default_url
-from forgerl.v1 import evolution_pb2, evolution_pb2_grpc, run_pb2
+from forgerl.v1 import evolution_pb2, evolution_pb2_grpc, run_pb2, trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger("forgerl.evolution")
 
@@ -272,7 +272,8 @@ class EvolutionService:
             settings_of(config), evaluator, proposer or make_proposer(config), ScaffoldRegistry(scaffolds), limits,
             self.directory, incumbent=config.base_scaffold,
         )  # fmt: skip
-        self.console = ConsoleApp(self.controller, operator_token(config, self.directory))
+        self.trainer = aio_channel(config.trainer_address, config.auth_token) if config.trainer_address else None
+        self.console = ConsoleApp(self.controller, operator_token(config, self.directory), act=self.act)
         self.http = HttpServer(self.console, config.host, config.http_port, config.grace_s, config.log_level)
         self.servicer = EvolutionServicer(self.controller, f"{self.http.url}/")
         self._scan: asyncio.Task[None] | None = None
@@ -294,8 +295,25 @@ class EvolutionService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scan
         await self.http.stop()
-        if self.channel is not None:
-            await self.channel.close()
+        for channel in (self.channel, self.trainer):
+            if channel is not None:
+                await channel.close()
+
+    async def act(self, record: AnomalyRecord) -> str:
+        """Carry out an approved anomaly's action where the trainer has an RPC for it (stop); the others
+        (roll back to a checkpoint, lower the learning rate) are the operator's to do with a new run."""
+        action, run_id = record.anomaly["action"], record.run_id
+        if action != "stop":
+            what = action.replace("_", " ")
+            return f"recorded: {what} is done by resuming the run from a checkpoint with changed config"
+        if self.trainer is None:
+            return f"not carried out: no trainer_address configured; run `forgerl run stop {run_id}`"
+        stub = trainer_pb2_grpc.TrainerServiceStub(self.trainer)
+        try:
+            response = await stub.StopRun(trainer_pb2.StopRunRequest(run_id=run_id), timeout=30)
+        except grpc.aio.AioRpcError as err:
+            return f"stopping run {run_id} failed: {err.code().name}: {err.details()}"
+        return f"run {run_id} stopped ({run_pb2.RunState.Name(response.run.state).removeprefix('RUN_STATE_').lower()})"
 
     async def _diagnose_forever(self) -> None:
         url = self.config.database_url or default_url(self.config.state_dir)

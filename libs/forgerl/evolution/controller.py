@@ -391,6 +391,10 @@ class Controller:
                 return record
         raise KeyError(f"unknown anomaly {anomaly_id!r}")
 
+    def anomaly_outcome(self, record: AnomalyRecord, outcome: str, actor: str) -> None:
+        record.outcome = outcome
+        self._changed("anomaly_action", actor, {"anomaly": record.id, "outcome": outcome})
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "status": self.status,

@@ -49,7 +49,7 @@ def _finite(metric: str, series: Series, s: DiagnosisSettings) -> list[Anomaly]:
                     metric,
                     step,
                     f"{metric} = {value} at step {step}",
-                    "rollback",
+                    "stop",  # every later step trains on NaN weights: stop, then resume from a checkpoint before it
                     "critical",
                 )
             ]

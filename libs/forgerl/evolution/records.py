@@ -120,4 +120,5 @@ class AnomalyRecord:
     anomaly: dict[str, Any]
     status: str = "open"  # "open", "approved", "dismissed"
     decided_by: str = ""
+    outcome: str = ""  # what carrying out the approved action did
     created_at: str = field(default_factory=now)

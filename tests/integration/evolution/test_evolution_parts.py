@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -17,18 +18,20 @@ from starlette.routing import Route
 from typer.testing import CliRunner
 
 from forgerl.cli.main import app as cli
+from forgerl.evolution.diagnosis import diagnose
 from forgerl.evolution.evaluation import draw_task_sets
 from forgerl.evolution.ledger import BudgetLedger, BudgetLimits
 from forgerl.evolution.proposers import Failure, ModelProposer, ProposalContext
 from forgerl.evolution.testing import DEMO_SCRIPT, ScriptedProposer, SimulatedEvaluator, demo_effect
 from forgerl.rollout.scaffold_config import DEFAULT, ScaffoldRegistry
+from forgerl.runtime import ServiceConfig, ServiceSpec
 from forgerl.runtime.http import HttpServer
 from forgerl.runtime.testing import serve_in_process
 from forgerl.services.evolution.config import EvolutionConfig
 from forgerl.services.evolution.main import build
 from forgerl.services.evolution.servicer import runs_anomalies
 from forgerl.store import Store
-from forgerl.v1 import run_pb2
+from forgerl.v1 import run_pb2, trainer_pb2, trainer_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -112,3 +115,44 @@ async def test_forgerl_evolve_start_status_approve_rollback(tmp_path: Path) -> N
         ("iteration_finished", "carol"),
         ("rolled_back", "carol"),
     ]
+
+
+class StoppingTrainer(trainer_pb2_grpc.TrainerServiceServicer):
+    """A trainer stand-in that answers StopRun only (a real trainer needs a model and a data pool)."""
+
+    def __init__(self) -> None:
+        self.stopped: list[str] = []
+
+    async def StopRun(self, request: trainer_pb2.StopRunRequest, context: Any) -> trainer_pb2.StopRunResponse:
+        self.stopped.append(request.run_id)
+        run = run_pb2.Run(run_id=request.run_id, state=run_pb2.RUN_STATE_STOPPED)
+        return trainer_pb2.StopRunResponse(run=run)
+
+
+async def test_an_approved_stop_stops_the_run_and_other_actions_are_recorded(tmp_path: Path) -> None:
+    trainer = StoppingTrainer()
+    trainer_spec = ServiceSpec(
+        name="trainer",
+        services=[trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"]],
+        register=lambda server: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(trainer, server),
+    )
+    base = EvolutionConfig(state_dir=tmp_path, http_port=0, operator_token="t", diagnose_interval_s=0)
+    async with serve_in_process(trainer_spec, ServiceConfig()) as trainer_address:
+        config = base.model_copy(update={"trainer_address": trainer_address})
+        spec, service = build(
+            config, SimulatedEvaluator(ScaffoldRegistry(tmp_path / "s")), ScriptedProposer(DEMO_SCRIPT)
+        )
+        metrics = {"loss": [(s, math.nan if s == 5 else 1.0) for s in range(20)]}
+        metrics["entropy"] = [(s, 2.0 * 0.8**s) for s in range(20)]
+        records = {r.anomaly["kind"]: r for r in service.controller.report_anomalies("run-7", diagnose(metrics))}
+        nan, collapse = records["non_finite"], records["entropy_collapse"]
+        auth = {"Authorization": "Bearer t"}
+        async with serve_in_process(spec, config), httpx.AsyncClient(base_url=service.http.url, headers=auth) as http:
+            stop = await http.post(f"/api/v1/anomalies/{nan.id}/decide", json={"operator": "dan", "approve": True})
+            assert stop.json()["outcome"] == "run run-7 stopped (stopped)" and trainer.stopped == ["run-7"]
+            kept = await http.post(f"/api/v1/anomalies/{collapse.id}/decide", json={"operator": "dan", "approve": True})
+            assert kept.json()["outcome"].startswith("recorded: rollback") and trainer.stopped == ["run-7"]
+            again = await http.post(f"/api/v1/anomalies/{nan.id}/decide", json={"operator": "dan", "approve": True})
+            assert again.status_code == 400 and "already approved" in again.json()["error"]
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "evolution" / "audit.jsonl").read_text().splitlines()]
+    assert kinds == ["anomalies", "anomaly_decided", "anomaly_action", "anomaly_decided", "anomaly_action"]

@@ -96,7 +96,7 @@ def test_an_injected_nan_raises_a_critical_anomaly_with_evidence() -> None:
     metrics = clean_metrics()
     metrics["loss"][17] = (17, float("nan"))
     anomalies = diagnose(metrics)
-    assert [(a.kind, a.metric, a.step, a.action) for a in anomalies] == [("non_finite", "loss", 17, "rollback")]
+    assert [(a.kind, a.metric, a.step, a.action) for a in anomalies] == [("non_finite", "loss", 17, "stop")]
     assert "nan" in anomalies[0].evidence
 
 

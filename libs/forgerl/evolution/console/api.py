@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from forgerl.evolution.controller import Controller
+from forgerl.evolution.records import AnomalyRecord
 
 STATIC = Path(__file__).parent / "static"
 # An idle stream still gets a comment line this often, so proxies keep it open and dead clients are found.
@@ -31,11 +32,18 @@ HEARTBEAT_S = 15.0
 
 
 class ConsoleApp:
-    def __init__(self, controller: Controller, operator_token: str) -> None:
+    def __init__(
+        self,
+        controller: Controller,
+        operator_token: str,
+        act: Callable[[AnomalyRecord], Awaitable[str]] | None = None,
+    ) -> None:
+        """`act` carries out an approved anomaly's action and says what it did."""
         if not operator_token:
             raise ValueError("the console needs an operator token: set operator_token (or auth_token)")
         self.controller = controller
         self.token = operator_token
+        self.act = act
         self.closing = asyncio.Event()
         api = [
             Route("/status", self.status),
@@ -187,6 +195,8 @@ class ConsoleApp:
     async def decide_anomaly(self, request: Request) -> Response:
         operator, body = await self._operator(request)
         record = self.controller.decide_anomaly(request.path_params["anomaly_id"], bool(body.get("approve")), operator)
+        if record.status == "approved" and self.act is not None:
+            self.controller.anomaly_outcome(record, await self.act(record), operator)
         return JSONResponse(asdict(record))
 
     # -- live updates ------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ const views = {
     const list = await get("/anomalies");
     const rows = list.map((a) => `<tr><td class="mono">${esc(a.run_id)}</td><td>${pill(a.anomaly.severity)} ${esc(a.anomaly.kind.replace(/_/g, " "))}</td>
       <td class="mono">${esc(a.anomaly.metric)}</td><td class="num">${a.anomaly.step}</td><td>${esc(a.anomaly.evidence)}</td><td><b>${esc(a.anomaly.action.replace(/_/g, " "))}</b></td>
-      <td>${pill(a.status)}${a.decided_by ? ` <span class="muted">${esc(a.decided_by)}</span>` : ""}</td>
+      <td>${pill(a.status)}${a.decided_by ? ` <span class="muted">${esc(a.decided_by)}</span>` : ""}${a.outcome ? `<div class="muted">${esc(a.outcome)}</div>` : ""}</td>
       <td>${a.status === "open" ? `<div class="actions"><button class="primary" data-action="anomaly-approve" data-id="${esc(a.id)}">Approve action</button><button data-action="anomaly-dismiss" data-id="${esc(a.id)}">Dismiss</button></div>` : ""}</td></tr>`).join("");
     return `<h1>Anomalies</h1><div class="sub">Training-run diagnosis: detectors over each run's metrics propose an action for you to approve.</div>
       ${rows ? `<div class="table-wrap"><table><thead><tr><th>run</th><th>anomaly</th><th>metric</th><th class="num">step</th><th>evidence</th><th>proposed</th><th>status</th><th></th></tr></thead><tbody>${rows}</tbody></table></div>` : `<div class="empty">No anomalies in the runs' metrics.</div>`}`;
@@ -304,7 +304,7 @@ function connect() {
   source.onerror = () => $("#live").classList.remove("on");
   const refresh = () => { clearTimeout(timer); timer = setTimeout(render, 250); };
   ["iteration_started", "candidate_proposed", "stage_finished", "awaiting_approval", "iteration_finished", "rolled_back",
-    "started", "paused", "resumed", "halted", "budget_spent", "failed", "anomalies", "anomaly_decided"].forEach((k) => source.addEventListener(k, refresh));
+    "started", "paused", "resumed", "halted", "budget_spent", "failed", "anomalies", "anomaly_decided", "anomaly_action"].forEach((k) => source.addEventListener(k, refresh));
 }
 
 $("#operator-name").value = sessionStorage.getItem("operator") || "";

@@ -51,7 +51,7 @@ MANAGED: dict[str, set[str]] = {
     "rollout": {"gateway_address", "datapool_address", "sandbox", "k8s_namespace", "k8s_image"}
     | {"k8s_runtime_class", "k8s_kubeconfig"},
     "trainer": {"rollout_address", "datapool_address", "inference_address", "inference_model_path"} | {"runs_dir"},
-    "evolution": {"rollout_address", "http_port"},
+    "evolution": {"rollout_address", "trainer_address", "http_port"},
 }
 RESOURCE_NAME = r"^[a-z0-9.-]+/[a-z0-9.-]+$"
 BOOTSTRAP = r"^$|^[A-Za-z0-9.-]+:[0-9]+(,[A-Za-z0-9.-]+:[0-9]+)*$"

@@ -250,6 +250,8 @@ integral ones are printed as integers. */}}
 {{- define "forgerl.env.evolution" -}}
 - name: FORGERL_EVOLUTION_ROLLOUT_ADDRESS
   value: {{ include "forgerl.address" (list . "rollout") | quote }}
+- name: FORGERL_EVOLUTION_TRAINER_ADDRESS
+  value: {{ include "forgerl.address" (list . "trainer") | quote }}
 - name: FORGERL_EVOLUTION_HTTP_PORT
   value: {{ .Values.evolution.httpPort | quote }}
 {{- include "forgerl.databaseEnv" (list . "evolution") }}

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import grpc
 
-from forgerl.datapool.topics import skip_marker
+from forgerl.datapool.topics import lost_marker, skip_marker
 from forgerl.rollout.episode import EpisodeRunner, GrpcGateway
-from forgerl.rollout.manager import QueueStart, ReportSkipped, RolloutManager
+from forgerl.rollout.manager import QueueFull, QueueStart, ReportSkipped, RolloutManager
 from forgerl.rollout.rewards import RewardSettings
 from forgerl.rollout.sandbox.base import SandboxFactory, SandboxLimits
 from forgerl.rollout.scaffold_config import ScaffoldRegistry
@@ -92,6 +92,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             )
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except RuntimeError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return rollout_pb2.SubmitResponse(submission_id=submission_id, episodes=episodes)
@@ -175,11 +177,28 @@ def skip_reporter(channel: grpc.aio.Channel, attempts: int = 3, backoff_s: float
 
 
 def pool_queue_start(channel: grpc.aio.Channel) -> QueueStart:
-    """The data pool's next_submit_seq of a run: where this process goes on numbering its episodes."""
+    """The data pool's next_submit_seq of a run: where this process goes on numbering its episodes.
+
+    Asked before this process queues anything of the run, so a seq below it that the pool still awaits
+    belonged to a rollout process that is gone (one rollout service per run): a lost marker says so,
+    instead of the pool holding its window for them until its gap timeout (600 s by default)."""
     stub = datapool_pb2_grpc.DatapoolServiceStub(channel)
 
     async def start(run_id: str) -> int:
         stats = await stub.GetPoolStats(datapool_pb2.GetPoolStatsRequest(run_id=run_id), timeout=5.0)
+        if stats.next_submit_seq > 0:
+            reason = "rollout restarted: episodes queued before it that never arrived were lost"
+            marker = lost_marker(run_id, stats.next_submit_seq, reason)
+            try:
+                await stub.PutTrajectories(datapool_pb2.PutTrajectoriesRequest(trajectories=[marker]), timeout=5.0)
+            except grpc.aio.AioRpcError as err:  # the numbering is right all the same; the window waits longer
+                log.warning(
+                    "could not tell the data pool that run %s's episodes below %d were lost (%s); it waits for "
+                    "them until its gap timeout",
+                    run_id,
+                    stats.next_submit_seq,
+                    err.code().name,
+                )
         return int(stats.next_submit_seq)
 
     return start
@@ -226,6 +245,8 @@ def build_servicer(
         pool_behind=pool_behind,
         report_skipped=report_skipped,
         queue_start=queue_start,
+        max_submit_episodes=config.max_submit_episodes,
+        max_queued_episodes=config.max_queued_episodes,
     )
 
     async def close_clients() -> None:

@@ -4,7 +4,8 @@ What it keeps:
 - every consumed, undelivered trajectory, queued in a `forgerl.rl.WindowedFIFO` keyed by its submission
   sequence (label `forgerl/submit_seq`, else arrival order); sequence numbers skipped by the producer are
   episodes still in flight and hold the window's head, until their skip marker arrives (an episode that
-  ended without a trajectory, see `topics.skip_marker`) or `gap_timeout_s` gives up on them. A run
+  ended without a trajectory, or a restarted rollout's lost marker, see `topics`) or `gap_timeout_s`
+  gives up on them. A run
   without history starts its queue at `first_seq` (rollout numbers from 0), so an episode finishing
   first never opens the queue past earlier ones still running; after a restart the first arrival does;
 - batches served and not yet acknowledged; one not acknowledged within `ack_timeout_s` is served again
@@ -256,8 +257,11 @@ class RunPool:
             self._settle(partition, offset, tid, "dup")
             return "duplicate"
         self._seen.add(tid)
-        if index.skipped and index.submit_seq is not None:  # decode_index guarantees the seq
-            self._skip(index.submit_seq)
+        if index.skipped:  # decode_index guarantees a seq or a bound
+            if index.submit_seq is not None:
+                self._skip(index.submit_seq)
+            if index.skip_before is not None:
+                self._skip_before(index.skip_before)
             self.counters.skipped += 1
             self._settle(partition, offset, tid, "skip")
             return "skipped_seq"
@@ -298,6 +302,14 @@ class RunPool:
             self._fifo.drop(seq)
         # Otherwise a trajectory holds the seq (an attempt published before a later one failed) or the
         # head passed it: nothing waits for it.
+
+    def _skip_before(self, end: int) -> None:
+        """No seq below `end` still awaited will come (its rollout process is gone): stop waiting for them."""
+        if end > 0 and self._extend_to(end - 1):
+            self._fifo.drop(end - 1)
+        for _, gap in self._gaps:  # every awaited seq was queued as a gap (at most max_gap_fill of them)
+            if gap < end and self._fifo.state(gap) is ItemState.PENDING:
+                self._fifo.drop(gap)
 
     def _enqueue(self, entry: Entry, seq: int | None) -> None:
         last = self._last_seq

@@ -17,7 +17,9 @@ An episode that ends without a trajectory (it failed, was cancelled, or its agen
 model) would hold the window's head until the pool's gap timeout (600 s by default). Rollout publishes
 a skip marker for it instead (`skip_marker`): a Trajectory without turns whose labels carry its
 `forgerl/submit_seq` and `forgerl/skipped` (the reason). The pool gives up on that sequence number at
-once and never serves the marker.
+once and never serves the marker. A rollout process that starts on a run the pool has queued before
+(a restart) sends `lost_marker`: with `forgerl/skip_before` = N instead of a single seq, it gives up on
+every seq below N still awaited, the episodes that were in flight in the process that died.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "CONTENT_TYPE",
     "SCHEMA_VERSION",
     "SKIPPED_LABEL",
+    "SKIP_BEFORE_LABEL",
     "SUBMIT_SEQ_LABEL",
     "SUPPORTED_SCHEMA_VERSIONS",
     "DecodeError",
@@ -47,6 +50,7 @@ __all__ = [
     "decode_trajectory",
     "encode_trajectory",
     "index_of",
+    "lost_marker",
     "min_policy_version",
     "skip_marker",
     "submit_seq",
@@ -59,6 +63,7 @@ CONTENT_TYPE = b"application/x-protobuf; messageType=forgerl.v1.Trajectory"
 SCHEMA_HEADER = "forgerl-schema"
 SUBMIT_SEQ_LABEL = "forgerl/submit_seq"
 SKIPPED_LABEL = "forgerl/skipped"
+SKIP_BEFORE_LABEL = "forgerl/skip_before"
 
 # Kafka topic names: [a-zA-Z0-9._-], at most 249 characters.
 _TOPIC_SAFE = re.compile(r"[^a-zA-Z0-9_-]")
@@ -150,8 +155,10 @@ class TrajectoryIndex:
     schema_version: int
     submit_seq: int | None
     min_policy_version: int | None
-    # A skip marker: the episode at `submit_seq` ended without a trajectory (see the module docstring).
+    # A skip marker: the episode at `submit_seq` ended without a trajectory, or (`skip_before`) none of the
+    # seqs below it still awaited will come (see the module docstring).
     skipped: bool = False
+    skip_before: int | None = None
 
 
 def decode_index(value: bytes | None, expected_run_id: str | None = None, *, full: bool = False) -> TrajectoryIndex:
@@ -176,6 +183,7 @@ def decode_index(value: bytes | None, expected_run_id: str | None = None, *, ful
         int(seq) if seq is not None else None,
         min((t.policy_version for t in idx.turns), default=None),
         SKIPPED_LABEL in idx.labels,
+        _skip_before(idx.labels),
     )
 
 
@@ -193,8 +201,14 @@ def _check(schema_version: int, trajectory_id: str, run_id: str, labels: Any, ex
         value = labels[SUBMIT_SEQ_LABEL]
         if not (value.isascii() and value.isdigit()):
             raise DecodeError("bad_submit_seq", f"label {SUBMIT_SEQ_LABEL}={value!r} is not an int >= 0")
-    elif SKIPPED_LABEL in labels:
-        raise DecodeError("bad_skip_marker", f"a skip marker ({SKIPPED_LABEL}) without its {SUBMIT_SEQ_LABEL}")
+    if SKIP_BEFORE_LABEL in labels:
+        value = labels[SKIP_BEFORE_LABEL]
+        if not (value.isascii() and value.isdigit()):
+            raise DecodeError("bad_skip_marker", f"label {SKIP_BEFORE_LABEL}={value!r} is not an int >= 0")
+    if SKIPPED_LABEL in labels and SUBMIT_SEQ_LABEL not in labels and SKIP_BEFORE_LABEL not in labels:
+        raise DecodeError(
+            "bad_skip_marker", f"a skip marker ({SKIPPED_LABEL}) names no {SUBMIT_SEQ_LABEL} or {SKIP_BEFORE_LABEL}"
+        )
 
 
 def encode_trajectory(traj: trajectory_pb2.Trajectory) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
@@ -232,6 +246,25 @@ def index_of(traj: trajectory_pb2.Trajectory) -> TrajectoryIndex:
         submit_seq(traj),
         min_policy_version(traj),
         SKIPPED_LABEL in traj.labels,
+        _skip_before(traj.labels),
+    )
+
+
+def _skip_before(labels: Any) -> int | None:
+    value = labels.get(SKIP_BEFORE_LABEL)
+    return int(value) if value is not None else None
+
+
+def lost_marker(run_id: str, before: int, reason: str) -> trajectory_pb2.Trajectory:
+    """The record telling the data pool that no seq below `before` it still awaits will come (their
+    rollout process is gone). Sent twice for the same `before`, the second is dropped as a duplicate."""
+    if before < 0:
+        raise ValueError(f"before {before}: submission sequence numbers are >= 0")
+    return trajectory_pb2.Trajectory(
+        schema_version=SCHEMA_VERSION,
+        trajectory_id=f"skip-before-{before}",
+        run_id=run_id,
+        labels={SKIP_BEFORE_LABEL: str(before), SKIPPED_LABEL: reason[:200] or "lost"},
     )
 
 

@@ -9,16 +9,22 @@ the trainer may take a finished episode only within W = ceil(f * N) positions of
 positions from the head to the newest, the head the oldest episode neither taken nor failed), not taken
 from the code under test. The window f = 0.3 comes from the run's config in the run store (the pool's
 own default is greedy, f = 1), as the trainer writes it; the failed episode's skip marker must free its
-position at once (the pool's gap timeout is 600 s). Then rollout restarts (a fresh service) and queues
-one more episode: it must be position 10 of the run's queue, not 0 again. Everything listens on 127.0.0.1.
+position at once (the pool's gap timeout is 600 s).
+
+Then rollout (a real process) is killed with kill -9 while position 10 is in flight and 11 is done; a
+fresh rollout queues one more episode, which must be position 12 (not 0 again), and position 10, lost
+with the killed process, must stop holding the window at once. Everything listens on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
@@ -35,7 +41,7 @@ from forgerl.model.tokenizer import load_tokenizer, save_tokenizer, train_tokeni
 from forgerl.rollout.suites import tooluse
 from forgerl.rollout.tasks import get_suite
 from forgerl.runtime.client import aio_channel
-from forgerl.runtime.testing import serve_in_process
+from forgerl.runtime.testing import free_port, serve_in_process
 from forgerl.services.datapool.config import DatapoolConfig
 from forgerl.services.datapool.main import build as build_datapool
 from forgerl.services.gateway.config import GatewayConfig
@@ -54,8 +60,9 @@ pytestmark = [
 K = rollout_pb2.EpisodeEventKind
 RUN = "run-windowed-fifo"
 WINDOW = 0.3
-ALL_TASKS = get_suite("tooluse").tasks("test")[:11]
-TASKS, AFTER_RESTART = ALL_TASKS[:10], ALL_TASKS[10]
+ALL_TASKS = get_suite("tooluse").tasks("test")[:13]
+TASKS = ALL_TASKS[:10]
+LOST, BEFORE_KILL, AFTER_RESTART = 10, 11, 12  # positions of the last three
 FAILING = 5  # the position whose episode names an unknown scaffold
 USER = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.S)
 
@@ -138,6 +145,118 @@ async def until(condition: Callable[[], Awaitable[bool]], what: str, timeout_s: 
         await asyncio.sleep(0.05)
 
 
+class Scenario:
+    """The test's side of the services: queues episodes, opens gates, records what ended and was served."""
+
+    def __init__(self, stack: AsyncExitStack, inference: GatedInference, pool_address: str) -> None:
+        self.stack, self.inference = stack, inference
+        self.pool = datapool_pb2_grpc.DatapoolServiceStub(self.connect(pool_address))
+        self.rule = WindowRule(0, WINDOW)
+        self.events: list[rollout_pb2.EpisodeEvent] = []
+        self.recorded: list[int] = []  # finish order: the position of each episode that ended, as they came
+        self.failed: set[int] = set()
+        self.served: list[int] = []
+        self.batches: list[tuple[list[int], list[int]]] = []  # (served, predicted by the rule)
+
+    def connect(self, address: str) -> grpc.aio.Channel:
+        channel = aio_channel(address)
+        self.stack.push_async_callback(channel.close)
+        return channel
+
+    async def follow(self, address: str) -> rollout_pb2_grpc.RolloutServiceStub:
+        """A rollout service's stub once it serves; its events of the run are recorded until it goes away."""
+        stub = rollout_pb2_grpc.RolloutServiceStub(self.connect(address))
+
+        async def serving() -> bool:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.GetRolloutStats(rollout_pb2.GetRolloutStatsRequest(run_id=RUN), timeout=1.0)
+                return True
+            return False
+
+        await until(serving, f"rollout at {address} to serve", timeout_s=60)
+
+        async def read() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):  # the process was killed
+                async for response in stub.StreamEpisodeEvents(rollout_pb2.StreamEpisodeEventsRequest(run_id=RUN)):
+                    self.events.append(response.event)
+
+        self.stack.callback(asyncio.create_task(read()).cancel)
+        return stub
+
+    async def submit(self, rollout: rollout_pb2_grpc.RolloutServiceStub, positions: range, scaffold: str) -> None:
+        """Queue the tasks at these positions (in order); the rule learns of them in the same order."""
+        ids = [ALL_TASKS[p].id for p in positions]
+        await rollout.Submit(
+            rollout_pb2.SubmitRequest(
+                run_id=RUN, suite="tooluse", split="test", task_ids=ids, group_size=1,
+                scaffold_version=scaffold, publish=True,
+            )
+        )  # fmt: skip
+        for _ in positions:
+            self.rule.submit()
+
+    def ended(self) -> list[rollout_pb2.EpisodeEvent]:
+        return [e for e in self.events if e.kind in (K.EPISODE_EVENT_KIND_FINISHED, K.EPISODE_EVENT_KIND_FAILED)]
+
+    async def phase(self, release: list[int], *, failing: int = 0, skip_markers: int = 1) -> None:
+        """Open the gates of `release`, wait until they (and `failing` more) ended and reached the pool,
+        then fetch a batch and note what the rule predicts from the recorded finish order."""
+        for position in release:
+            self.inference.gates[ALL_TASKS[position].id].set()
+        want = len(self.recorded) + len(release) + failing
+
+        async def all_ended() -> bool:
+            return len(self.ended()) >= want
+
+        await until(all_ended, f"episodes {release} to end")
+        for event in self.ended()[len(self.recorded) :]:
+            position = POSITION[event.task_id]
+            self.recorded.append(position)
+            if event.kind == K.EPISODE_EVENT_KIND_FAILED:
+                self.failed.add(position)
+                self.rule.fail(position)
+            else:
+                assert event.trajectory_id, event.message
+                self.rule.finish(position)
+        finished = len(self.recorded) - len(self.failed)
+
+        async def in_pool() -> bool:
+            s = await self.pool.GetPoolStats(datapool_pb2.GetPoolStatsRequest(run_id=RUN))
+            return s.buffered == finished - len(self.served) and s.skipped == skip_markers
+
+        await until(in_pool, f"the trajectories of {release} and {skip_markers} skip marker(s) in the data pool")
+        resp = await self.pool.FetchBatch(
+            datapool_pb2.FetchBatchRequest(run_id=RUN, size=len(ALL_TASKS), policy_version=1, timeout_s=0.3)
+        )
+        got = [int(t.labels["forgerl/submit_seq"]) for t in resp.trajectories]
+        assert [POSITION[t.task_id] for t in resp.trajectories] == got, "stamped with the queue position"
+        self.batches.append((got, self.rule.take(len(ALL_TASKS))))
+        self.served.extend(got)
+        if resp.batch_id:
+            await self.pool.Ack(datapool_pb2.AckRequest(run_id=RUN, batch_id=resp.batch_id))
+
+
+@contextlib.contextmanager
+def rollout_process(config: RolloutConfig, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """The rollout service as its own process (`python -m forgerl.services.rollout.main`)."""
+    flags = {
+        "host": "127.0.0.1", "port": str(port), "state_dir": str(config.state_dir),
+        "sandbox_root": config.sandbox_root, "gateway_address": config.gateway_address,
+        "datapool_address": config.datapool_address, "max_in_flight": str(config.max_in_flight),
+        "grace_s": "1", "log_level": "warning",
+    }  # fmt: skip
+    argv = [f"--{key.replace('_', '-')}={value}" for key, value in flags.items()]
+    process = subprocess.Popen([sys.executable, "-m", "forgerl.services.rollout.main", *argv])
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+POSITION = {t.id: i for i, t in enumerate(ALL_TASKS)}  # a task's position in the run's queue, by construction
+
+
 async def test_batches_follow_the_window_rule(
     broker: TansuBroker, tokenizer_dir: Path, tmp_path: Path, sandbox_root: Path
 ) -> None:
@@ -148,123 +267,65 @@ async def test_batches_follow_the_window_rule(
     inference = GatedInference(load_tokenizer(tokenizer_dir), str(tokenizer_dir))
     async with AsyncExitStack() as stack:
         stack.callback(inference.open_all)  # nothing left waiting at teardown
-        inference_server = grpc.aio.server()
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, inference_server)
-        inference_address = f"127.0.0.1:{inference_server.add_insecure_port('127.0.0.1:0')}"
-        await inference_server.start()
-        stack.push_async_callback(inference_server.stop, 0)
-        pool_config = DatapoolConfig(
-            kafka_bootstrap=broker.bootstrap, fifo_window=1.0, database_url=db_url, gap_timeout_s=600.0,
-            state_dir=tmp_path / "pool", grace_s=1.0, log_level="warning",
-        )  # fmt: skip
-        pool_address = await stack.enter_async_context(serve_in_process(build_datapool(pool_config), pool_config))
-        gw_config = GatewayConfig(
-            http_port=0, inference_replicas=inference_address, datapool_address=pool_address,
-            tokenizer_path=str(tokenizer_dir), log_format="console", grace_s=1.0,
-        )  # fmt: skip
-        gateway_address = await stack.enter_async_context(serve_in_process(build_gateway(gw_config), gw_config))
-        ro_config = RolloutConfig(
-            state_dir=tmp_path / "rollout", sandbox_root=str(sandbox_root), gateway_address=gateway_address,
-            datapool_address=pool_address, max_in_flight=len(TASKS), grace_s=1.0,
-        )  # fmt: skip
-        rollout_address = await stack.enter_async_context(
-            serve_in_process(spec_for(build_servicer(ro_config)), ro_config)
-        )
-        events: list[rollout_pb2.EpisodeEvent] = []
-
-        def connect(address: str) -> grpc.aio.Channel:
-            channel = aio_channel(address)
-            stack.push_async_callback(channel.close)
-            return channel
-
-        def follow(address: str) -> rollout_pb2_grpc.RolloutServiceStub:
-            stub = rollout_pb2_grpc.RolloutServiceStub(connect(address))
-
-            async def read() -> None:
-                async for response in stub.StreamEpisodeEvents(rollout_pb2.StreamEpisodeEventsRequest(run_id=RUN)):
-                    events.append(response.event)
-
-            stack.callback(asyncio.create_task(read()).cancel)
-            return stub
-
-        rollout = follow(rollout_address)
-        pool = datapool_pb2_grpc.DatapoolServiceStub(connect(pool_address))
-
+        ro_config = await start_services(stack, broker, inference, tokenizer_dir, tmp_path, sandbox_root, db_url)
+        s = Scenario(stack, inference, ro_config.datapool_address)
+        port = free_port()
+        first = stack.enter_context(rollout_process(ro_config, port))
+        rollout = await s.follow(f"127.0.0.1:{port}")
         # Queue order, as submitted: tasks 0-4, the failing one, tasks 6-9.
-        for ids, scaffold in (([t.id for t in TASKS[:FAILING]], "default"), ([TASKS[FAILING].id], "no-such-scaffold"),
-                              ([t.id for t in TASKS[FAILING + 1 :]], "default")):  # fmt: skip
-            await rollout.Submit(
-                rollout_pb2.SubmitRequest(
-                    run_id=RUN, suite="tooluse", split="test", task_ids=ids, group_size=1,
-                    scaffold_version=scaffold, publish=True,
-                )
-            )  # fmt: skip
-        seq_of = {t.id: i for i, t in enumerate(ALL_TASKS)}  # AFTER_RESTART: the run's 11th, position 10
+        await s.submit(rollout, range(0, FAILING), "default")
+        await s.submit(rollout, range(FAILING, FAILING + 1), "no-such-scaffold")
+        await s.submit(rollout, range(FAILING + 1, len(TASKS)), "default")
+        # The head (0) and positions 4 and 6 stay slow; 1-3 and 7-9 finish first (and 5 fails at once).
+        await s.phase([1, 2, 3, 7, 8, 9], failing=1)
+        for release in ([0], [4], [6]):
+            await s.phase(release)
 
-        rule = WindowRule(len(TASKS), WINDOW)
-        recorded: list[int] = []  # finish order: the position of each FINISHED/FAILED event, as they came
-        served: list[int] = []
-        batches: list[tuple[list[int], list[int]]] = []  # (served, predicted)
-
-        def ended() -> list[rollout_pb2.EpisodeEvent]:
-            return [e for e in events if e.kind in (K.EPISODE_EVENT_KIND_FINISHED, K.EPISODE_EVENT_KIND_FAILED)]
-
-        async def stats() -> datapool_pb2.GetPoolStatsResponse:
-            return await pool.GetPoolStats(datapool_pb2.GetPoolStatsRequest(run_id=RUN))
-
-        async def phase(release: list[int]) -> None:
-            for seq in release:
-                inference.gates[ALL_TASKS[seq].id].set()
-            want = len(recorded) + len(release) + (1 if not recorded else 0)  # the failing one ends first
-
-            async def all_ended() -> bool:
-                return len(ended()) >= want
-
-            await until(all_ended, f"episodes {release} to end")
-            for event in ended()[len(recorded) :]:
-                seq = seq_of[event.task_id]
-                recorded.append(seq)
-                if event.kind == K.EPISODE_EVENT_KIND_FAILED:
-                    assert seq == FAILING, event.message
-                    rule.fail(seq)
-                else:
-                    assert event.trajectory_id, event.message
-                    rule.finish(seq)
-            finished = sum(1 for s in recorded if s != FAILING)
-
-            async def in_pool() -> bool:
-                s = await stats()
-                return s.buffered == finished - len(served) and s.skipped == 1
-
-            await until(in_pool, f"the trajectories of {release} and the skip marker in the data pool")
-            resp = await pool.FetchBatch(
-                datapool_pb2.FetchBatchRequest(run_id=RUN, size=len(TASKS), policy_version=1, timeout_s=0.3)
-            )
-            got = [int(t.labels["forgerl/submit_seq"]) for t in resp.trajectories]
-            assert [seq_of[t.task_id] for t in resp.trajectories] == got, "stamped with the queue position"
-            batches.append((got, rule.take(len(TASKS))))
-            served.extend(got)
-            if resp.batch_id:
-                await pool.Ack(datapool_pb2.AckRequest(run_id=RUN, batch_id=resp.batch_id))
-
-        # The head (0) and positions 4 and 6 stay slow; 1-3 and 7-9 finish first.
-        for release in ([1, 2, 3, 7, 8, 9], [0], [4], [6]):
-            await phase(release)
-
-        # Rollout restarts: a fresh service, whose numbering must go on where the run's queue ends.
-        restarted = follow(
+        # 10 stays in flight, 11 finishes: the window waits for 10. Then rollout is killed.
+        await s.submit(rollout, range(LOST, BEFORE_KILL + 1), "default")
+        await s.phase([BEFORE_KILL])
+        first.kill()
+        first.wait(timeout=30)
+        s.rule.fail(LOST)  # lost with the process, by definition
+        restarted = await s.follow(
             await stack.enter_async_context(serve_in_process(spec_for(build_servicer(ro_config)), ro_config))
         )
-        await restarted.Submit(
-            rollout_pb2.SubmitRequest(
-                run_id=RUN, suite="tooluse", split="test", task_ids=[AFTER_RESTART.id], group_size=1,
-                scaffold_version="default", publish=True,
-            )
-        )  # fmt: skip
-        rule.submit()
-        await phase([seq_of[AFTER_RESTART.id]])
+        await s.submit(restarted, range(AFTER_RESTART, AFTER_RESTART + 1), "default")
+        await s.phase([AFTER_RESTART], skip_markers=2)
 
-    assert [got for got, _ in batches] == [predicted for _, predicted in batches], batches
+    assert [got for got, _ in s.batches] == [predicted for _, predicted in s.batches], s.batches
     # The rule held episodes back: with f = 0.3 the first batch is two of the six finished, not all six.
-    assert [len(got) for got, _ in batches] == [2, 2, 2, 3, 1]
-    assert sorted(served) == [s for s in range(len(ALL_TASKS)) if s != FAILING]
+    assert [len(got) for got, _ in s.batches] == [2, 2, 2, 3, 0, 2]
+    assert s.failed == {FAILING}
+    assert sorted(s.served) == [p for p in range(len(ALL_TASKS)) if p not in (FAILING, LOST)]
+
+
+async def start_services(
+    stack: AsyncExitStack,
+    broker: TansuBroker,
+    inference: GatedInference,
+    tokenizer_dir: Path,
+    tmp_path: Path,
+    sandbox_root: Path,
+    db_url: str,
+) -> RolloutConfig:
+    """Inference, data pool and gateway in this process; returns the rollout configuration that uses them."""
+    inference_server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, inference_server)
+    inference_address = f"127.0.0.1:{inference_server.add_insecure_port('127.0.0.1:0')}"
+    await inference_server.start()
+    stack.push_async_callback(inference_server.stop, 0)
+    pool_config = DatapoolConfig(
+        kafka_bootstrap=broker.bootstrap, fifo_window=1.0, database_url=db_url, gap_timeout_s=600.0,
+        state_dir=tmp_path / "pool", grace_s=1.0, log_level="warning",
+    )  # fmt: skip
+    pool_address = await stack.enter_async_context(serve_in_process(build_datapool(pool_config), pool_config))
+    gw_config = GatewayConfig(
+        http_port=0, inference_replicas=inference_address, datapool_address=pool_address,
+        tokenizer_path=str(tokenizer_dir), log_format="console", grace_s=1.0,
+    )  # fmt: skip
+    gateway_address = await stack.enter_async_context(serve_in_process(build_gateway(gw_config), gw_config))
+    return RolloutConfig(
+        state_dir=tmp_path / "rollout", sandbox_root=str(sandbox_root), gateway_address=gateway_address,
+        datapool_address=pool_address, max_in_flight=len(ALL_TASKS), grace_s=1.0,
+    )  # fmt: skip

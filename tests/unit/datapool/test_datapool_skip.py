@@ -6,11 +6,13 @@ import pytest
 
 from forgerl.datapool.pool import RunPool
 from forgerl.datapool.topics import (
+    SKIP_BEFORE_LABEL,
     SKIPPED_LABEL,
     SUBMIT_SEQ_LABEL,
     DecodeError,
     decode_index,
     encode_trajectory,
+    lost_marker,
     skip_marker,
 )
 from forgerl.v1 import trajectory_pb2
@@ -125,3 +127,42 @@ def test_next_seq_is_where_a_restarted_rollout_goes_on():
     assert restarted.next_seq == 0  # unknown until something arrives
     restarted.offer_trajectory(0, 2, traj(9))
     assert restarted.next_seq == 10
+
+
+def test_lost_marker_gives_up_on_every_awaited_seq_below_it():
+    # A rollout process died with 1, 3 and 4 in flight; its successor numbers from 6 and says so.
+    pool = RunPool("r", window=1)
+    pool.restore({0: 0}, [])
+    for offset, seq in enumerate([0, 2, 5]):
+        pool.offer_trajectory(0, offset, traj(seq))
+    assert taken(pool) == ["t0"]
+    assert pool.offer_trajectory(0, 3, lost_marker("r", 6, "rollout restarted")) == "skipped_seq"
+    pool.offer_trajectory(0, 4, traj(7))  # 6 is running in the new process: it holds the head
+    assert taken(pool) == ["t2", "t5"]
+    pool.offer_trajectory(0, 5, traj(3))  # a trajectory that was on its way after all: served, first
+    pool.offer_trajectory(0, 6, traj(6))
+    assert taken(pool) == ["t3", "t6", "t7"]
+    assert pool.counters.skipped == 1
+
+
+def test_lost_marker_past_the_newest_queued():
+    # The pool restarted (the start is unknown) and heard only of 2 when the new rollout says "below 5".
+    pool = RunPool("r", window=1)
+    pool.restore({0: 1}, [])
+    pool.offer_trajectory(0, 1, traj(2))
+    pool.offer_trajectory(0, 2, lost_marker("r", 5, "rollout restarted"))
+    pool.offer_trajectory(0, 3, traj(5))
+    assert taken(pool) == ["t2", "t5"]
+    assert pool.next_seq == 6
+
+
+def test_lost_marker_decodes():
+    _, value, _ = encode_trajectory(lost_marker("r", 12, "rollout restarted"))
+    for full in (False, True):
+        index = decode_index(value, "r", full=full)
+        assert (index.skipped, index.skip_before, index.submit_seq) == (True, 12, None)
+    bad = lost_marker("r", 3, "x")
+    bad.labels[SKIP_BEFORE_LABEL] = "-3"
+    with pytest.raises(DecodeError) as err:
+        decode_index(bad.SerializeToString(), "r")
+    assert err.value.reason == "bad_skip_marker"

@@ -43,6 +43,18 @@ try {
   await visit(`#/compare/${promotedId}`, "svg[aria-label='confidence intervals']", "compare");
   check("compare draws one interval per stage", (await page.locator("svg[aria-label='confidence intervals'] circle").count()) === 3);
   await visit("#/anomalies", "text=non finite", "anomalies");
+  // A change made elsewhere (here: a dismissal through the API, not through the page) reaches the open page
+  // by server-sent events: the row turns "dismissed" without a reload.
+  await page.evaluate(async (token) => {
+    const [first] = await (await fetch("/api/v1/anomalies")).json();
+    await fetch(`/api/v1/anomalies/${first.id}/decide`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
+      body: JSON.stringify({ operator: "api-operator", approve: false }),
+    });
+  }, token);
+  await page.waitForSelector(".pill.dismissed", { timeout: 15000 });
+  check("a decision made elsewhere appears live (SSE)", await page.isVisible("text=api-operator"));
   await visit("#/audit", "#chain", "audit");
   check("audit chain verified", (await page.textContent("#chain")).includes("verified"));
   await visit("#/budget", "text=Budget & controls", "budget");

@@ -178,3 +178,21 @@ async def test_the_proposer_sees_dev_failures_never_the_sealed_held_out_ones(tmp
     assert contexts[0].failures == [] and failures
     assert failures <= set(SETTINGS.dev_tasks) and not failures & set(SETTINGS.heldout_tasks)
     assert "promoted default-e1" in contexts[1].memory  # the memory notes of round 1
+
+
+async def test_the_wall_time_budget_stops_the_loop(tmp_path: Path) -> None:
+    now = [0.0]
+
+    class Slow(FixedProposer):
+        async def propose(self, context: ProposalContext) -> Proposal:
+            now[0] += 400  # each round takes 400 s on the ledger's clock
+            return await super().propose(context)
+
+    registry = ScaffoldRegistry(tmp_path / "scaffolds")
+    c = Controller(
+        SETTINGS, SimulatedEvaluator(registry), Slow({"sampling.top_p": 0.9}), registry,
+        BudgetLimits(rounds=100, wall_time_s=1000, episodes=10**6), tmp_path / "evo", clock=lambda: now[0],
+    )  # fmt: skip
+    c.start()
+    await asyncio.wait_for(c.wait(), 60)
+    assert (len(c.iterations), c.halt_reason) == (3, "wall time spent: 1200 s of 1000 s")

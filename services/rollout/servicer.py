@@ -185,7 +185,12 @@ def pool_queue_start(channel: grpc.aio.Channel) -> QueueStart:
     stub = datapool_pb2_grpc.DatapoolServiceStub(channel)
 
     async def start(run_id: str) -> int:
-        stats = await stub.GetPoolStats(datapool_pb2.GetPoolStatsRequest(run_id=run_id), timeout=5.0)
+        try:
+            stats = await stub.GetPoolStats(datapool_pb2.GetPoolStatsRequest(run_id=run_id), timeout=5.0)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:  # no trajectory of the run reached the pool yet
+                return 0
+            raise
         if stats.next_submit_seq > 0:
             reason = "rollout restarted: episodes queued before it that never arrived were lost"
             marker = lost_marker(run_id, stats.next_submit_seq, reason)

@@ -84,7 +84,8 @@ def _max_tokens(config: ScaffoldConfig, ctx: ProposalContext, rng: random.Random
 
 def _turns(config: ScaffoldConfig, ctx: ProposalContext, rng: random.Random) -> tuple[dict[str, Any], str]:
     current = config.turn_budget(ctx.suite)
-    ran_out = sum("turn" in f.message.lower() for f in ctx.failures)
+    # Rollout's finished-episode message starts with why the agent stopped: "turn_budget; 4 turns; ...".
+    ran_out = sum(f.message.startswith("turn_budget") for f in ctx.failures)
     value = current + 1 if ran_out or current <= 2 else max(1, current + rng.choice((-1, 1)))
     why = f" ({ran_out} failures ran out of turns)" if ran_out else ""
     return {f"max_turns_by_suite.{ctx.suite}": value}, f"turn budget on {ctx.suite} {current} -> {value}{why}"

@@ -3,6 +3,7 @@ pause/resume, the held-out re-check; the built-in and model proposers."""
 
 import asyncio
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from forgerl.evolution import guard
 from forgerl.evolution.controller import Controller, Settings
 from forgerl.evolution.guard import Proposal
 from forgerl.evolution.ledger import BudgetLimits
-from forgerl.evolution.proposers import MutationProposer, ProposalContext, parse_model_proposal
+from forgerl.evolution.proposers import OPERATORS, Failure, MutationProposer, ProposalContext, parse_model_proposal
 from forgerl.evolution.records import State
 from forgerl.evolution.testing import SimulatedEvaluator, task_ids
 from forgerl.rollout.scaffold_config import ScaffoldConfig, ScaffoldRegistry
@@ -196,3 +197,11 @@ async def test_the_wall_time_budget_stops_the_loop(tmp_path: Path) -> None:
     c.start()
     await asyncio.wait_for(c.wait(), 60)
     assert (len(c.iterations), c.halt_reason) == (3, "wall time spent: 1200 s of 1000 s")
+
+
+async def test_the_turn_operator_raises_the_budget_when_failures_ran_out_of_turns(tmp_path: Path) -> None:
+    c = controller(tmp_path, FixedProposer({}), BudgetLimits(1, 600, 10**6))
+    failures = [Failure("t/1", "turn_budget; 4 turns; no answer"), Failure("t/2", "answer; 2 turns; expected 7")]
+    ctx = ProposalContext(c.registry.get("default"), "tooluse", "", failures, c.ledger.view(), 1)
+    changes, why = OPERATORS["turn_budget"](ctx.incumbent, ctx, random.Random(0))
+    assert changes == {"max_turns_by_suite.tooluse": 5} and "1 failures ran out of turns" in why

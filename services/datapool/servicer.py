@@ -11,7 +11,7 @@ import grpc
 from kafka.errors import KafkaError
 
 from forgerl.datapool.feed import KafkaSettings
-from forgerl.datapool.manager import AckError, DataPool, PoolBehindError, PoolSettings, RunPolicy
+from forgerl.datapool.manager import AckError, DataPool, PoolBehindError, PoolSettings, RunPolicy, UnknownRun
 from forgerl.services.datapool.config import DatapoolConfig
 from forgerl.v1 import datapool_pb2, datapool_pb2_grpc
 
@@ -142,6 +142,8 @@ class DatapoolServicer(datapool_pb2_grpc.DatapoolServiceServicer):
             return await fn()
         except PoolBehindError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except UnknownRun as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except AckError as exc:
             code = grpc.StatusCode.NOT_FOUND if exc.code == "unknown" else grpc.StatusCode.FAILED_PRECONDITION
             await context.abort(code, str(exc))

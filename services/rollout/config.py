@@ -23,6 +23,8 @@ class RolloutConfig(ServiceConfig):
     )
     model: str = Field("forgerl", description="Model name the agents send to the gateway.")
     max_in_flight: int = Field(8, ge=1, description="Episodes running at once, over all submissions.")
+    max_submit_episodes: int = Field(4096, ge=1, description="Most episodes (tasks x group_size) one Submit may ask.")
+    max_queued_episodes: int = Field(16384, ge=1, description="Most episodes waiting to run, over all submissions.")
     max_attempts: int = Field(
         10,
         ge=1,

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from kafka import KafkaProducer
+from kafka import KafkaAdminClient, KafkaProducer
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -135,6 +135,10 @@ class _Collector(Collector):
         yield lag
 
 
+class UnknownRun(LookupError):
+    """No trajectory of this run ever reached the pool (it has no topics on Kafka)."""
+
+
 class DataPool:
     def __init__(
         self,
@@ -148,6 +152,7 @@ class DataPool:
         self._runs: dict[str, _Run] = {}
         self._opening: dict[str, asyncio.Future[_Run]] = {}
         self._producer: KafkaProducer | None = None
+        self._admin: KafkaAdminClient | None = None  # one, for topic lookups: clients cost threads
         self._io = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="datapool-io")
         self._housekeeping: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -192,6 +197,9 @@ class DataPool:
             producer = self._producer
             self._producer = None
             await loop.run_in_executor(self._io, lambda: producer.close(timeout=10))
+        if self._admin is not None:
+            admin, self._admin = self._admin, None
+            await loop.run_in_executor(self._io, admin.close)
         self._io.shutdown(wait=False)
 
     def failure(self) -> str | None:
@@ -387,7 +395,21 @@ class DataPool:
         run.commit_queued = False
         run.feed.flush_and_commit()
 
+    def _known(self, run_id: str) -> bool:
+        """Whether the run's trajectory topic exists (a metadata request; nothing is created)."""
+        if self._admin is None:
+            client_id = f"{self.settings.kafka.client_id}-lookup"
+            self._admin = KafkaAdminClient(bootstrap_servers=self.settings.kafka.bootstrap, client_id=client_id)
+        topic = RunTopics(run_id, self.settings.kafka.topic_prefix).trajectories
+        return topic in set(self._admin.list_topics())
+
     async def stats(self, run_id: str) -> PoolStats:
+        """The run's counters; UnknownRun, creating nothing, for a run the pool never held (asking for 20
+        unknown runs created 60 topics and 81 threads, issue 24)."""
+        if run_id not in self._runs and run_id not in self._opening and not await self._in_thread(self._known, run_id):
+            raise UnknownRun(
+                f"run {run_id!r} is unknown to the data pool: no trajectory of it was ever put; check the run id"
+            )
         run = await self._run(run_id)
         with run.lock:
             c = run.pool.counters

@@ -99,6 +99,11 @@ class _EventLog:
             self.changed.notify_all()
 
 
+class QueueFull(Exception):
+    """A submission larger than one Submit may be, or one the queue has no room for; the message says the
+    limit (gRPC RESOURCE_EXHAUSTED)."""
+
+
 class RolloutManager:
     def __init__(
         self,
@@ -114,8 +119,14 @@ class RolloutManager:
         report_skipped: ReportSkipped | None = None,
         report_timeout_s: float = 10.0,
         queue_start: QueueStart | None = None,
+        max_submit_episodes: int = 4096,
+        max_queued_episodes: int = 16384,
     ) -> None:
         self.run_episode = run_episode
+        # One Submit of group_size 200,000 over a whole split blocked the event loop and grew rollout past
+        # 4 GB (issue 24); an RL step of the main job submits 64 episodes, a held-out evaluation ~1,000.
+        self.max_submit_episodes = max_submit_episodes
+        self.max_queued_episodes = max_queued_episodes
         self.suites = suites
         self.max_in_flight = max_in_flight
         self.max_attempts = max_attempts
@@ -187,6 +198,7 @@ class RolloutManager:
             raise ValueError("no tasks to run")
         if self._stopping:
             raise RuntimeError("rollout is shutting down")
+        self._check_room(len(tasks) * group_size)
         if publish and run_id not in self._next_seq:
             start = await self._queue_start(run_id)
             self._next_seq.setdefault(run_id, start)  # a concurrent first submission may have set it
@@ -218,6 +230,18 @@ class RolloutManager:
         self.stats[run_id].queued += len(sub.episodes)
         self._wakeup.set()
         return submission_id, len(sub.episodes)
+
+    def _check_room(self, episodes: int) -> None:
+        if episodes > self.max_submit_episodes:
+            raise QueueFull(
+                f"the submission has {episodes} episodes (tasks x group_size); one Submit takes at most "
+                f"{self.max_submit_episodes} (max_submit_episodes): submit fewer tasks or a smaller group"
+            )
+        if len(self.queue) + episodes > self.max_queued_episodes:
+            raise QueueFull(
+                f"the queue holds {len(self.queue)} episodes and takes at most {self.max_queued_episodes} "
+                f"(max_queued_episodes): {episodes} more do not fit; retry when episodes have finished"
+            )
 
     async def cancel(self, submission_id: str) -> int:
         sub = self.submissions.get(submission_id)

@@ -258,28 +258,27 @@ def _skip_before(labels: Any) -> int | None:
 def lost_marker(run_id: str, before: int, reason: str) -> trajectory_pb2.Trajectory:
     """The record telling the data pool that no seq below `before` it still awaits will come (their
     rollout process is gone). Sent twice for the same `before`, the second is dropped as a duplicate."""
-    if before < 0:
-        raise ValueError(f"before {before}: submission sequence numbers are >= 0")
-    return trajectory_pb2.Trajectory(
-        schema_version=SCHEMA_VERSION,
-        trajectory_id=f"skip-before-{before}",
-        run_id=run_id,
-        labels={SKIP_BEFORE_LABEL: str(before), SKIPPED_LABEL: reason[:200] or "lost"},
-    )
+    return _marker(run_id, f"skip-before-{before}", SKIP_BEFORE_LABEL, before, reason)
 
 
 def skip_marker(run_id: str, seq: int, episode_id: str, reason: str) -> trajectory_pb2.Trajectory:
     """The record telling the data pool that the episode at `seq` of the run will send no trajectory.
 
     Its trajectory_id derives from the episode, so a marker sent twice is dropped as a duplicate."""
+    return _marker(run_id, f"skip-{episode_id}", SUBMIT_SEQ_LABEL, seq, reason, episode_id)
+
+
+def _marker(
+    run_id: str, trajectory_id: str, label: str, seq: int, reason: str, episode_id: str = ""
+) -> trajectory_pb2.Trajectory:
     if seq < 0:
-        raise ValueError(f"seq {seq}: submission sequence numbers are >= 0")
+        raise ValueError(f"{label}={seq}: submission sequence numbers are >= 0")
     return trajectory_pb2.Trajectory(
         schema_version=SCHEMA_VERSION,
-        trajectory_id=f"skip-{episode_id}",
+        trajectory_id=trajectory_id,
         run_id=run_id,
         episode_id=episode_id,
-        labels={SUBMIT_SEQ_LABEL: str(seq), SKIPPED_LABEL: reason[:200] or "no trajectory"},
+        labels={label: str(seq), SKIPPED_LABEL: reason[:200] or "no trajectory"},
     )
 
 

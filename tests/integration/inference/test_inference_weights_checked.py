@@ -7,6 +7,7 @@ served when fresh; good updates after bad ones serve exactly the new weights; a 
 from __future__ import annotations
 
 import asyncio
+import collections
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,9 +21,11 @@ import pytest
 import pytest_asyncio
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from forgerl.inference.testing import make_checkpoint, reference_greedy
+from forgerl.runtime.fuzz import fuzz_service, requests
 from forgerl.runtime.testing import serve_in_process
 from forgerl.services.inference.config import InferenceConfig
 from forgerl.services.inference.main import build
@@ -34,6 +37,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 PROMPTS = [[(7 * i + 3) % 4096 for i in range(24)], [(11 * i + 5) % 4096 for i in range(40)]]
 N = 10
 ENGINE: dict[str, Any] = {"max_model_len": 256, "kv_cache_bytes": 16 * 1024 * 1024, "executor": "uni"}
+SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 GATE = "model.layers.1.block_sparse_moe.gate.weight"
 Served = tuple[list[int], list[float]]
 
@@ -44,7 +48,8 @@ def v1(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Channel:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, address: str) -> None:
+        self.address = address
         self.stub = pb_grpc.InferenceServiceStub(channel)
         self.health = health_pb2_grpc.HealthStub(channel)
         self.fresh: list[Served] = []  # what the engine served on version 1 before any update
@@ -68,7 +73,7 @@ class Channel:
 async def engine(v1: Path) -> AsyncIterator[Channel]:
     config = InferenceConfig(model_path=str(v1), log_format="console", **ENGINE)
     async with serve_in_process(build(config), config) as address, grpc.aio.insecure_channel(address) as channel:
-        served = Channel(channel)
+        served = Channel(channel, address)
         served.fresh = await served.greedy()
         yield served
 
@@ -118,6 +123,22 @@ BAD = {
 }
 
 
+# Generate requests the engine can run: prompts inside the vocabulary, sampling anywhere in or out of range.
+GENERATE = st.builds(
+    lambda prompt, sampling: pb.GenerateRequest(prompt_token_ids=prompt, sampling=sampling).SerializeToString(),
+    st.lists(st.integers(0, 4095), min_size=1, max_size=40),
+    st.builds(
+        pb.SamplingParams,
+        temperature=st.sampled_from([0.0, 0.7, 1.0, 2.0, 3.0, -1.0, float("nan"), float("inf")]),
+        top_p=st.sampled_from([0.0, 0.5, 1.0, 1.5, -0.1, float("nan")]),
+        top_k=st.integers(-5, 5000),
+        max_tokens=st.integers(-2, 300),
+        stop_token_ids=st.lists(st.integers(-3, 5000), max_size=3),
+        seed=st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)),
+    ),
+)
+
+
 @pytest.mark.parametrize("case", list(BAD))
 async def test_a_bad_checkpoint_is_refused_and_version_1_keeps_serving(
     engine: Channel, v1: Path, tmp_path: Path, case: str
@@ -142,6 +163,20 @@ async def test_good_updates_after_bad_ones_serve_exactly_the_new_weights(
         assert tokens == reference_greedy(v2, prompt, N).token_ids
     # back to v1's weights: exactly what the fresh engine served on them, logprobs included
     assert (await engine.update(shutil.copytree(v1, tmp_path / "v3"), version=3)).policy_version == 3
+    assert_same(await engine.greedy(), engine.fresh)
+
+
+async def test_random_requests_get_clean_statuses(engine: Channel) -> None:
+    """Hypothesis: random and mutated requests to every method; then the engine still serves exactly what
+    the fresh engine served on the weights it now holds (v1's, as version 3)."""
+
+    def fuzz() -> collections.Counter[str]:
+        generate = st.one_of(GENERATE, requests(pb.GenerateRequest.DESCRIPTOR))
+        with grpc.insecure_channel(engine.address) as channel:
+            return fuzz_service(channel, SERVICE, max_examples=60, timeout_s=60, overrides={"Generate": generate})
+
+    seen = await asyncio.to_thread(fuzz)
+    assert {"Generate OK", "Generate INVALID_ARGUMENT"} <= set(seen), seen
     assert_same(await engine.greedy(), engine.fresh)
 
 

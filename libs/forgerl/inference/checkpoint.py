@@ -170,24 +170,17 @@ def check_same_architecture(new: CheckpointInfo, served: CheckpointInfo) -> None
             f"checkpoint {str(new.path)!r} does not have the served model's tensors: "
             f"{len(missing)} missing {missing[:3]}, {len(extra)} unexpected {extra[:3]}"
         )
-    shapes = [
-        f"{name} {new.tensors[name][1]} (served: {served.tensors[name][1]})"
-        for name in sorted(served.tensors)
-        if new.tensors[name][1] != served.tensors[name][1]
-    ]
-    if shapes:
-        raise CheckpointError(
-            f"checkpoint {str(new.path)!r} has tensors of other shapes than the served model: " + "; ".join(shapes[:3])
-        )
-    dtypes = [
-        f"{name} {new.tensors[name][0]} (served: {served.tensors[name][0]})"
-        for name in sorted(served.tensors)
-        if new.tensors[name][0] != served.tensors[name][0]
-    ]
-    if dtypes:
-        raise CheckpointError(
-            f"checkpoint {str(new.path)!r} has tensors of other dtypes than the served model: " + "; ".join(dtypes[:3])
-        )
+    for index, what in ((1, "shapes"), (0, "dtypes")):  # (dtype, shape) per tensor
+        differ = [
+            f"{name} {new.tensors[name][index]} (served: {served.tensors[name][index]})"
+            for name in sorted(served.tensors)
+            if new.tensors[name][index] != served.tensors[name][index]
+        ]
+        if differ:
+            raise CheckpointError(
+                f"checkpoint {str(new.path)!r} has tensors of other {what} than the served model: "
+                + "; ".join(differ[:3])
+            )
 
 
 def check_finite(info: CheckpointInfo) -> None:

@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 from forgerl.inference.checkpoint import (
     CheckpointError,
     CheckpointMissing,
+    check_finite,
     check_same_architecture,
     inspect_checkpoint,
     read_safetensors_header,
@@ -79,3 +80,41 @@ def test_missing_tensor_and_shape_are_refused(tmp_path: Path) -> None:
     reshaped = inspect_checkpoint(write(tmp_path / "c", embed=(16, 4), head=(4, 16)))
     with pytest.raises(CheckpointError, match="other shapes"):
         check_same_architecture(reshaped, served)
+
+
+def test_truncated_file_and_corrupt_offsets_name_the_tensor(tmp_path: Path) -> None:
+    path = write(tmp_path / "a")
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-8])  # the last 8 bytes: half of tensor 'head' (16 x 4 float32 = 256 bytes)
+    with pytest.raises(CheckpointError, match="is truncated: tensor 'head' ends at data byte 512, the file holds 504"):
+        inspect_checkpoint(path)
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    header["embed"]["data_offsets"] = [0, 100]
+    raw = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
+    weights.write_bytes(data[:8] + raw + data[8 + header_len :])
+    with pytest.raises(CheckpointError, match=r"tensor 'embed' is corrupt: F32 \[16, 4\] needs 256 bytes"):
+        inspect_checkpoint(path)
+
+
+def test_other_dtype_is_refused(tmp_path: Path) -> None:
+    served = inspect_checkpoint(write(tmp_path / "a"))
+    other = tmp_path / "b"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(CONFIG))
+    tensors = {"embed": np.zeros((16, 4), np.float32), "head": np.zeros((16, 4), np.float16)}
+    save_file(tensors, str(other / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"other dtypes than the served model: head F16 \(served: F32\)"):
+        check_same_architecture(inspect_checkpoint(other), served)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_are_refused_naming_the_tensor(tmp_path: Path, bad: float) -> None:
+    path = write(tmp_path / "a")
+    check_finite(inspect_checkpoint(path))
+    values = np.zeros((16, 4), np.float32)
+    values[3, 1] = values[7, 2] = bad
+    save_file({"embed": np.zeros((16, 4), np.float32), "head": values}, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="tensor 'head' holds 2 non-finite values"):
+        check_finite(inspect_checkpoint(path))

@@ -46,10 +46,15 @@ run: setup
 # The kernels run under Triton's CPU interpreter in a pytest process of their own: the interpreter
 # must be on before Triton is first imported, and other areas (vLLM) import it first.
 test: setup protos-check buf-lint tools chromium
-	$(VENV)/bin/pytest -m "not gpu" --ignore=tests/unit/kernels $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not gpu and not chaos" --ignore=tests/unit/kernels $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -m "not gpu" tests/unit/kernels $(PYTEST_ARGS)
 
-.PHONY: chromium test-browser
+.PHONY: chromium test-browser test-chaos
+
+# kill -9 of each component in turn (broker, datapool, inference, gateway, rollout, trainer) during one short
+# run of the main job, which must finish by itself; prints each recovery time. 9.5 min on 2 busy cores.
+test-chaos: setup
+	$(VENV)/bin/pytest -m chaos -s e2e_tests/test_chaos.py $(PYTEST_ARGS)
 
 # The operator console's browser test drives Debian's Chromium through playwright-core (package.json; it
 # downloads no browser of its own): installed here so that a fresh machine gets it.

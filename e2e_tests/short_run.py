@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from forgerl.local.topology import LocalTopology
+
 FORGERL = [sys.executable, "-m", "forgerl.cli.main"]
 MAIN_JOB = Path(__file__).parents[1] / "examples" / "tiny-tool-use.yaml"
 
@@ -55,3 +57,9 @@ def wait_for(what: str, check: Any, timeout_s: float, every_s: float = 1.0) -> A
             return value
         time.sleep(every_s)
     raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+
+
+def pid_of(topology: LocalTopology, name: str) -> int:
+    """The pid the local topology's state file records for component `name` (the supervisor's latest)."""
+    processes = json.loads(topology.state_file.read_text())["processes"]
+    return int(next(p["pid"] for p in processes if p["name"] == name))

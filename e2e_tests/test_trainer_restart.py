@@ -10,12 +10,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from short_run import pid_of, wait_for
 
 from forgerl.local.topology import LocalTopology
 from forgerl.runtime.client import insecure_channel
@@ -33,27 +33,12 @@ def _forgerl(env: dict[str, str], *args: str, timeout: float = 120) -> str:
     return proc.stdout
 
 
-def _wait_for(what: str, check: Any, timeout_s: float, every_s: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
-
-
 def _progress(runs: Path, run_id: str) -> dict[str, Any] | None:
     path = runs / run_id / "state" / "progress.json"
     try:
         return dict(json.loads(path.read_text()))
     except (OSError, ValueError):  # not written yet, or being replaced
         return None
-
-
-def _pid(topology: LocalTopology, name: str) -> int:
-    processes = json.loads(topology.state_file.read_text())["processes"]
-    return int(next(p["pid"] for p in processes if p["name"] == name))
 
 
 def test_trainer_killed_mid_rl_resumes_through_the_services(topology_file: Path, tmp_path: Path) -> None:
@@ -84,8 +69,8 @@ def test_trainer_killed_mid_rl_resumes_through_the_services(topology_file: Path,
         assert match, started
         run_id = match.group(1)
 
-        _wait_for("two RL steps", lambda: (_progress(runs, run_id) or {}).get("rl_step", 0) >= 2, 600)
-        os.killpg(_pid(topology, "trainer"), signal.SIGKILL)
+        wait_for("two RL steps", lambda: (_progress(runs, run_id) or {}).get("rl_step", 0) >= 2, 600)
+        os.killpg(pid_of(topology, "trainer"), signal.SIGKILL)
         killed_at = _progress(runs, run_id)
         assert killed_at is not None and 2 <= killed_at["rl_step"] < RL_STEPS, killed_at
 
@@ -97,7 +82,7 @@ def test_trainer_killed_mid_rl_resumes_through_the_services(topology_file: Path,
             assert run.state not in (run_pb2.RUN_STATE_FAILED, run_pb2.RUN_STATE_STOPPED), run.error
             return run if run.state == run_pb2.RUN_STATE_SUCCEEDED else None
 
-        _wait_for("the resumed run to finish", finished, 600, every_s=2.0)
+        wait_for("the resumed run to finish", finished, 600, every_s=2.0)
         datapool = datapool_pb2_grpc.DatapoolServiceStub(insecure_channel(topology.address("datapool")))
         stats = datapool.GetPoolStats(datapool_pb2.GetPoolStatsRequest(run_id=run_id), timeout=10)
     finally:

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from forgerl.distributed.parallelize import clip_grad_norm_
 from forgerl.model import MiniMaxM2ForCausalLM, update_expert_bias
 from forgerl.model.mtp import mtp_metrics, mtp_module_losses
 from forgerl.rl.losses import get_policy_loss
@@ -324,7 +325,7 @@ def rl_step(
     total = loss if mtp_loss is None else loss + mtp_loss
     optimizer.zero_grad(set_to_none=True)
     total.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    grad_norm = clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # any layout: DDP, FSDP2, EP
     optimizer.step()
     metrics.update(expert_bias_step(core, cfg.bias_update_rate))
     for key, value in loss_metrics.items():

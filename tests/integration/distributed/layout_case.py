@@ -1,0 +1,104 @@
+"""The training case every layout runs: the tiny preset, 5 RL steps (CISPO + MTP, prefix-merged packs,
+routing replay on steps 1 and 3) on fixed batches of 8 rows, AdamW. Shared by the single-process
+reference (in the test process) and each rank of layout_worker.py.
+
+Rows never share a prefix (distinct first tokens), so a rank's packs hold exactly its rows' tokens and
+the expert loads summed over ranks are the single process's loads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
+from forgerl.model.moe import SparseMoeBlock
+from forgerl.trainer.step import RlBatch, RlStepConfig, rl_step, shard_rows
+
+SEED, ROWS, STEPS, VOCAB = 0, 8, 5, 512
+STEP_CONFIG = RlStepConfig(
+    prefix_merge=True, max_tokens_per_pack=None, mtp_loss_weight=0.0, routing_replay=True, bias_update_rate=1e-3
+)
+
+
+def model_config() -> ModelConfig:
+    return ModelConfig.from_preset("tiny", vocab_size=VOCAB, num_mtp_modules=0)
+
+
+def build_model() -> MiniMaxM2ForCausalLM:
+    torch.manual_seed(SEED)
+    return MiniMaxM2ForCausalLM(model_config()).train()
+
+
+def optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    # The trainer's AdamW (loop._optimizer) at a learning rate that moves the weights visibly in 5 steps.
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+def batches() -> list[RlBatch]:
+    cfg = model_config()
+    g = torch.Generator().manual_seed(SEED + 1)
+    out = []
+    for step in range(STEPS):
+        lengths = torch.randint(10, 21, (ROWS,), generator=g)
+        width = int(lengths.max())
+        ids = torch.randint(0, VOCAB, (ROWS, width), generator=g)
+        ids[:, 0] = torch.randperm(VOCAB, generator=g)[:ROWS]  # distinct first tokens: no shared prefix
+        steps = torch.arange(width - 1)
+        prompt = torch.randint(3, 8, (ROWS, 1), generator=g)
+        mask = (steps[None] >= prompt - 1) & (steps[None] < lengths[:, None] - 1)
+        # Behaviour log-probabilities near the initial policy's (~ -ln V): ratios near 1, some clipped.
+        old = -math.log(VOCAB) + 0.3 * torch.randn(ROWS, width - 1, generator=g)
+        adv = torch.randn(ROWS, 1, generator=g).expand(ROWS, width - 1).contiguous()
+        routed = None
+        if step in (1, 3):
+            scores = torch.rand(ROWS, width, cfg.num_hidden_layers, cfg.num_local_experts, generator=g)
+            routed = scores.argsort(dim=-1)[..., : cfg.num_experts_per_tok]  # K distinct experts per token
+        out.append(RlBatch(ids, lengths, old.float(), adv.float(), mask, routed))
+    return out
+
+
+class LoadRecorder:
+    """Tokens routed to each expert per MoE layer, summed over the training forwards of a step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+        self.current = torch.zeros(len(self.blocks), self.blocks[0].n_experts, dtype=torch.float64)
+        for index, block in enumerate(self.blocks):
+            block.register_forward_hook(self._hook(index))
+
+    def _hook(self, index: int):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, _args: object, output: tuple[torch.Tensor, ...]) -> None:
+            if module.training:
+                self.current[index] += output[2].detach().double()
+
+        return hook
+
+    def take(self) -> torch.Tensor:
+        loads, self.current = self.current, torch.zeros_like(self.current)
+        return loads
+
+
+def run_steps(train_model: nn.Module, core: MiniMaxM2ForCausalLM, opt: torch.optim.Optimizer) -> dict[str, list]:
+    """Per step: the loss over all ranks' tokens, the grad norm, the expert loads over all ranks."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    recorder = LoadRecorder(core)
+    record: dict[str, list] = {"loss": [], "grad_norm": [], "loads": []}
+    for batch in batches():
+        mine = shard_rows(batch, rank, world) if world > 1 else batch
+        metrics = rl_step(train_model, opt, mine, STEP_CONFIG, core=core)
+        # rl_step scales each rank's loss by its share of the tokens: the mean over ranks is the global loss.
+        loss = torch.tensor(metrics["policy/loss"], dtype=torch.float64)
+        loads = recorder.take()
+        if distributed:
+            dist.all_reduce(loss)
+            loss /= world
+            dist.all_reduce(loads)
+        record["loss"].append(float(loss))
+        record["grad_norm"].append(metrics["grad_norm"])
+        record["loads"].append(loads)
+    return record

@@ -1,0 +1,44 @@
+"""One rank of the layout-equivalence check (test_layouts.py runs it under torchrun, gloo, CPU).
+
+For each layout given (JSON list of trainer.parallel mappings), in one process group: build the tiny
+model from the seed, apply the layout, train layout_case's 5 steps, gather the full parameters and
+buffers; rank 0 writes {layout name: record} to --out.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+import layout_case as case
+
+from forgerl.distributed import ParallelConfig, apply_parallelism, build_meshes, full_state_dict
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layouts", required=True, help='JSON: {"name": {"dp_shard": 2, "ep": 2}, ...}')
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    results = {}
+    for name, values in json.loads(args.layouts).items():
+        model = case.build_model()
+        layout = ParallelConfig.from_dict(values).resolve(dist.get_world_size(), model.config.num_local_experts)
+        parallel = apply_parallelism(model, build_meshes(layout, "cpu"))
+        record = case.run_steps(parallel.train_model, parallel.model, case.optimizer(parallel.model))
+        record["state"] = full_state_dict(parallel)
+        results[name] = record
+    if dist.get_rank() == 0:
+        torch.save(results, args.out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -123,11 +123,16 @@ _INFRA_CODES = {
 
 
 class GrpcGateway:
-    """GatewayService over gRPC (the admin side; agents use its OpenAI endpoint)."""
+    """GatewayService over gRPC (the admin side; agents use its OpenAI endpoint).
 
-    def __init__(self, channel: grpc.aio.Channel, timeout_s: float = 30.0) -> None:
+    A close the gateway could not publish (the data pool or its broker restarting: UNAVAILABLE, the episode
+    stays open with every turn recorded) is repeated with doubling backoff up to `close_deadline_s`, so the
+    trajectory is written late instead of the episode run again or failed."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float = 30.0, close_deadline_s: float = 120.0) -> None:
         self.stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         self.timeout_s = timeout_s
+        self.close_deadline_s = close_deadline_s
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:
@@ -165,19 +170,32 @@ class GrpcGateway:
         baseline_s: float,
         publish: bool,
     ) -> trajectory_pb2.Trajectory:
-        reply = await self._call(
-            self.stub.CloseEpisode,
-            gateway_pb2.CloseEpisodeRequest(
-                episode_key=key,
-                step_rewards=step_rewards,
-                reward=reward,
-                success=success,
-                wall_clock_s=wall_clock_s,
-                baseline_s=baseline_s,
-                publish=publish,
-            ),
+        request = gateway_pb2.CloseEpisodeRequest(
+            episode_key=key,
+            step_rewards=step_rewards,
+            reward=reward,
+            success=success,
+            wall_clock_s=wall_clock_s,
+            baseline_s=baseline_s,
+            publish=publish,
         )
-        return reply.trajectory
+        deadline = time.monotonic() + self.close_deadline_s
+        delay, retried = 0.5, False
+        while True:
+            try:
+                return (await self._call(self.stub.CloseEpisode, request)).trajectory
+            except InfraError as err:
+                code = err.__cause__.code() if isinstance(err.__cause__, grpc.aio.AioRpcError) else None
+                if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+                    raise
+                log.info("episode close not published yet (%s); retrying in %.1f s", err, delay)
+            except EpisodeError as err:
+                if not retried:
+                    raise
+                # Unknown after an UNAVAILABLE: that gateway died with the episode; run the episode again.
+                raise InfraError(f"the gateway lost the episode while closing it: {err}") from err
+            await asyncio.sleep(delay)
+            delay, retried = min(10.0, delay * 2), True
 
 
 class EpisodeRunner:

@@ -82,13 +82,17 @@ class LoadRecorder:
         return loads
 
 
-def run_steps(train_model: nn.Module, core: MiniMaxM2ForCausalLM, opt: torch.optim.Optimizer) -> dict[str, list]:
+def run_steps(
+    train_model: nn.Module, core: MiniMaxM2ForCausalLM, opt: torch.optim.Optimizer, steps: range = range(STEPS)
+) -> dict[str, list]:
     """Per step: the loss over all ranks' tokens, the grad norm, the expert loads over all ranks."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     recorder = LoadRecorder(core)
     record: dict[str, list] = {"loss": [], "grad_norm": [], "loads": []}
-    for batch in batches():
+    for step, batch in enumerate(batches()):
+        if step not in steps:
+            continue
         mine = shard_rows(batch, rank, world) if world > 1 else batch
         metrics = rl_step(train_model, opt, mine, STEP_CONFIG, core=core)
         # rl_step scales each rank's loss by its share of the tokens: the mean over ranks is the global loss.

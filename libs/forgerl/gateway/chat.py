@@ -1,10 +1,17 @@
-"""Chat messages as the agents send them, and their tokens as the chat template renders them.
+"""Chat messages as the agents send them, and their tokens as the served tokenizer's chat template renders them.
 
 The gateway renders only messages that are new to an episode; everything the model generated is kept as
-the token ids it generated (never decoded and re-encoded). `ChatFormat.suffix_ids` renders new messages
-so that a fresh conversation gives exactly `apply_chat_template`'s tokens: every message block starts
-with the special `<|im_start|>` token, so tokenising blocks one after the other equals tokenising them
-together.
+the token ids it generated (never decoded and re-encoded). `ChatFormat.suffix_ids` renders new messages as
+the text the template adds when they follow the history: `render(history + new)` minus `render(history)`,
+with the history's reasoning left out of both renders (it shapes only its own assistant blocks, and
+MiniMax-M2's template drops it once a new user message follows). Every block of the supported templates
+starts with a special token (`<|im_start|>`, `]~b]`), so tokenising blocks one after the other equals
+tokenising them together.
+
+Token-exactness, precisely: within one user turn the gateway's ids equal one `apply_chat_template` of
+the whole conversation. Across user turns they equal it for the ChatML family; for MiniMax-M2 they differ
+exactly by the `<think>...</think>` spans of assistant turns before the last user message, which the
+published template drops and the gateway keeps (the ids the model generated and was trained on).
 """
 
 from __future__ import annotations
@@ -15,12 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forgerl.gateway.errors import bad_request
-from forgerl.model.tokenizer import END_THINK, END_TOOL_CALL, IM_END, IM_START, THINK, TOOL_CALL
+from forgerl.model.chat_formats import M2_TOOL_CALL
+from forgerl.model.tokenizer import END_THINK, IM_START, THINK, TOOL_CALL
 
 ROLES = ("system", "user", "assistant", "tool")
-# A first message for rendering blocks on their own: the template treats a leading system message and
-# the tools header specially, so later blocks are rendered after this anchor and the anchor cut off.
+# A first message for measuring what the template adds around one message (the generation prompt, the
+# text after an assistant turn): the anchor's own rendering is cut off.
 _ANCHOR = {"role": "user", "content": ""}
+_SENTINEL = "\x00reply\x00"
+# Parsers of generated text, by name (forgerl.gateway.formats builds them): "forgerl" reads the ChatML
+# family's marker tokens itself, the others are vLLM's tool parsers of the same name.
+PARSER_NAMES = ("forgerl", "hermes", "minimax_m2")
 
 
 @dataclass(frozen=True)
@@ -48,17 +60,30 @@ class Message:
     is_error: bool = False
     duration_s: float | None = None
 
-    def to_template(self) -> dict[str, Any]:
-        """The message as the chat template reads it."""
+    def to_template(self, object_arguments: bool = False, reasoning: bool = True) -> dict[str, Any]:
+        """The message as the chat template reads it; `object_arguments` gives tool-call arguments as
+        objects (templates that write one tag per parameter need them), else as the JSON text."""
         out: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.role == "assistant":
-            if self.reasoning:
+            if self.reasoning and reasoning:
                 out["reasoning_content"] = self.reasoning
             if self.tool_calls:
                 out["tool_calls"] = [call.to_openai() for call in self.tool_calls]
+                if object_arguments:
+                    for call in out["tool_calls"]:
+                        call["function"]["arguments"] = _json_object(call["function"]["arguments"])
         elif self.role == "tool" and self.tool_call_id:
             out["tool_call_id"] = self.tool_call_id
         return out
+
+
+def _json_object(text: str) -> Any:
+    """Arguments as an object when they are a JSON object; else the text (the template then says why)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 def _text(content: Any, where: str) -> str:
@@ -178,33 +203,72 @@ class Tools:
         return bool(self.specs)
 
 
-class ChatFormat:
-    """The tokenizer and chat template of the served model, and the marker tokens the parser needs."""
+def detect_parser(tokenizer: Any) -> str:
+    """The parser for the tokenizer's chat format: the format is a property of the tokenizer (its template
+    and markers), so a real MiniMax-M2 tokenizer gets vLLM's `minimax_m2` parser without configuration."""
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    vocab = tokenizer.get_vocab()
+    if "]~b]ai" in template and M2_TOOL_CALL in vocab:
+        return "minimax_m2"
+    if IM_START in template and TOOL_CALL in vocab:
+        return "forgerl"
+    raise ValueError(
+        "the tokenizer's chat template is neither MiniMax-M2's (]~b]ai, <minimax:tool_call>) nor the ChatML "
+        "family (<|im_start|>, <tool_call>): give the gateway a tokenizer in one of these formats"
+    )
 
-    def __init__(self, tokenizer: Any) -> None:
+
+class ChatFormat:
+    """The tokenizer and chat template of the served model, the end-of-turn token and the parser's name.
+
+    `parser`: one of PARSER_NAMES, or "auto" (detect_parser)."""
+
+    def __init__(self, tokenizer: Any, parser: str = "auto") -> None:
         self.tokenizer = tokenizer
         self._backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-        markers = {}
-        for name in (IM_START, IM_END, THINK, END_THINK, TOOL_CALL, END_TOOL_CALL):
-            ids = tokenizer.encode(name, add_special_tokens=False)
-            if len(ids) != 1:
-                raise ValueError(f"the tokenizer has no single token for {name!r}: it is not the ForgeRL chat format")
-            markers[name] = ids[0]
-        self.im_start = markers[IM_START]
-        self.im_end = markers[IM_END]
-        self.think = markers[THINK]
-        self.end_think = markers[END_THINK]
-        self.tool_call = markers[TOOL_CALL]
-        self.end_tool_call = markers[END_TOOL_CALL]
-        self.stop_token_ids = (self.im_end,)
+        self.parser = detect_parser(tokenizer) if parser == "auto" else parser
+        if self.parser not in PARSER_NAMES:
+            raise ValueError(f"parser {parser!r}: use auto or one of {', '.join(PARSER_NAMES)}")
+        # MiniMax-M2's template writes one <parameter> tag per argument, so it needs them as an object.
+        self.object_arguments = self.parser == "minimax_m2"
+        eos = getattr(tokenizer, "eos_token", None)
+        end = self.marker(eos) if isinstance(eos, str) else None
+        if end is None:
+            raise ValueError(f"the tokenizer's eos_token {eos!r} is not a single token: it must end a turn")
+        self.end_of_turn = end
+        self.eos_text = str(eos)
+        self.think = self.marker(THINK)
+        self.end_think = self.marker(END_THINK)
+        self.stop_token_ids = (self.end_of_turn,)
         anchored = self._render([_ANCHOR], None, False)
         self.generation_prompt_ids = self.encode(self._render([_ANCHOR], None, True)[len(anchored) :])
+        # Whether the generation prompt opens the reasoning (M2: `]~b]ai\n<think>\n`): generated ids then
+        # start inside it.
+        opening = [i for i in self.generation_prompt_ids if not self.decode([i]).isspace()]
+        self.opens_reasoning = bool(opening) and self.think is not None and opening[-1] == self.think
         # What closes a generated assistant turn in the next prompt: the template's text after the turn.
-        self.close_after_end = self.encode("\n")
-        self.close_without_end = self.encode(IM_END + "\n")
+        closing = self._closing_text(anchored)
+        self.close_without_end = self.encode(closing)
+        self.close_after_end = self.encode(closing[len(self.eos_text) :])
         self._token_text: dict[int, str] = {}
         self._token_bytes: dict[int, bytes] = {}
         self._byte_decoder = _byte_level_decoder(tokenizer)
+
+    def marker(self, text: str) -> int | None:
+        """The id of a marker that is a single token, else None."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return int(ids[0]) if len(ids) == 1 else None
+
+    def _closing_text(self, anchored: str) -> str:
+        reply = {"role": "assistant", "content": _SENTINEL}
+        text = self._render([_ANCHOR, reply], None, False)[len(anchored) :]
+        closing = text[text.index(_SENTINEL) + len(_SENTINEL) :]
+        if not closing.startswith(self.eos_text):
+            raise ValueError(
+                f"the chat template closes an assistant turn with {closing!r}, not with the eos token "
+                f"{self.eos_text!r}: the gateway needs the model's end-of-turn token to end the turn"
+            )
+        return closing
 
     @property
     def byte_level(self) -> bool:
@@ -233,43 +297,60 @@ class ChatFormat:
             raise bad_request(f"the chat template cannot render these messages: {err}", param="messages") from None
         return str(text)
 
-    def render(self, messages: Sequence[Message], tools: Tools | None = None, generation: bool = True) -> str:
-        """The text of a whole conversation, as a fresh `apply_chat_template` gives it."""
-        return self._render([m.to_template() for m in messages], tools, generation)
+    def render(
+        self, messages: Sequence[Message], tools: Tools | None = None, generation: bool = True, plain: int = 0
+    ) -> str:
+        """The text of a whole conversation, as a fresh `apply_chat_template` gives it; the first `plain`
+        messages without their reasoning."""
+        rendered = [m.to_template(self.object_arguments, reasoning=i >= plain) for i, m in enumerate(messages)]
+        return self._render(rendered, tools, generation)
 
     def prompt_ids(self, messages: Sequence[Message], tools: Tools | None = None) -> list[int]:
         """Tokens of a fresh conversation plus the generation prompt (the first turn of an episode)."""
         return self.encode(self.render(messages, tools, True))
 
-    def suffix_ids(self, messages: Sequence[Message], generation: bool = True) -> list[int]:
-        """Tokens of messages appended to a history that ends after a message block, then (by default) the
-        generation prompt; the tools header is not repeated (it belongs to the first block)."""
-        anchored = self._render([_ANCHOR], None, False)
-        text = self._render([_ANCHOR, *(m.to_template() for m in messages)], None, generation)
-        if not text.startswith(anchored):
-            raise AssertionError("the chat template renders the first message differently with followers")
-        return self.encode(text[len(anchored) :])
+    def suffix_ids(
+        self, history: Sequence[Message], new: Sequence[Message], tools: Tools | None = None, generation: bool = True
+    ) -> list[int]:
+        """Tokens the template adds when `new` follows `history` (which ends after a message block), then
+        (by default) the generation prompt."""
+        before = self.render(history, tools, False, plain=len(history))
+        after = self.render([*history, *new], tools, generation, plain=len(history))
+        if not after.startswith(before):
+            raise bad_request(
+                "the chat template renders this episode's history differently once the new messages follow "
+                "(e.g. more tool results for a turn whose results were already sent), so the prompt cannot "
+                "extend the recorded tokens: send the complete results of a turn in one request",
+                param="messages",
+            )
+        return self.encode(after[len(before) :])
 
     def closing_ids(self, generated: Sequence[int]) -> list[int]:
-        """What follows a generated assistant turn in the next prompt: `\\n` after `<|im_end|>`, or the
-        `<|im_end|>` a truncated turn never generated, then `\\n`."""
-        if generated and generated[-1] == self.im_end:
+        """What follows a generated assistant turn in the next prompt: the template's text after the end-of-
+        turn token (`\\n`), or, for a truncated turn, the end-of-turn token it never generated and that text."""
+        if generated and generated[-1] == self.end_of_turn:
             return list(self.close_after_end)
         return list(self.close_without_end)
 
     def strip_reasoning_ids(self, generated: Sequence[int]) -> list[int]:
-        """The generated ids without the leading `<think>...</think>` block and the whitespace after it.
+        """The generated ids without their reasoning (the strip-reasoning ablation); only whole generated
+        tokens are dropped, the rest stays as generated.
 
-        Only whole generated tokens are dropped; the rest stays as generated (the strip-reasoning ablation)."""
+        A turn that opens with `<think>` loses the block up to `</think>` and the whitespace after it. When the
+        generation prompt opened the reasoning (M2), the prompt's `<think>` stays, so the ids before `</think>`
+        are dropped and `</think>` and the rest kept: an empty reasoning block, still well formed."""
         ids = list(generated)
-        if not ids or ids[0] != self.think:
+        opened = self.opens_reasoning or (bool(ids) and ids[0] == self.think)
+        if not ids or not opened or self.end_think is None:
             return ids
         try:
             end = ids.index(self.end_think)
         except ValueError:  # truncated inside the reasoning: nothing but reasoning was generated
-            return [i for i in ids if i == self.im_end][-1:]
+            return [i for i in ids if i == self.end_of_turn][-1:]
+        if self.opens_reasoning:
+            return ids[end:]
         rest = ids[end + 1 :]
-        while rest and rest[0] != self.im_end and self.token_text(rest[0]).isspace():
+        while rest and rest[0] != self.end_of_turn and self.token_text(rest[0]).isspace():
             rest.pop(0)
         return rest
 

@@ -198,7 +198,7 @@ def build_prompt(fmt: ChatFormat, base: Base, new: Sequence[Message], tools: Too
     and the messages of the new turn's record."""
     if base.turn is None:
         return fmt.prompt_ids(new, tools), list(new)
-    return base.ids() + fmt.suffix_ids(new), [*base.messages, *new]
+    return base.ids() + fmt.suffix_ids(base.messages, new, tools), [*base.messages, *new]
 
 
 def reply_message(content: str, reasoning: str, calls: Sequence[ParsedToolCall]) -> Message:

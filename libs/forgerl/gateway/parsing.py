@@ -1,4 +1,5 @@
-"""Generated token ids split into reasoning, content and tool calls, as the chat template writes them.
+"""Generated token ids split into reasoning, content and tool calls: the ChatML family's own parser
+("forgerl"; forgerl.gateway.vllm_parsing holds the vLLM-backed ones, forgerl.gateway.formats picks one).
 
     <think>\\n{reasoning}\\n</think>\\n\\n{content}\\n<tool_call>\\n{"name": ..., "arguments": {...}}
     \\n</tool_call><|im_end|>
@@ -20,8 +21,10 @@ import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from forgerl.gateway.chat import ChatFormat
+from forgerl.model.tokenizer import END_TOOL_CALL, TOOL_CALL
 
 # The template's own layout of a call: arguments taken verbatim from it render back identically.
 _CANONICAL_CALL = re.compile(r'^\{"name": ("(?:[^"\\]|\\.)*"), "arguments": (.*)\}$', re.DOTALL)
@@ -156,6 +159,28 @@ class _Stripped:
         return "".join(self.parts)
 
 
+class GenerationParsing(Protocol):
+    """What the gateway reads from a parser of one generation, whichever format it parses."""
+
+    finished: bool
+
+    @property
+    def reasoning(self) -> str: ...
+
+    @property
+    def content(self) -> str: ...
+
+    @property
+    def tool_calls(self) -> list[ParsedToolCall]: ...
+
+    @property
+    def valid_tool_calls(self) -> list[ParsedToolCall]: ...
+
+    def feed(self, token_ids: Sequence[int]) -> Delta: ...
+
+    def finish(self) -> Delta: ...
+
+
 class GenerationParser:
     """Feed generated ids as they arrive; each `feed` returns the delta to stream, `finish` the rest.
 
@@ -170,6 +195,10 @@ class GenerationParser:
         new_id: Callable[[], str] = new_tool_call_id,
     ) -> None:
         self.fmt = fmt
+        markers = [fmt.think, fmt.end_think, fmt.marker(TOOL_CALL), fmt.marker(END_TOOL_CALL)]
+        if None in markers:
+            raise ValueError("the forgerl parser reads the ChatML family's marker tokens, which this tokenizer lacks")
+        self.think, self.end_think, self.tool_call, self.end_tool_call = (int(m or 0) for m in markers)
         self.tool_names = tool_names
         self.new_id = new_id
         self.state = "start"  # start | reasoning | content | tool | done
@@ -177,7 +206,7 @@ class GenerationParser:
         self.reasoning_out = _Stripped()
         self.content_out = _Stripped()
         self.tool_text = ""
-        self.tool_calls: list[ParsedToolCall] = []  # every call, malformed ones included
+        self.calls: list[ParsedToolCall] = []  # every call, malformed ones included
         self.ended = False  # <|im_end|> seen
         self.finished = False
 
@@ -192,8 +221,12 @@ class GenerationParser:
         return self.content_out.text
 
     @property
+    def tool_calls(self) -> list[ParsedToolCall]:
+        return self.calls
+
+    @property
     def valid_tool_calls(self) -> list[ParsedToolCall]:
-        return [call for call in self.tool_calls if not call.malformed]
+        return [call for call in self.calls if not call.malformed]
 
     # --- feeding -------------------------------------------------------------------------------------
 
@@ -218,26 +251,25 @@ class GenerationParser:
         return delta
 
     def _token(self, token: int, delta: Delta) -> None:
-        fmt = self.fmt
-        if token == fmt.im_end:
+        if token == self.fmt.end_of_turn:
             self.ended = True
             self.finish_into(delta)
             return
         if self.state == "start":
-            if token == fmt.think:
+            if token == self.think:
                 self.state = "reasoning"
                 return
             self.state = "content"
-        if self.state == "reasoning" and token == fmt.end_think:
+        if self.state == "reasoning" and token == self.end_think:
             self._flush(delta)
             self.state = "content"
             return
-        if self.state == "content" and token == fmt.tool_call and self.tool_names is not None:
+        if self.state == "content" and token == self.tool_call and self.tool_names is not None:
             self._flush(delta)
             self.state = "tool"
             self.tool_text = ""
             return
-        if self.state == "tool" and token == fmt.end_tool_call:
+        if self.state == "tool" and token == self.end_tool_call:
             self._flush(delta)
             self._close_tool_call(delta)
             self.state = "content"
@@ -266,13 +298,13 @@ class GenerationParser:
             self._malformed(self.tool_text, error, delta, closed=True, name=name)
             return
         call = ParsedToolCall(id=self.new_id(), name=name, arguments=arguments, raw=self.tool_text)
-        self.tool_calls.append(call)
+        self.calls.append(call)
         delta.tool_calls.append(call)
 
     def _malformed(self, inner: str, error: str, delta: Delta, *, closed: bool, name: str = "") -> None:
         fmt = self.fmt
-        raw = fmt.token_text(fmt.tool_call) + inner + (fmt.token_text(fmt.end_tool_call) if closed else "")
-        self.tool_calls.append(ParsedToolCall(id="", name=name, arguments=inner, malformed=True, error=error, raw=raw))
+        raw = fmt.token_text(self.tool_call) + inner + (fmt.token_text(self.end_tool_call) if closed else "")
+        self.calls.append(ParsedToolCall(id="", name=name, arguments=inner, malformed=True, error=error, raw=raw))
         delta.content += self.content_out.push(raw)
 
 

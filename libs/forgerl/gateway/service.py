@@ -25,8 +25,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from forgerl.datapool.topics import SCHEMA_VERSION
 from forgerl.gateway.chat import ChatFormat, Message
 from forgerl.gateway.errors import GatewayError
+from forgerl.gateway.formats import new_parser
 from forgerl.gateway.history import Base, TurnRecord, build_prompt, match_history, reply_message
-from forgerl.gateway.parsing import Delta, GenerationParser
+from forgerl.gateway.parsing import Delta, GenerationParsing
 from forgerl.gateway.requests import ChatRequest
 from forgerl.gateway.routing import Route, Router, Sampling
 from forgerl.v1 import trajectory_pb2
@@ -132,7 +133,7 @@ class TurnResult:
     record: TurnRecord
     finish_reason: str  # OpenAI's: stop, length, tool_calls
     completion_id: str
-    parser: GenerationParser
+    parser: GenerationParsing
 
 
 def _now_timestamp() -> Timestamp:
@@ -384,7 +385,7 @@ class GatewayCore:
         """Generate, parse and record one turn; releases the episode's lock whatever happens."""
         episode, request = prepared.episode, prepared.request
         try:
-            parser = GenerationParser(self.fmt, request.parse_tool_names)
+            parser = new_parser(self.fmt, request.parse_tool_names, request.tools)
             sampling = Sampling(
                 temperature=request.temperature,
                 top_p=request.top_p,
@@ -448,7 +449,7 @@ class GatewayCore:
     def _record(
         self,
         prepared: PreparedTurn,
-        parser: GenerationParser,
+        parser: GenerationParsing,
         ids: list[int],
         logprobs: list[float],
         engine_reason: str,

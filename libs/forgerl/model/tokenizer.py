@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from forgerl.model.chat_formats import END, M2_CHAT_TEMPLATE, M2_SPECIAL_TOKENS, M2_TAG_TOKENS
 from forgerl.model.corpus import default_corpus
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -91,10 +93,34 @@ CHAT_TEMPLATE = r"""
 """.strip()
 
 
-def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+@dataclass(frozen=True)
+class TokenizerFormat:
+    """A chat format a tokenizer is built for: its markers (special ones are dropped when decoding with
+    skip_special_tokens, tags are kept), the end-of-turn token and the chat template."""
+
+    special: tuple[str, ...]
+    tags: tuple[str, ...]
+    eos: str
+    template: str
+
+
+# The chat format is a property of the tokenizer (saved with it); "chatml" is what the tiny presets, the
+# SFT data and the rollout suites are built for, "minimax_m2" is MiniMax-M2's own (chat_formats.py).
+TOKENIZER_FORMATS = {
+    "chatml": TokenizerFormat(SPECIAL_TOKENS, TAG_TOKENS, IM_END, CHAT_TEMPLATE),
+    "minimax_m2": TokenizerFormat((PAD, *M2_SPECIAL_TOKENS), M2_TAG_TOKENS, END, M2_CHAT_TEMPLATE),
+}
+
+
+def train_tokenizer(
+    texts: Iterable[str] | None = None, vocab_size: int = 4096, chat_format: str = "chatml"
+) -> PreTrainedTokenizerFast:
     """Byte-level BPE on `texts` (default: the built-in corpus), digits split one by one (arithmetic
-    stays consistent across numbers), the markers above as single tokens with the lowest ids."""
-    if vocab_size < 256 + len(SPECIAL_TOKENS) + len(TAG_TOKENS):
+    stays consistent across numbers), the markers of `chat_format` as single tokens with the lowest ids."""
+    fmt = TOKENIZER_FORMATS.get(chat_format)
+    if fmt is None:
+        raise ValueError(f"chat_format {chat_format!r}: use one of {', '.join(TOKENIZER_FORMATS)}")
+    if vocab_size < 256 + len(fmt.special) + len(fmt.tags):
         raise ValueError(f"vocab_size {vocab_size}: must cover the 256 bytes and the markers")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -107,7 +133,7 @@ def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 4096) 
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=[*SPECIAL_TOKENS, *TAG_TOKENS],
+        special_tokens=[*fmt.special, *fmt.tags],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -115,13 +141,13 @@ def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 4096) 
     # The trainer registers every marker as special; the tags must survive decode(skip_special_tokens=True).
     state = json.loads(bpe.to_str())
     for added in state["added_tokens"]:
-        added["special"] = added["content"] in SPECIAL_TOKENS
+        added["special"] = added["content"] in fmt.special
     bpe = Tokenizer.from_str(json.dumps(state))
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
-        eos_token=IM_END,
+        eos_token=fmt.eos,
         pad_token=PAD,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=fmt.template,
         model_max_length=196_608,
         clean_up_tokenization_spaces=False,
     )

@@ -41,14 +41,14 @@ def gen(fmt: ChatFormat) -> Callable[..., list[int]]:
                 text += "\n"
             text += f'<tool_call>\n{{"name": "{name}", "arguments": {args}}}\n</tool_call>'
         ids = fmt.encode(text)
-        return [*ids, fmt.im_end] if end else ids
+        return [*ids, fmt.end_of_turn] if end else ids
 
     return make
 
 
 class Harness:
     def __init__(self, fmt: ChatFormat, replicas: int = 1, settings: GatewaySettings | None = None) -> None:
-        self.servers = [ScriptedInference(eos_id=fmt.im_end) for _ in range(replicas)]
+        self.servers = [ScriptedInference(eos_id=fmt.end_of_turn) for _ in range(replicas)]
         self.router = Router([ScriptedReplica(f"replica-{i}", s) for i, s in enumerate(self.servers)])
         self.core = GatewayCore(fmt, self.router, settings)
 

@@ -47,12 +47,14 @@ def test_history_plus_suffix_equals_fresh(tokenizer, fmt: ChatFormat, split: int
     """Tokens of the first `split` messages (no generation prompt) + the rest rendered on their own."""
     messages = parse_messages(CONVERSATION)
     head = fresh_ids(tokenizer, CONVERSATION[:split], [CALC_TOOL], generation=False)
-    assert head + fmt.suffix_ids(messages[split:]) == fresh_ids(tokenizer, CONVERSATION, [CALC_TOOL])
+    assert head + fmt.suffix_ids(messages[:split], messages[split:], Tools.parse([CALC_TOOL])) == fresh_ids(
+        tokenizer, CONVERSATION, [CALC_TOOL]
+    )
 
 
 def test_generation_prompt_and_closing(fmt: ChatFormat) -> None:
     assert fmt.decode(fmt.generation_prompt_ids) == "<|im_start|>assistant\n"
-    assert fmt.closing_ids([5, fmt.im_end]) == fmt.encode("\n")
+    assert fmt.closing_ids([5, fmt.end_of_turn]) == fmt.encode("\n")
     assert fmt.decode(fmt.closing_ids([5, 6])) == "<|im_end|>\n"  # a truncated turn is closed for it
 
 

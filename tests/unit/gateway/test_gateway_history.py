@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from gateway_helpers import CALC_TOOL
 
+from forgerl.gateway.chat import Tools
 from forgerl.gateway.errors import GatewayError
 from forgerl.gateway.requests import parse_chat_request
 from forgerl.gateway.service import EpisodeInfo, GatewayCore, TurnResult
@@ -56,7 +57,12 @@ async def test_two_turns_are_token_exact_and_reasoning_is_restored(harness, fmt,
     r2 = await turn(h.core, episode, history, tools=[CALC_TOOL])
 
     prompt2 = list(r2.record.prompt_ids)
-    expected = [*r1.record.prompt_ids, *first, *fmt.encode("\n"), *fmt.suffix_ids(r2.record.messages[-1:])]
+    expected = [
+        *r1.record.prompt_ids,
+        *first,
+        *fmt.encode("\n"),
+        *fmt.suffix_ids(r2.record.messages[:-1], r2.record.messages[-1:], Tools.parse([CALC_TOOL])),
+    ]
     assert prompt2 == expected
     assert fmt.decode(first) in fmt.decode(prompt2)  # the reasoning is back in the prompt
     assert "Use the tool." in fmt.decode(prompt2)
@@ -101,7 +107,7 @@ async def test_a_dropped_reply_continues_from_the_prompt(harness, fmt, gen) -> N
     feedback = {"role": "user", "content": "Format error: call a tool."}
     r2 = await turn(h.core, episode, [USER, feedback])
     head = list(r1.record.prompt_ids)[: -len(fmt.generation_prompt_ids)]
-    assert list(r2.record.prompt_ids) == head + fmt.suffix_ids(r2.record.messages[-1:])
+    assert list(r2.record.prompt_ids) == head + fmt.suffix_ids(r2.record.messages[:-1], r2.record.messages[-1:])
     assert len(episode.turns) == 2
 
 

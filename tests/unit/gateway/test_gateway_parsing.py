@@ -123,5 +123,5 @@ def test_streamed_deltas_join_to_the_final_parse(fmt: ChatFormat, step: int) -> 
 
 
 def test_tokens_after_end_of_turn_are_ignored(fmt: ChatFormat) -> None:
-    p = parse_generation(fmt, [*fmt.encode("done"), fmt.im_end, *fmt.encode("junk")], TOOLS)
+    p = parse_generation(fmt, [*fmt.encode("done"), fmt.end_of_turn, *fmt.encode("junk")], TOOLS)
     assert p.content == "done"

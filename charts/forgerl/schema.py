@@ -48,10 +48,10 @@ MANAGED: dict[str, set[str]] = {
         "max_model_len",
         "public_base_url",
     },
-    "rollout": {"gateway_address", "datapool_address", "sandbox", "k8s_namespace", "k8s_image"}
+    "rollout": {"gateway_address", "datapool_address", "scaffold_dir", "sandbox", "k8s_namespace", "k8s_image"}
     | {"k8s_runtime_class", "k8s_kubeconfig"},
     "trainer": {"rollout_address", "datapool_address", "inference_address", "inference_model_path"} | {"runs_dir"},
-    "evolution": {"rollout_address", "trainer_address", "http_port"},
+    "evolution": {"rollout_address", "trainer_address", "scaffold_dir", "http_port"},
 }
 RESOURCE_NAME = r"^[a-z0-9.-]+/[a-z0-9.-]+$"
 BOOTSTRAP = r"^$|^[A-Za-z0-9.-]+:[0-9]+(,[A-Za-z0-9.-]+:[0-9]+)*$"
@@ -229,7 +229,9 @@ def storage_values() -> Schema:
             "accessModes": scalar("array", "Access modes of the created claim.", minItems=1, items={"enum": modes}),
             "size": ref("quantity", "Size of the created claim."),
             "storageClassName": scalar("string", "Storage class of the created claim; empty: the default."),
-            "mountPath": scalar("string", "Mount path in trainer and inference pods.", pattern="^/"),
+            "mountPath": scalar(
+                "string", "Mount path in trainer, inference, rollout and evolution pods.", pattern="^/"
+            ),
         },
     )
     return {"kafka": kafka, "postgresql": postgresql, "checkpoints": checkpoints}

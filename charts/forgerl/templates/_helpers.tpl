@@ -202,6 +202,8 @@ integral ones are printed as integers. */}}
   value: {{ include "forgerl.address" (list . "gateway") | quote }}
 - name: FORGERL_ROLLOUT_DATAPOOL_ADDRESS
   value: {{ include "forgerl.address" (list . "datapool") | quote }}
+- name: FORGERL_ROLLOUT_SCAFFOLD_DIR
+  value: {{ printf "%s/scaffolds" .Values.checkpoints.mountPath | quote }}
 {{- if .Values.sandbox.enabled }}
 - name: FORGERL_ROLLOUT_SANDBOX
   value: kubernetes
@@ -252,6 +254,8 @@ integral ones are printed as integers. */}}
   value: {{ include "forgerl.address" (list . "rollout") | quote }}
 - name: FORGERL_EVOLUTION_TRAINER_ADDRESS
   value: {{ include "forgerl.address" (list . "trainer") | quote }}
+- name: FORGERL_EVOLUTION_SCAFFOLD_DIR
+  value: {{ printf "%s/scaffolds" .Values.checkpoints.mountPath | quote }}
 - name: FORGERL_EVOLUTION_HTTP_PORT
   value: {{ .Values.evolution.httpPort | quote }}
 {{- include "forgerl.databaseEnv" (list . "evolution") }}
@@ -305,9 +309,10 @@ seccompProfile:
 {{- if or (gt (int $values.gpu.count) 1) (gt (int (default 1 $values.nodes)) 1) -}}true{{- end -}}
 {{- end -}}
 
-{{/* Does a component mount the checkpoints volume? */}}
+{{/* Does a component mount the checkpoints volume? The trainer writes checkpoints that inference reads;
+evolution writes scaffold versions (<mountPath>/scaffolds) that rollout runs. */}}
 {{- define "forgerl.mountsCheckpoints" -}}
-{{- if has (index . 1) (list "inference" "trainer") -}}true{{- end -}}
+{{- if has (index . 1) (list "inference" "trainer" "rollout" "evolution") -}}true{{- end -}}
 {{- end -}}
 
 {{- define "forgerl.checkpointsClaim" -}}

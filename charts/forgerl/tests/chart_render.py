@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -50,3 +52,12 @@ def find(manifests: list[Manifest], kind: str, name: str) -> Manifest:
             return manifest
     names = sorted(f"{m['kind']}/{m['metadata']['name']}" for m in manifests)
     raise AssertionError(f"no {kind}/{name} among {names}")
+
+
+def schema_module() -> ModuleType:
+    """charts/forgerl/schema.py (not a package): the schema generator and its service -> config class table."""
+    spec = importlib.util.spec_from_file_location("forgerl_chart_schema", CHART / "schema.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -15,7 +15,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from chart_render import CHART, PROFILES, REPO, helm, render, render_text
+from chart_render import CHART, PROFILES, REPO, helm, render, render_text, schema_module
 
 pytestmark = pytest.mark.chart
 
@@ -166,11 +166,7 @@ def test_schema_refuses_bad_values_naming_the_path(overrides: dict[str, Any], me
 
 def test_service_config_keys_are_the_services_own() -> None:
     """The schema's `config` keys come from the config classes, less the keys the chart wires itself."""
-    sys.path.insert(0, str(CHART))
-    try:
-        import schema as chart_schema
-    finally:
-        sys.path.remove(str(CHART))
+    chart_schema = schema_module()
     generated = json.loads((CHART / "values.schema.json").read_text())
     rollout_keys = set(generated["properties"]["rollout"]["properties"]["config"]["properties"])
     assert {"max_in_flight", "sandbox_memory_mb", "reward_alpha"} <= rollout_keys

@@ -7,28 +7,15 @@ import ipaddress
 from typing import Any
 
 import pytest
-from chart_render import NAMESPACE, RELEASE, Manifest, find, render
+from chart_render import NAMESPACE, RELEASE, Manifest, find, render, schema_module
 
 from forgerl.rollout.sandbox.base import SandboxLimits
 from forgerl.rollout.sandbox.kubernetes import build_pod, to_dict
 from forgerl.runtime.config import SHARED_KEYS, ServiceConfig
-from forgerl.services.datapool.config import DatapoolConfig
-from forgerl.services.evolution.config import EvolutionConfig
-from forgerl.services.gateway.config import GatewayConfig
-from forgerl.services.inference.config import InferenceConfig
-from forgerl.services.rollout.config import RolloutConfig
-from forgerl.services.trainer.config import TrainerConfig
 
 pytestmark = pytest.mark.chart
 
-SERVICES: dict[str, type[ServiceConfig]] = {
-    "inference": InferenceConfig,
-    "datapool": DatapoolConfig,
-    "gateway": GatewayConfig,
-    "rollout": RolloutConfig,
-    "trainer": TrainerConfig,
-    "evolution": EvolutionConfig,
-}
+SERVICES: dict[str, type[ServiceConfig]] = schema_module().CONFIG_CLASSES
 PREFIX = f"{RELEASE}-forgerl"
 # Variables besides FORGERL_<SERVICE>_<KEY> that a service container may carry: HOME, torchrun's
 # rendezvous (PET_*, MASTER_ADDR) and the dev database's password that the URL interpolates.
@@ -342,3 +329,14 @@ def test_kind_profile_serves_a_fresh_debug_checkpoint_on_cpu() -> None:
         if (s := _pod_spec(m)) and m["metadata"]["name"] != f"{PREFIX}-postgresql"
         for c in s["containers"]
     )
+
+
+def test_rollout_runs_the_scaffolds_evolution_writes() -> None:
+    """Evolution writes scaffold versions that rollout loads by name: both see one directory, on the shared
+    checkpoints volume mounted at the same path."""
+    manifests = render()
+    rollout_dir = env(manifests, "rollout")["FORGERL_ROLLOUT_SCAFFOLD_DIR"]
+    assert rollout_dir == env(manifests, "evolution")["FORGERL_EVOLUTION_SCAFFOLD_DIR"] == "/checkpoints/scaffolds"
+    for service in ("rollout", "evolution"):
+        mounts = container(manifests, service)["volumeMounts"]
+        assert {"name": "checkpoints", "mountPath": "/checkpoints"} in mounts

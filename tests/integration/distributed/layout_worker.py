@@ -2,7 +2,8 @@
 
 For each layout given (JSON list of trainer.parallel mappings), in one process group: build the tiny
 model from the seed, apply the layout, train layout_case's 5 steps, gather the full parameters and
-buffers; rank 0 writes {layout name: record} to --out.
+buffers; then build the layout again on the meta device, materialise it (seeded_init_) and gather that
+too, with the most parameter bytes any rank held. Rank 0 writes {layout name: record} to --out.
 """
 
 import argparse
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import layout_case as case
 
 from forgerl.distributed import ParallelConfig, apply_parallelism, build_meshes, full_state_dict
+from forgerl.distributed.materialize import build_parallel_model, local_bytes
 
 
 def main() -> None:
@@ -30,9 +32,16 @@ def main() -> None:
     for name, values in json.loads(args.layouts).items():
         model = case.build_model()
         layout = ParallelConfig.from_dict(values).resolve(dist.get_world_size(), model.config.num_local_experts)
-        parallel = apply_parallelism(model, build_meshes(layout, "cpu"))
+        meshes = build_meshes(layout, "cpu")
+        parallel = apply_parallelism(model, meshes)
         record = case.run_steps(parallel.train_model, parallel.model, case.optimizer(parallel.model))
         record["state"] = full_state_dict(parallel)
+        # The same layout built on the meta device and materialised shard by shard.
+        fresh = build_parallel_model(case.model_config(), meshes, case.SEED, torch.device("cpu"))
+        record["meta_init"] = full_state_dict(fresh)
+        held = torch.tensor([float(local_bytes(fresh.model))])
+        dist.all_reduce(held, op=dist.ReduceOp.MAX)
+        record["max_rank_bytes"] = float(held)
         results[name] = record
     if dist.get_rank() == 0:
         torch.save(results, args.out)

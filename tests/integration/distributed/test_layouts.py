@@ -21,6 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import layout_case as case
 
+from forgerl.distributed import ParallelConfig
+from forgerl.distributed.materialize import local_bytes, seeded_init_
+from forgerl.model import MiniMaxM2ForCausalLM
+
 pytestmark = pytest.mark.integration
 
 TOLERANCE = 1e-5  # the issue's bound for float32
@@ -71,6 +75,16 @@ def test_layouts_match_one_process(ranks: int, tmp_path: Path, single_process: d
             assert got["state"][key].shape == tensor.shape, (name, key)
             error = (got["state"][key] - tensor).abs().max().item()
             assert error <= TOLERANCE, f"{name}: {key} differs by {error:.2e} after {case.STEPS} steps"
+    # Built on the meta device and materialised shard by shard: the single-device seeded init, exactly,
+    # and no rank held more than 1 / dp_shard of it (plus FSDP2's padding of uneven dim-0 chunks).
+    seeded = MiniMaxM2ForCausalLM(case.model_config())
+    seeded_init_(seeded, case.SEED)
+    total = local_bytes(seeded)
+    for name, got in layouts.items():
+        for key, tensor in seeded.state_dict().items():
+            assert torch.equal(got["meta_init"][key], tensor), (name, key)
+        shards = ParallelConfig.from_dict(LAYOUTS[ranks][name]).resolve(ranks, 8).dp_shard  # 1 for DDP
+        assert got["max_rank_bytes"] <= total / shards * 1.01, (name, got["max_rank_bytes"], total)
     # The steps moved the weights well beyond the tolerance, and the routing bias moved: the check has teeth.
     moved = case.build_model().state_dict()
     assert max((ref["state"][k] - moved[k]).abs().max().item() for k in moved) > 100 * TOLERANCE

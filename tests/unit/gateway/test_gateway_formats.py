@@ -252,3 +252,24 @@ async def test_m2_unknown_tool_and_broken_markup_are_malformed(m2_tokenizer: Any
     assert [(c.name, c.malformed) for c in result.parser.valid_tool_calls] == [("search", False)]
     assert sum(c.malformed for c in result.parser.tool_calls) == 1  # delete_repo was not offered
     assert result.record.reply.reasoning == "Try tools."
+
+
+async def test_m2_stream_joins_to_the_message(m2_tokenizer: Any) -> None:
+    """vLLM-parsed formats stream the reply as one delta at the end: the joined deltas equal the message."""
+    fmt = ChatFormat(m2_tokenizer)
+    core, _ = core_for(fmt, generated_text("minimax_m2", *TURN_1))
+    episode = core.open_episode(EpisodeInfo(run_id="r"))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=GatewayApp(core, 1 << 20).app), base_url="http://g/v1")
+    response = await client.post(
+        "/chat/completions",
+        headers={"Authorization": f"Bearer {episode.key}"},
+        json={"model": "MiniMax-M2", "messages": [SYSTEM, USER], "tools": TOOLS, "stream": True},
+    )
+    assert response.status_code == 200, response.text
+    events = [json.loads(b[6:]) for b in response.text.split("\n\n") if b.startswith("data: {")]
+    deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == TURN_1[1]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == TURN_1[0]
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == TURN_1[2]
+    assert [c["index"] for c in calls] == [0, 1]

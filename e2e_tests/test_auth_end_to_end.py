@@ -5,17 +5,15 @@ the real services; anonymous and wrong-token calls are refused, and /metrics tak
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-import yaml
+from short_run import FORGERL, cli_env, short_main_job
 
 from forgerl.local.topology import SERVICES, LocalTopology
 from forgerl.runtime.client import health_status, insecure_channel
@@ -23,26 +21,13 @@ from forgerl.v1 import trainer_pb2, trainer_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 
-FORGERL = [sys.executable, "-m", "forgerl.cli.main"]
 TOKEN = "e2e-auth-token"
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-tool-use.yaml"
 
 
 def _forgerl(env: dict[str, str], *args: str, timeout: float) -> str:
     proc = subprocess.run([*FORGERL, *args], capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"forgerl {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
-
-
-def _short_form(tmp_path: Path) -> Path:
-    """examples/tiny-tool-use.yaml (the main job) cut to a few steps; weights published every RL step."""
-    config = yaml.safe_load(EXAMPLE.read_text())
-    config["sft"].update(steps=4, warmup_steps=1, examples=64)
-    config["rl"].update(steps=2, batch_size=8, group_size=4, episodes_in_flight=8, warmup_steps=1)
-    config["checkpoint_every"] = 1
-    path = tmp_path / "short.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def _metrics_status(url: str, token: str | None) -> int:
@@ -56,16 +41,9 @@ def _metrics_status(url: str, token: str | None) -> int:
 
 def test_main_job_short_form_runs_to_the_end_with_auth_on(topology_file: Path, tmp_path: Path) -> None:
     topology = LocalTopology.load(topology_file)
-    env = {
-        **os.environ,
-        "COLUMNS": "200",
-        "OMP_NUM_THREADS": "1",
-        "FORGERL_AUTH_TOKEN": TOKEN,
-        "FORGERL_METRICS_AUTH": "true",
-        "FORGERL_TRAINER_EVAL_TASKS": "8",
-    }
     runs = tmp_path / "runs"
-    config = _short_form(tmp_path)
+    env = {**cli_env(runs), "FORGERL_AUTH_TOKEN": TOKEN, "FORGERL_METRICS_AUTH": "true"}
+    config = short_main_job(tmp_path, rl_steps=2)
     try:
         _forgerl(env, "up", "--detach", "--config", str(topology_file), timeout=600)
         trainer = topology.address("trainer")
@@ -78,7 +56,7 @@ def test_main_job_short_form_runs_to_the_end_with_auth_on(topology_file: Path, t
         assert [_metrics_status(metrics, t) for t in (None, "wrong", TOKEN)] == [401, 401, 200]
 
         args = ["run", "start", str(config), "--topology", str(topology_file), "--runs-dir", str(runs)]
-        out = _forgerl({**env, "FORGERL_TRAINER_RUNS_DIR": str(runs)}, *args, timeout=900)
+        out = _forgerl(env, *args, timeout=900)
     finally:
         subprocess.run([*FORGERL, "down", "--config", str(topology_file)], capture_output=True, timeout=120, env=env)
 

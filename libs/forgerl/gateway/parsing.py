@@ -163,15 +163,13 @@ class GenerationParsing(Protocol):
     """What the gateway reads from a parser of one generation, whichever format it parses."""
 
     finished: bool
+    tool_calls: list[ParsedToolCall]  # every call, malformed ones included
 
     @property
     def reasoning(self) -> str: ...
 
     @property
     def content(self) -> str: ...
-
-    @property
-    def tool_calls(self) -> list[ParsedToolCall]: ...
 
     @property
     def valid_tool_calls(self) -> list[ParsedToolCall]: ...
@@ -206,7 +204,7 @@ class GenerationParser:
         self.reasoning_out = _Stripped()
         self.content_out = _Stripped()
         self.tool_text = ""
-        self.calls: list[ParsedToolCall] = []  # every call, malformed ones included
+        self.tool_calls: list[ParsedToolCall] = []  # every call, malformed ones included
         self.ended = False  # <|im_end|> seen
         self.finished = False
 
@@ -221,12 +219,8 @@ class GenerationParser:
         return self.content_out.text
 
     @property
-    def tool_calls(self) -> list[ParsedToolCall]:
-        return self.calls
-
-    @property
     def valid_tool_calls(self) -> list[ParsedToolCall]:
-        return [call for call in self.calls if not call.malformed]
+        return [call for call in self.tool_calls if not call.malformed]
 
     # --- feeding -------------------------------------------------------------------------------------
 
@@ -298,13 +292,13 @@ class GenerationParser:
             self._malformed(self.tool_text, error, delta, closed=True, name=name)
             return
         call = ParsedToolCall(id=self.new_id(), name=name, arguments=arguments, raw=self.tool_text)
-        self.calls.append(call)
+        self.tool_calls.append(call)
         delta.tool_calls.append(call)
 
     def _malformed(self, inner: str, error: str, delta: Delta, *, closed: bool, name: str = "") -> None:
         fmt = self.fmt
         raw = fmt.token_text(self.tool_call) + inner + (fmt.token_text(self.end_tool_call) if closed else "")
-        self.calls.append(ParsedToolCall(id="", name=name, arguments=inner, malformed=True, error=error, raw=raw))
+        self.tool_calls.append(ParsedToolCall(id="", name=name, arguments=inner, malformed=True, error=error, raw=raw))
         delta.content += self.content_out.push(raw)
 
 

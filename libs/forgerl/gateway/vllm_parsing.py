@@ -63,25 +63,13 @@ class VllmGenerationParser:
         self.ids: list[int] = []
         self.ended = False
         self.finished = False
-        self._reasoning = ""
-        self._content = ""
-        self.calls: list[ParsedToolCall] = []
-
-    @property
-    def reasoning(self) -> str:
-        return self._reasoning
-
-    @property
-    def content(self) -> str:
-        return self._content
-
-    @property
-    def tool_calls(self) -> list[ParsedToolCall]:
-        return self.calls
+        self.reasoning = ""
+        self.content = ""
+        self.tool_calls: list[ParsedToolCall] = []  # every call, malformed ones included
 
     @property
     def valid_tool_calls(self) -> list[ParsedToolCall]:
-        return [call for call in self.calls if not call.malformed]
+        return [call for call in self.tool_calls if not call.malformed]
 
     def feed(self, token_ids: Sequence[int]) -> Delta:
         for token in token_ids:
@@ -101,8 +89,8 @@ class VllmGenerationParser:
         reasoning, content = self._split_reasoning(text)
         if self.tool_names is not None:
             content = self._tool_calls(content)
-        self._reasoning, self._content = reasoning.strip(), content.strip()
-        return Delta(self._reasoning, self._content, list(self.valid_tool_calls))
+        self.reasoning, self.content = reasoning.strip(), content.strip()
+        return Delta(self.reasoning, self.content, list(self.valid_tool_calls))
 
     def _split_reasoning(self, text: str) -> tuple[str, str]:
         # vLLM's reasoning parsers take text without an end of reasoning as all reasoning (they assume the
@@ -123,7 +111,7 @@ class VllmGenerationParser:
             )
             if not error and not isinstance(json.loads(arguments), dict):
                 error = "arguments is not a JSON object"
-            self.calls.append(
+            self.tool_calls.append(
                 ParsedToolCall(
                     id="" if error else self.new_id(),
                     name=name,
@@ -132,9 +120,9 @@ class VllmGenerationParser:
                     error=error,
                 )
             )
-        missing = content.count(self.parsers.call_opening) - len(self.calls)
+        missing = content.count(self.parsers.call_opening) - len(self.tool_calls)
         for _ in range(max(0, missing)):
-            self.calls.append(
+            self.tool_calls.append(
                 ParsedToolCall(
                     id="",
                     name="",

@@ -31,7 +31,8 @@ M2_TOOL_CALL, M2_END_TOOL_CALL = "<minimax:tool_call>", "</minimax:tool_call>"
 M2_SPECIAL_TOKENS = (BEGIN, BLOCK, END)
 M2_TAG_TOKENS = (M2_THINK, M2_END_THINK, M2_TOOL_CALL, M2_END_TOOL_CALL)
 
-M2_CHAT_TEMPLATE = r"""
+# Jinja shared by both templates: a message's text, from a string or a list of text parts.
+TEXT_MACRO = r"""
 {%- macro text(content) -%}
 {%- if content is string -%}{{- content -}}
 {%- elif content is iterable and content is not mapping -%}
@@ -39,6 +40,11 @@ M2_CHAT_TEMPLATE = r"""
 {%- elif content is not none -%}{{- content -}}
 {%- endif -%}
 {%- endmacro -%}
+""".strip()
+
+M2_CHAT_TEMPLATE = (
+    TEXT_MACRO
+    + r"""
 {%- set has_system = messages and messages[0].role == 'system' -%}
 {%- set ns = namespace(last_user=-1) -%}
 {%- for message in messages -%}
@@ -95,4 +101,5 @@ M2_CHAT_TEMPLATE = r"""
 {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- ']~b]ai\n<think>\n' -}}{%- endif -%}
-""".strip()
+"""
+).strip()

@@ -27,7 +27,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from forgerl.model.chat_formats import END, M2_CHAT_TEMPLATE, M2_SPECIAL_TOKENS, M2_TAG_TOKENS
+from forgerl.model.chat_formats import END, M2_CHAT_TEMPLATE, M2_SPECIAL_TOKENS, M2_TAG_TOKENS, TEXT_MACRO
 from forgerl.model.corpus import default_corpus
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -38,14 +38,9 @@ SPECIAL_TOKENS = (PAD, IM_START, IM_END)
 TAG_TOKENS = (THINK, END_THINK, TOOL_CALL, END_TOOL_CALL, TOOL_RESPONSE, END_TOOL_RESPONSE)
 
 # Jinja (transformers renders with trim_blocks/lstrip_blocks; every tag here strips whitespace itself).
-CHAT_TEMPLATE = r"""
-{%- macro text(content) -%}
-{%- if content is string -%}{{- content -}}
-{%- elif content is iterable and content is not mapping -%}
-{%- for part in content if part.type == 'text' -%}{{- part.text -}}{%- endfor -%}
-{%- elif content is not none -%}{{- content -}}
-{%- endif -%}
-{%- endmacro -%}
+CHAT_TEMPLATE = (
+    TEXT_MACRO
+    + r"""
 {%- set has_system = messages and messages[0].role == 'system' -%}
 {%- if has_system or tools -%}
 {{- '<|im_start|>system\n' -}}
@@ -90,7 +85,8 @@ CHAT_TEMPLATE = r"""
 {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
-""".strip()
+"""
+).strip()
 
 
 @dataclass(frozen=True)

@@ -215,16 +215,20 @@ async def test_across_user_turns(family: tuple[str, Any, ChatFormat]) -> None:
     assert fmt.decode(prompt).replace(earlier_reasoning, "", 1) == rendered
 
 
-async def test_real_m2_output_is_the_openai_message(m2_tokenizer: Any) -> None:
-    fmt = ChatFormat(m2_tokenizer)
-    core, _ = core_for(fmt, generated_text("minimax_m2", *TURN_1))
+async def post_m2_turn(m2_tokenizer: Any, stream: bool) -> httpx.Response:
+    """TURN_1 in M2's format, generated for a first request over the gateway's HTTP API."""
+    core, _ = core_for(ChatFormat(m2_tokenizer), generated_text("minimax_m2", *TURN_1))
     episode = core.open_episode(EpisodeInfo(run_id="r"))
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=GatewayApp(core, 1 << 20).app), base_url="http://g/v1")
-    response = await client.post(
+    return await client.post(
         "/chat/completions",
         headers={"Authorization": f"Bearer {episode.key}"},
-        json={"model": "MiniMax-M2", "messages": [SYSTEM, USER], "tools": TOOLS},
+        json={"model": "MiniMax-M2", "messages": [SYSTEM, USER], "tools": TOOLS, "stream": stream},
     )
+
+
+async def test_real_m2_output_is_the_openai_message(m2_tokenizer: Any) -> None:
+    response = await post_m2_turn(m2_tokenizer, stream=False)
     assert response.status_code == 200, response.text
     completion = ChatCompletion.model_validate(response.json())  # the OpenAI SDK's own type
     choice = completion.choices[0]
@@ -256,15 +260,7 @@ async def test_m2_unknown_tool_and_broken_markup_are_malformed(m2_tokenizer: Any
 
 async def test_m2_stream_joins_to_the_message(m2_tokenizer: Any) -> None:
     """vLLM-parsed formats stream the reply as one delta at the end: the joined deltas equal the message."""
-    fmt = ChatFormat(m2_tokenizer)
-    core, _ = core_for(fmt, generated_text("minimax_m2", *TURN_1))
-    episode = core.open_episode(EpisodeInfo(run_id="r"))
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=GatewayApp(core, 1 << 20).app), base_url="http://g/v1")
-    response = await client.post(
-        "/chat/completions",
-        headers={"Authorization": f"Bearer {episode.key}"},
-        json={"model": "MiniMax-M2", "messages": [SYSTEM, USER], "tools": TOOLS, "stream": True},
-    )
+    response = await post_m2_turn(m2_tokenizer, stream=True)
     assert response.status_code == 200, response.text
     events = [json.loads(b[6:]) for b in response.text.split("\n\n") if b.startswith("data: {")]
     deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]

@@ -7,36 +7,28 @@ Rank 0 writes {layout name: record} to --out.
 """
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 import layout_case as case
 
-from forgerl.distributed import ParallelConfig, apply_parallelism, build_meshes, full_state_dict
+from forgerl.distributed import full_state_dict
 from forgerl.distributed.checkpoint import load_training_state, save_training_state
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layouts", required=True, help='JSON: {"name": {"dp_shard": 2, "ep": 2}, ...}')
     parser.add_argument("--save", type=Path)
     parser.add_argument("--save-at", type=int, default=3)
     parser.add_argument("--load", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    args, layouts = case.start_worker(parser)
     results = {}
-    for name, values in json.loads(args.layouts).items():
-        model = case.build_model()
-        layout = ParallelConfig.from_dict(values).resolve(dist.get_world_size(), model.config.num_local_experts)
-        parallel = apply_parallelism(model, build_meshes(layout, "cpu"))
+    for name, values in layouts.items():
+        parallel, _ = case.parallel_model(values)
         opt = case.optimizer(parallel.model)
         record = {}
         if args.load:
@@ -55,10 +47,7 @@ def main() -> None:
         record["first"] = first
         record["state"] = full_state_dict(parallel)
         results[name] = record
-    if dist.get_rank() == 0:
-        torch.save(results, args.out)
-    dist.barrier()
-    dist.destroy_process_group()
+    case.write_results(results, args.out)
 
 
 if __name__ == "__main__":

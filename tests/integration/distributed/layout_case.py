@@ -8,12 +8,16 @@ the expert loads summed over ranks are the single process's loads.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from forgerl.distributed import ParallelConfig, ParallelMeshes, ParallelModel, apply_parallelism, build_meshes
 from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
 from forgerl.model.moe import SparseMoeBlock
 from forgerl.trainer.step import RlBatch, RlStepConfig, rl_step, shard_rows
@@ -31,6 +35,32 @@ def model_config() -> ModelConfig:
 def build_model() -> MiniMaxM2ForCausalLM:
     torch.manual_seed(SEED)
     return MiniMaxM2ForCausalLM(model_config()).train()
+
+
+def parallel_model(values: dict) -> tuple[ParallelModel, ParallelMeshes]:
+    """build_model() under the trainer.parallel layout `values`, on the initialised gloo group."""
+    model = build_model()
+    layout = ParallelConfig.from_dict(values).resolve(dist.get_world_size(), model.config.num_local_experts)
+    meshes = build_meshes(layout, "cpu")
+    return apply_parallelism(model, meshes), meshes
+
+
+def start_worker(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, dict[str, dict]]:
+    """Parse a worker's arguments (plus --layouts and --out) and join the gloo group torchrun set up."""
+    parser.add_argument("--layouts", required=True, help='JSON: {"name": {"dp_shard": 2, "ep": 2}, ...}')
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    return args, json.loads(args.layouts)
+
+
+def write_results(results: dict, out: Path) -> None:
+    """Rank 0 saves the records; every rank leaves the group."""
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def optimizer(model: nn.Module) -> torch.optim.Optimizer:

@@ -7,7 +7,6 @@ too, with the most parameter bytes any rank held. Rank 0 writes {layout name: re
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,23 +16,16 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 import layout_case as case
 
-from forgerl.distributed import ParallelConfig, apply_parallelism, build_meshes, full_state_dict
+from forgerl.distributed import full_state_dict
 from forgerl.distributed.materialize import build_parallel_model, local_bytes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layouts", required=True, help='JSON: {"name": {"dp_shard": 2, "ep": 2}, ...}')
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    args, layouts = case.start_worker(parser)
     results = {}
-    for name, values in json.loads(args.layouts).items():
-        model = case.build_model()
-        layout = ParallelConfig.from_dict(values).resolve(dist.get_world_size(), model.config.num_local_experts)
-        meshes = build_meshes(layout, "cpu")
-        parallel = apply_parallelism(model, meshes)
+    for name, values in layouts.items():
+        parallel, meshes = case.parallel_model(values)
         record = case.run_steps(parallel.train_model, parallel.model, case.optimizer(parallel.model))
         record["state"] = full_state_dict(parallel)
         # The same layout built on the meta device and materialised shard by shard.
@@ -43,10 +35,7 @@ def main() -> None:
         dist.all_reduce(held, op=dist.ReduceOp.MAX)
         record["max_rank_bytes"] = float(held)
         results[name] = record
-    if dist.get_rank() == 0:
-        torch.save(results, args.out)
-    dist.barrier()
-    dist.destroy_process_group()
+    case.write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import layout_case as case
 
 from forgerl.distributed import full_state_dict
 from forgerl.distributed.checkpoint import load_training_state, save_training_state
+from forgerl.distributed.export import export_hf
 
 
 def main() -> None:
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--save", type=Path)
     parser.add_argument("--save-at", type=int, default=3)
     parser.add_argument("--load", type=Path)
+    parser.add_argument("--export", type=Path, help="also export each layout's final weights to DIR/<layout>")
     args, layouts = case.start_worker(parser)
     results = {}
     for name, values in layouts.items():
@@ -46,6 +48,8 @@ def main() -> None:
         record.update(case.run_steps(parallel.train_model, parallel.model, opt, range(first, case.STEPS)))
         record["first"] = first
         record["state"] = full_state_dict(parallel)
+        if args.export:  # small files: every writer rank writes several
+            export_hf(parallel, args.export / name, dtype=torch.float32, max_shard_bytes=2**20)
         results[name] = record
     case.write_results(results, args.out)
 

@@ -17,6 +17,7 @@ from forgerl.cli.errors import OneLineErrors
 from forgerl.cli.evolve import evolve_app
 from forgerl.cli.plan import plan_command
 from forgerl.cli.run import run_app
+from forgerl.cli.tasks import tasks_app
 from forgerl.local.bootstrap import ensure_initial_checkpoint
 from forgerl.local.supervisor import Supervisor, status
 from forgerl.local.topology import BROKER, SERVICES, LocalTopology
@@ -27,6 +28,7 @@ app = OneLineErrors(
 )
 app.add_typer(run_app, name="run")
 app.add_typer(evolve_app, name="evolve")
+app.add_typer(tasks_app, name="tasks")
 app.command(name="plan")(plan_command)
 console = Console()
 

@@ -229,9 +229,7 @@ def storage_values() -> Schema:
             "accessModes": scalar("array", "Access modes of the created claim.", minItems=1, items={"enum": modes}),
             "size": ref("quantity", "Size of the created claim."),
             "storageClassName": scalar("string", "Storage class of the created claim; empty: the default."),
-            "mountPath": scalar(
-                "string", "Mount path in trainer, inference, rollout and evolution pods.", pattern="^/"
-            ),
+            "mountPath": scalar("string", "Mount path of the checkpoints volume in the services' pods.", pattern="^/"),
         },
     )
     return {"kafka": kafka, "postgresql": postgresql, "checkpoints": checkpoints}

@@ -309,10 +309,11 @@ seccompProfile:
 {{- if or (gt (int $values.gpu.count) 1) (gt (int (default 1 $values.nodes)) 1) -}}true{{- end -}}
 {{- end -}}
 
-{{/* Does a component mount the checkpoints volume? The trainer writes checkpoints that inference reads;
-evolution writes scaffold versions (<mountPath>/scaffolds) that rollout runs. */}}
+{{/* Does a component mount the checkpoints volume? The trainer writes checkpoints that inference reads
+(and the gateway, for the tokenizer of the model inference reports); evolution writes scaffold versions
+(<mountPath>/scaffolds) that rollout runs. */}}
 {{- define "forgerl.mountsCheckpoints" -}}
-{{- if has (index . 1) (list "inference" "trainer" "rollout" "evolution") -}}true{{- end -}}
+{{- if has (index . 1) (list "inference" "trainer" "gateway" "rollout" "evolution") -}}true{{- end -}}
 {{- end -}}
 
 {{- define "forgerl.checkpointsClaim" -}}

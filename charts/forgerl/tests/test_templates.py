@@ -340,3 +340,13 @@ def test_rollout_runs_the_scaffolds_evolution_writes() -> None:
     for service in ("rollout", "evolution"):
         mounts = container(manifests, service)["volumeMounts"]
         assert {"name": "checkpoints", "mountPath": "/checkpoints"} in mounts
+
+
+def test_gateway_reads_the_tokenizer_inference_serves() -> None:
+    """With no tokenizer_path the gateway loads the tokenizer from the model path inference reports
+    (services/gateway/config.py): that path must exist in the gateway's pod too."""
+    manifests = render()
+    model_path = env(manifests, "inference")["FORGERL_INFERENCE_MODEL_PATH"]
+    assert "FORGERL_GATEWAY_TOKENIZER_PATH" not in env(manifests, "gateway")
+    mounts = container(manifests, "gateway")["volumeMounts"]
+    assert any(model_path.startswith(m["mountPath"] + "/") and m["name"] == "checkpoints" for m in mounts)

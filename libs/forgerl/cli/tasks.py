@@ -1,7 +1,7 @@
 """`forgerl tasks import FILE.jsonl --repos DIR`: SWE-bench-format instances built and validated locally.
 
 forgerl tasks import swe.jsonl --repos ./clones --specs specs.json --out tasks/swe.verdicts.jsonl
-    [--sandbox-root /var/tmp/forgerl-sandboxes] [--env-root /var/tmp/forgerl-envs]
+    [--sandbox-root /var/tmp/forgerl-sandboxes] [--env-root SANDBOX_ROOT/.envs]
     [--pip-option=--no-index --pip-option=--find-links=/wheels]
 """
 
@@ -30,18 +30,22 @@ def import_command(
         Path | None, typer.Option("--out", help="Verdicts JSONL; default: FILE with .verdicts.jsonl.")
     ] = None,
     sandbox_root: Annotated[Path, typer.Option("--sandbox-root")] = Path("/var/tmp/forgerl-sandboxes"),
-    env_root: Annotated[Path, typer.Option("--env-root", help="Where task environments are built and cached.")] = Path(
-        "/var/tmp/forgerl-envs"
-    ),
+    env_root: Annotated[
+        Path | None, typer.Option("--env-root", help="Task environments' cache; default: SANDBOX_ROOT/.envs.")
+    ] = None,
     pip_option: Annotated[list[str] | None, typer.Option("--pip-option", help="Passed to pip (repeat).")] = None,
 ) -> None:
     """Build every instance at its base commit, run its tests without and with the gold patch, and write a
     verdict line per instance (valid, or the reason it is not)."""
     from forgerl.rollout.sandbox.environments import EnvironmentBuilder
-    from forgerl.rollout.sandbox.local import LocalSandboxFactory
+    from forgerl.rollout.sandbox.local import DEFAULT_PATH, LocalSandboxFactory
     from forgerl.tasks.swebench import import_instances, load_specs, write_verdicts
 
-    builder = EnvironmentBuilder(env_root, pip_options=tuple(pip_option or ()))
+    # The rollout service's own cache and interpreter lookup (services/rollout/servicer.py): environments
+    # built while importing are the ones its episodes then find ready.
+    builder = EnvironmentBuilder(
+        env_root or sandbox_root / ".envs", search_path=DEFAULT_PATH, pip_options=tuple(pip_option or ())
+    )
     factory = LocalSandboxFactory(sandbox_root, environments=builder)
     verdicts = asyncio.run(import_instances(factory, file, repos, load_specs(specs)))
     target = out or file.with_suffix(".verdicts.jsonl")

@@ -39,6 +39,13 @@ def _request(tools: Sequence[Mapping[str, Any]]) -> Any:
     )
 
 
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 class VllmGenerationParser:
     """Feed generated ids; the parse happens at the end of the turn (see the module docstring)."""
 
@@ -109,7 +116,7 @@ class VllmGenerationParser:
             error = (
                 "" if name in offered else f"unknown tool {name!r} (offered: {', '.join(sorted(offered)) or 'none'})"
             )
-            if not error and not isinstance(json.loads(arguments), dict):
+            if not error and not _is_json_object(arguments):
                 error = "arguments is not a JSON object"
             self.tool_calls.append(
                 ParsedToolCall(

@@ -127,8 +127,12 @@ class Episode:
         messages = parse_messages([{"role": "system", "content": SYSTEM}, {"role": "user", "content": TASK}])
         from forgerl.gateway.chat import Tools
 
-        self.prompt = fmt.prompt_ids(messages, Tools.parse([TOOL]))
-        self.tool_ids = fmt.suffix_ids(parse_messages([{"role": "tool", "tool_call_id": "x", "content": TOOL_RESULT}]))
+        tools = Tools.parse([TOOL])
+        self.prompt = fmt.prompt_ids(messages, tools)
+        # What the template adds for a tool result after a reply: the same after every reply in ChatML.
+        history = [*messages, *parse_messages([{"role": "assistant", "content": "ok"}])]
+        tool = parse_messages([{"role": "tool", "tool_call_id": "x", "content": TOOL_RESULT}])
+        self.tool_ids = fmt.suffix_ids(history, tool, tools)
 
     def next_prompt(self, generated: list[int]) -> None:
         self.prompt = [*self.prompt, *generated, *self.fmt.closing_ids(generated), *self.tool_ids]

@@ -12,7 +12,7 @@ checkpoints: a `weight` stored as float8 with a `weight_scale_inv` of per-block 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,14 +155,7 @@ def save_checkpoint(
     Under torch.distributed every rank must call it (FSDP2 shards are gathered); rank 0 writes."""
     inner = _unwrap(model)
     path = Path(path)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    for name, tensor in checkpoint_tensors(model):
-        if shards[-1] and shard_bytes + tensor.nbytes > max_shard_bytes:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = tensor
-        shard_bytes += tensor.nbytes
+    shards = group_shards(checkpoint_tensors(model), max_shard_bytes)
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return path
     path.mkdir(parents=True, exist_ok=True)
@@ -171,24 +164,44 @@ def save_checkpoint(
         cfg = cfg.replace(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     dtype = inner.model.embed_tokens.weight.dtype
     (path / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata=metadata)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / filename), metadata=metadata)
-            weight_map.update(dict.fromkeys(shard, filename))
-        total = sum(t.nbytes for shard in shards for t in shard.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_shards(shards, path)
     if tokenizer is not None:
         # Imported here: transformers takes ~3.5 s to import and the model itself does not need it.
         from forgerl.model.tokenizer import save_tokenizer
 
         save_tokenizer(tokenizer, path)
     return path
+
+
+def group_shards(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int
+) -> list[dict[str, torch.Tensor]]:
+    """Consecutive tensors packed into shards of at most max_shard_bytes (a larger tensor alone)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in named_tensors:
+        if shards[-1] and shard_bytes + tensor.nbytes > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += tensor.nbytes
+    return shards
+
+
+def write_shards(shards: list[dict[str, torch.Tensor]], path: Path) -> None:
+    """`model.safetensors`, or numbered shards plus `model.safetensors.index.json`, into `path`."""
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / filename), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, filename))
+    total = sum(t.nbytes for shard in shards for t in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def dequantize_fp8_blocks(w_OI: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

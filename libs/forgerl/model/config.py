@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 # Released MiniMax-M2 checkpoints are bf16 with FP8 experts; ids of the real tokenizer (200064 tokens).
 _M2_BOS_ID = 200034
@@ -81,7 +81,7 @@ class ModelConfig:
             raise ValueError(f"unknown model preset {name!r}: choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    def replace(self, **changes: Any) -> ModelConfig:
+    def replace(self, **changes: Any) -> Self:
         return dataclasses.replace(self, **changes)
 
     def param_counts(self) -> ParamCounts:

@@ -18,19 +18,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """x / rms(x) * weight (M2), or with `unit_offset` the Gemma form x / rms(x) * (1 + weight) that every
+    MiniMax-M3 norm uses (transformers' MiniMaxM3VLRMSNorm): weight starts at zeros and the product is taken
+    in the compute dtype before the cast back, where M2 casts first (the two differ in bf16 only)."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def forward(self, x_D: torch.Tensor) -> torch.Tensor:
         x = x_D.to(compute_dtype(x_D.dtype))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x * (1.0 + self.weight.to(x.dtype))).to(x_D.dtype)
         # Cast back before the weight, as transformers' MiniMaxM2RMSNorm does (matters in bf16 only).
         return self.weight * x.to(x_D.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}, unit_offset={self.unit_offset}"
 
 
 def rotary_cos_sin(

@@ -11,6 +11,7 @@ optimizer step (aux-loss-free balancing), never by gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,17 +68,35 @@ def _grouped_matmul(x_SI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Ten
     return torch.cat([blocks[e] @ w_EIO[e] for e, count in enumerate(counts) if count])
 
 
+GluActivation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def silu_glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU (M2): silu(gate) * up."""
+    return F.silu(gate) * up
+
+
+def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """SwiGLU-OAI (gpt-oss; M3 with alpha 1.702, limit 7): gate clamped from above only, up to [-limit,
+    limit], then gate * sigmoid(alpha * gate) * (up + 1), as transformers' MiniMaxM3VLExperts._apply_gate."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(gate * alpha) * (up + 1.0)
+
+
 class Experts(nn.Module):
-    """E SwiGLU experts stored stacked (one tensor per projection, as torchtitan does): w2(silu(w1 x) * w3 x).
+    """E gated experts stored stacked (one tensor per projection, as torchtitan does): w2(act(w1 x, w3 x)),
+    act SwiGLU for M2 and SwiGLU-OAI for M3.
 
     w1[e] / w2[e] / w3[e] are the HF checkpoint's `experts.{e}.w1.weight` etc. ([out, in] layout)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, activation: GluActivation = silu_glu) -> None:
         super().__init__()
         e, d, f = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
         self.w1 = nn.Parameter(torch.empty(e, f, d))  # gate projection  [E, F, D]
         self.w2 = nn.Parameter(torch.empty(e, d, f))  # down projection  [E, D, F]
         self.w3 = nn.Parameter(torch.empty(e, f, d))  # up projection    [E, F, D]
+        self.activation = activation
 
     def forward(
         self, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor, counts_E: torch.Tensor
@@ -88,7 +107,7 @@ class Experts(nn.Module):
         order_S = expert_ids_NK.reshape(-1).argsort(stable=True)
         token_S = order_S // k
         x_SD = x_ND[token_S]
-        h_SF = F.silu(_grouped_matmul(x_SD, self.w1, counts_E)) * _grouped_matmul(x_SD, self.w3, counts_E)
+        h_SF = self.activation(_grouped_matmul(x_SD, self.w1, counts_E), _grouped_matmul(x_SD, self.w3, counts_E))
         y_SD = _grouped_matmul(h_SF, self.w2, counts_E)
         # Weight in the routing dtype (>= float32), then sum each token's K outputs in expert order.
         y_SD = (y_SD * weights_NK.reshape(-1)[order_S, None]).to(x_ND.dtype)
@@ -101,11 +120,11 @@ class SparseMoeBlock(nn.Module):
     e_score_correction_bias: torch.Tensor
     tokens_per_expert: torch.Tensor
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, activation: GluActivation = silu_glu) -> None:
         super().__init__()
         self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.num_local_experts
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
-        self.experts = Experts(cfg)
+        self.experts = Experts(cfg, activation)
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_local_experts))
         # Tokens routed to each expert since the last bias update (training forwards only); not saved.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_local_experts), persistent=False)

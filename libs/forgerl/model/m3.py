@@ -1,0 +1,210 @@
+"""MiniMax-M3 text backbone: dense first layers, MoE layers with a shared expert, MiniMax Sparse Attention.
+
+Shape legend: B batch, T positions, D hidden, V vocab, E experts, K experts per token, M MoE layers,
+F an MLP's width, G KV heads, N kept key blocks per query.
+
+Shares M2's router (`moe.route`), expert implementation (`moe.Experts`, here with SwiGLU-OAI), norms and
+RoPE. Module and parameter names are those of transformers' `MiniMaxM3VLForCausalLM` (`model.layers.N.mlp.
+gate.weight`, `model.layers.N.self_attn.indexer.q_proj.weight`, ...) except that the routed experts keep
+M2's split w1 / w3 and the routing bias sits on the MoE block; m3_checkpoint.py's table maps both.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from forgerl.model.layers import RMSNorm, rotary_cos_sin
+from forgerl.model.m3_attention import M3Attention
+from forgerl.model.m3_config import SPARSE_MLP, M3Config
+from forgerl.model.model import ModelOutput
+from forgerl.model.moe import GluActivation, Routing, SparseMoeBlock, sequence_balance_loss, swiglu_oai
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate, up)) with gate and up fused in one [2F, D] projection (gate the first F rows), as
+    transformers' MiniMaxM3VLDenseMLP stores it: the dense layers' MLP and the MoE layers' shared expert."""
+
+    def __init__(self, hidden_size: int, width: int, activation: GluActivation) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * width, bias=False)
+        self.down_proj = nn.Linear(width, hidden_size, bias=False)
+        self.activation = activation
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        gate_BTF, up_BTF = self.gate_up_proj(x_BTD).chunk(2, dim=-1)
+        return self.down_proj(self.activation(gate_BTF, up_BTF))
+
+
+class SharedExpertMoeBlock(SparseMoeBlock):
+    """M2's routed experts scaled by routed_scaling_factor (2.0 in M3) plus one always-on shared expert."""
+
+    def __init__(self, cfg: M3Config, activation: GluActivation) -> None:
+        super().__init__(cfg, activation)
+        self.shared_experts = GatedMLP(cfg.hidden_size, cfg.shared_intermediate_size, activation)
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+
+    def forward(
+        self, x_BTD: torch.Tensor, replay_ids_BTK: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Routing, torch.Tensor]:
+        routed_BTD, routing, load_E = super().forward(x_BTD, replay_ids_BTK)
+        return routed_BTD * self.routed_scaling_factor + self.shared_experts(x_BTD), routing, load_E
+
+
+class M3LayerOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: FSDP2 finds the output tensors to hook for backward through pytree."""
+
+    x_BTD: torch.Tensor
+    blocks_BGTN: torch.Tensor | None  # sparse-attention layers: the indexer's kept key blocks
+    expert_ids_BTK: torch.Tensor | None = None  # MoE layers: the experts used
+    load_E: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+
+
+@dataclass
+class M3Output(ModelOutput):
+    # Per sparse-attention layer index, the indexer's kept key blocks: long [B, G, T, N], -1 padded.
+    block_indices: dict[int, torch.Tensor]
+
+
+class M3DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)) with a dense MLP or the MoE block."""
+
+    def __init__(self, cfg: M3Config, layer_idx: int) -> None:
+        super().__init__()
+        activation = functools.partial(swiglu_oai, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, unit_offset=True)
+        self.self_attn = M3Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, unit_offset=True)
+        self.mlp: nn.Module
+        if cfg.mlp_layer_types[layer_idx] == SPARSE_MLP:
+            self.mlp = SharedExpertMoeBlock(cfg, activation)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.dense_intermediate_size, activation)
+        self.with_balance_loss = cfg.seq_aux_loss_coef > 0
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
+        mask_BTS: torch.Tensor | None,
+        replay_ids_BTK: torch.Tensor | None = None,
+    ) -> M3LayerOutput:
+        attn_BTD, blocks_BGTN = self.self_attn(self.input_layernorm(x_BTD), rope_cos_sin, mask_BTS)
+        h_BTD = x_BTD + attn_BTD
+        if not isinstance(self.mlp, SharedExpertMoeBlock):
+            return M3LayerOutput(h_BTD + self.mlp(self.post_attention_layernorm(h_BTD)), blocks_BGTN)
+        mlp_BTD, routing, load_E = self.mlp(self.post_attention_layernorm(h_BTD), replay_ids_BTK)
+        b, t, _ = x_BTD.shape
+        expert_ids_BTK = routing.expert_ids_NK.view(b, t, -1)
+        balance_loss = None
+        if self.with_balance_loss and self.training:
+            balance_loss = sequence_balance_loss(routing.scores_NE.view(b, t, -1), expert_ids_BTK)
+        return M3LayerOutput(h_BTD + mlp_BTD, blocks_BGTN, expert_ids_BTK, load_E, balance_loss)
+
+
+class MiniMaxM3Model(nn.Module):
+    """Embedding, L decoder layers, final norm (the HF checkpoint's `model.` prefix)."""
+
+    def __init__(self, cfg: M3Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(M3DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, unit_offset=True)
+
+
+class MiniMaxM3ForCausalLM(nn.Module):
+    def __init__(self, cfg: M3Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = MiniMaxM3Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, initializer_range) for every matrix, zeros for the (1 + w) norms and the routing bias, as
+        transformers' MiniMaxM3VLPreTrainedModel._init_weights."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.zero_()
+            elif isinstance(module, nn.Linear | nn.Embedding):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, SharedExpertMoeBlock):
+                module.experts.w1.normal_(0.0, std)
+                module.experts.w2.normal_(0.0, std)
+                module.experts.w3.normal_(0.0, std)
+                module.e_score_correction_bias.zero_()
+                module.tokens_per_expert.zero_()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        routed_experts: torch.Tensor | None = None,
+    ) -> M3Output:
+        """input_ids [B, T] long; position_ids [B, T] (None: 0..T-1); attention_mask bool [B, T, T], True
+        where query t may attend key s (None: causal); routed_experts long [B, T, M, K] to replay a routing
+        on the M MoE layers."""
+        cfg = self.config
+        b, t = input_ids.shape
+        _check_inputs(cfg, b, t, position_ids, attention_mask, routed_experts)
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        x_BTD = self.model.embed_tokens(input_ids)
+        rope_cos_sin = rotary_cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, x_BTD.dtype)
+        expert_ids: list[torch.Tensor] = []
+        loads: list[torch.Tensor] = []
+        balance_losses: list[torch.Tensor] = []
+        blocks: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.model.layers):
+            replay_BTK = None if routed_experts is None else routed_experts[:, :, len(loads)]
+            out = layer(x_BTD, rope_cos_sin, attention_mask, replay_BTK)
+            x_BTD = out.x_BTD
+            if out.blocks_BGTN is not None:
+                blocks[i] = out.blocks_BGTN
+            if out.expert_ids_BTK is not None and out.load_E is not None:
+                expert_ids.append(out.expert_ids_BTK)
+                loads.append(out.load_E)
+            if out.balance_loss is not None:
+                balance_losses.append(out.balance_loss)
+        logits_BTV = self.lm_head(self.model.norm(x_BTD))
+        k = cfg.num_experts_per_tok
+        return M3Output(
+            logits=logits_BTV,
+            hidden_states=x_BTD,
+            expert_load=torch.stack(loads) if loads else x_BTD.new_zeros(0, cfg.num_local_experts),  # [M, E]
+            routed_experts=torch.stack(expert_ids, dim=2) if expert_ids else input_ids.new_zeros(b, t, 0, k),
+            aux_loss=cfg.seq_aux_loss_coef * torch.stack(balance_losses).sum()
+            if balance_losses
+            else x_BTD.new_zeros(()),
+            block_indices=blocks,
+        )
+
+
+def _check_inputs(
+    cfg: M3Config,
+    b: int,
+    t: int,
+    position_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    routed_experts: torch.Tensor | None,
+) -> None:
+    if position_ids is not None and tuple(position_ids.shape) != (b, t):
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected [B, T] = {(b, t)}")
+    if attention_mask is not None and (tuple(attention_mask.shape) != (b, t, t) or attention_mask.dtype != torch.bool):
+        raise ValueError(
+            f"attention_mask is {attention_mask.dtype} {tuple(attention_mask.shape)}; expected bool [B, T, T] = "
+            f"{(b, t, t)}, True where query t may attend key s"
+        )
+    expected = (b, t, cfg.sparse_layer_count, cfg.num_experts_per_tok)
+    if routed_experts is not None and tuple(routed_experts.shape) != expected:
+        raise ValueError(f"routed_experts has shape {tuple(routed_experts.shape)}; expected [B, T, M, K] = {expected}")

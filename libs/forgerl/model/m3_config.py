@@ -1,0 +1,144 @@
+"""Configuration of the MiniMax-M3 text backbone: M2's fields plus what M3 adds, and its presets.
+
+Field names are those of transformers 5.19's `MiniMaxM3VLTextConfig` (which also reads the checkpoint's
+legacy `moe_layer_freq` / `sparse_attention_config` keys), so m3_checkpoint.py copies them into
+`config.json` as they are. What M3 changes against M2, checked against transformers' modeling code:
+- the first layers are dense (one SwiGLU-OAI MLP of width `dense_intermediate_size`), the rest MoE;
+- MoE layers add one always-on shared expert (`shared_intermediate_size`) and scale the routed sum by
+  `routed_scaling_factor` before adding it;
+- experts and dense MLPs use SwiGLU-OAI with a clamp (`swiglu_alpha`, `swiglu_limit`);
+- q/k RMSNorm is per head, Gemma style (x * (1 + w)), and so is every other norm;
+- sparse layers ("minimax_m3_sparse" in `layer_types`) select key blocks with a lightning indexer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from forgerl.model.config import ModelConfig
+
+DENSE_MLP, SPARSE_MLP = "dense", "sparse"
+FULL_ATTENTION, SPARSE_ATTENTION = "full_attention", "minimax_m3_sparse"
+
+
+@dataclass
+class M3Config(ModelConfig):
+    dense_intermediate_size: int = 128
+    shared_intermediate_size: int = 64
+    routed_scaling_factor: float = 2.0
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    # Per layer: "dense" | "sparse" MLP, "full_attention" | "minimax_m3_sparse" attention. Empty: the
+    # first layer dense with full attention, the rest MoE with the indexer (the preview's pattern, 1 of 3).
+    mlp_layer_types: tuple[str, ...] = ()
+    layer_types: tuple[str, ...] = ()
+    # Lightning indexer. index_n_heads must equal num_key_value_heads: one block selection per GQA group.
+    index_n_heads: int = 2
+    index_head_dim: int = 16
+    index_block_size: int = 4
+    # The forced local blocks count inside this budget (transformers boosts them to +inf before the top-k):
+    # a query attends at most index_topk_blocks blocks in all.
+    index_topk_blocks: int = 3
+    index_local_blocks: int = 1
+    # Block-sparse attention kernel of the sparse layers: a key of m3_attention.MSA_BACKENDS.
+    msa_backend: str = "torch"
+    num_mtp_modules: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n = self.num_hidden_layers
+        if not self.mlp_layer_types:
+            self.mlp_layer_types = (DENSE_MLP,) + (SPARSE_MLP,) * (n - 1)
+        if not self.layer_types:
+            self.layer_types = (FULL_ATTENTION,) + (SPARSE_ATTENTION,) * (n - 1)
+        self.mlp_layer_types, self.layer_types = tuple(self.mlp_layer_types), tuple(self.layer_types)
+        checks = (
+            (
+                len(self.mlp_layer_types) == n and set(self.mlp_layer_types) <= {DENSE_MLP, SPARSE_MLP},
+                f"mlp_layer_types {self.mlp_layer_types} must hold {n} entries of {DENSE_MLP!r} / {SPARSE_MLP!r}",
+            ),
+            (
+                len(self.layer_types) == n and set(self.layer_types) <= {FULL_ATTENTION, SPARSE_ATTENTION},
+                f"layer_types {self.layer_types} must hold {n} entries of {FULL_ATTENTION!r} / {SPARSE_ATTENTION!r}",
+            ),
+            (
+                self.index_n_heads == self.num_key_value_heads,
+                f"index_n_heads {self.index_n_heads} must equal num_key_value_heads {self.num_key_value_heads}: "
+                "the indexer makes one block selection per GQA group",
+            ),
+            (
+                0 <= self.index_local_blocks <= self.index_topk_blocks and self.index_block_size > 0,
+                f"index_local_blocks {self.index_local_blocks} must be in [0, index_topk_blocks="
+                f"{self.index_topk_blocks}] and index_block_size {self.index_block_size} positive",
+            ),
+            (
+                self.num_mtp_modules == 0,
+                f"num_mtp_modules {self.num_mtp_modules}: the M3 backbone has no MTP module yet (transformers' "
+                "M3 has none either: it drops the checkpoint's mtp.* tensors); set 0",
+            ),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> M3Config:
+        """`M3Config.from_preset("minimax-m3-tiny")`; names are the keys of M3_PRESETS."""
+        if name not in M3_PRESETS:
+            raise ValueError(f"unknown M3 preset {name!r}: choose one of {sorted(M3_PRESETS)}")
+        return cls(**{**M3_PRESETS[name], **overrides})
+
+    @property
+    def sparse_layer_count(self) -> int:
+        return self.mlp_layer_types.count(SPARSE_MLP)
+
+
+def _first_dense(num_dense: int, num_layers: int) -> dict[str, tuple[str, ...]]:
+    """The M3 pattern: the first `num_dense` layers dense MLP + full attention, the rest MoE + indexer."""
+    rest = num_layers - num_dense
+    return {
+        "mlp_layer_types": (DENSE_MLP,) * num_dense + (SPARSE_MLP,) * rest,
+        "layer_types": (FULL_ATTENTION,) * num_dense + (SPARSE_ATTENTION,) * rest,
+    }
+
+
+# Only what differs from the dataclass defaults.
+M3_PRESETS: dict[str, dict[str, Any]] = {
+    # CPU tests: 3 layers (1 dense, 2 MoE + indexer) at width 64; blocks of 4 keys with 3 kept per query,
+    # so any sequence over 12 tokens makes the indexer drop blocks.
+    "minimax-m3-tiny": {
+        "num_hidden_layers": 3,
+        "intermediate_size": 32,
+        **_first_dense(1, 3),
+    },
+    # The MiniMax-M3 preview checkpoint's text model: transformers' MiniMaxM3VLTextConfig defaults for the
+    # shapes, and the checkpoint's layer pattern as vLLM's MiniMaxM3TextConfig spells it (moe_layer_freq
+    # and sparse_attention_freq both [0] * 3 + [1] * 57): 3 dense full-attention layers, then 57 MoE layers
+    # with the indexer (4 heads of 128, blocks of 128 keys, 16 blocks kept, 1 of them local). RoPE rotates
+    # 64 of the 128 channels (vLLM: partial_rotary_factor 0.5). The checkpoint's MTP module is not built.
+    "minimax-m3-preview": {
+        "vocab_size": 200_064,
+        "hidden_size": 6144,
+        "num_hidden_layers": 60,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "rotary_dim": 64,
+        "rope_theta": 5_000_000.0,
+        "max_position_embeddings": 524_288,
+        "intermediate_size": 3072,
+        "dense_intermediate_size": 12_288,
+        "shared_intermediate_size": 3072,
+        "num_local_experts": 128,
+        "num_experts_per_tok": 4,
+        "index_n_heads": 4,
+        "index_head_dim": 128,
+        "index_block_size": 128,
+        "index_topk_blocks": 16,
+        "index_local_blocks": 1,
+        "bos_token_id": 200_034,
+        "eos_token_id": 200_020,
+        **_first_dense(3, 60),
+    },
+}

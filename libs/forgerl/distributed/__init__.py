@@ -16,7 +16,6 @@ from forgerl.distributed.parallelize import (
     apply_parallelism,
     clip_grad_norm_,
     full_state_dict,
-    parallelize,
 )
 
 __all__ = [
@@ -28,5 +27,4 @@ __all__ = [
     "build_meshes",
     "clip_grad_norm_",
     "full_state_dict",
-    "parallelize",
 ]

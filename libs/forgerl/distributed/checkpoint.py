@@ -32,7 +32,7 @@ StateDicts = tuple[dict[str, Any], dict[str, Any]]
 
 
 def _expert_checkpoint_mesh(parallel: ParallelModel) -> DeviceMesh | None:
-    if not parallel.expert_params or parallel.meshes is None:
+    if not parallel.expert_params:
         return None
     layout = parallel.meshes.layout
     ranks = torch.arange(layout.world_size).view(layout.dp_replicate, layout.efsdp, layout.ep).transpose(1, 2)
@@ -77,7 +77,7 @@ def _global_state(parallel: ParallelModel, optimizer: torch.optim.Optimizer) -> 
     mesh = _expert_checkpoint_mesh(parallel)
     if mesh is None:
         return local, local
-    ep = parallel.meshes.layout.ep  # type: ignore[union-attr]
+    ep = parallel.meshes.layout.ep
     return _map_experts(parallel, local, local, lambda t, _like: _to_global(t, mesh, ep)), local
 
 

@@ -65,7 +65,9 @@ class ExpertParallel:
     def __init__(self, experts: Experts, ep: int, group: dist.ProcessGroup) -> None:
         self.ep, self.group = ep, group
         self.local_experts = experts.w1.shape[0]
-        self._pending: list[_Dispatch] = []
+        # The pre-hook's state for the post-hook of the same call. One slot, not a stack: a recompute under
+        # activation checkpointing may stop early (torch's early_stop) between the two hooks.
+        self._pending: _Dispatch | None = None
         experts.register_forward_pre_hook(self._dispatch)
         experts.register_forward_hook(self._combine)
 
@@ -85,12 +87,13 @@ class ExpertParallel:
         local_ids = torch.arange(self.local_experts, device=x_ND.device).repeat(self.ep)
         ids_recv = local_ids.repeat_interleave(recv_counts_RL.reshape(-1))[:, None]  # [S', 1]
         weights_S = weights_NK.reshape(-1)[order_S]
-        self._pending.append(_Dispatch(x_ND, token_S, weights_S, send_splits, recv_splits))
+        self._pending = _Dispatch(x_ND, token_S, weights_S, send_splits, recv_splits)
         ones = weights_S.new_ones((x_recv.shape[0], 1))
         return x_recv, ids_recv, ones, recv_counts_RL.sum(dim=0)
 
     def _combine(self, _module: nn.Module, _args: Any, y_recv: torch.Tensor) -> torch.Tensor:
-        d = self._pending.pop()
+        d, self._pending = self._pending, None
+        assert d is not None, "the Experts forward hook ran without its pre-hook"
         y_SD = _all_to_all(y_recv, d.send_splits, d.recv_splits, self.group)  # back in my sorted pair order
         y_SD = (y_SD * d.weights_S[:, None]).to(d.x_ND.dtype)
         return torch.zeros_like(d.x_ND).index_add_(0, d.token_S, y_SD)

@@ -29,8 +29,8 @@ def _my_tensors(parallel: ParallelModel, dtype: torch.dtype) -> Iterator[tuple[s
     """(HF name, tensor) of what this rank writes. Every rank walks every tensor: the gathers are
     collectives over the tensor's mesh."""
     model, rank = parallel.model, dist.get_rank()
-    ep = parallel.meshes.layout.ep if parallel.meshes else 1
-    ep_rank = parallel.meshes.ep_rank if parallel.meshes and parallel.expert_params else 0
+    ep = parallel.meshes.layout.ep
+    ep_rank = parallel.meshes.ep_rank if parallel.expert_params else 0
     state = model.state_dict()
     for ours, hf in name_table(model.config).items():
         tensor = state[ours]

@@ -35,7 +35,7 @@ class ParallelModel:
 
     model: MiniMaxM2ForCausalLM
     train_model: nn.Module
-    meshes: ParallelMeshes | None
+    meshes: ParallelMeshes
     expert_params: frozenset[str] = frozenset()  # names of the parameters split over the EP group
 
 
@@ -69,13 +69,6 @@ def apply_parallelism(
     fully_shard(model, mesh=meshes.dense, mp_policy=mp)
     register_fsdp_forward_method(model, "mtp_loss")
     return ParallelModel(model, model, meshes, expert_params)
-
-
-def parallelize(model: MiniMaxM2ForCausalLM, meshes_or_none: ParallelMeshes | None, **kwargs: object) -> ParallelModel:
-    """apply_parallelism, or the bare model when there is one rank."""
-    if meshes_or_none is None:
-        return ParallelModel(model, model, None)
-    return apply_parallelism(model, meshes_or_none, **kwargs)  # type: ignore[arg-type]
 
 
 def _apply_activation_checkpointing(model: MiniMaxM2ForCausalLM, every: int) -> None:
@@ -149,7 +142,6 @@ def full_state_dict(parallel: ParallelModel) -> dict[str, torch.Tensor]:
     for name, tensor in parallel.model.state_dict().items():
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         if name in parallel.expert_params:
-            assert parallel.meshes is not None
             group = parallel.meshes.ep_group
             parts = [torch.empty_like(full) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, full.contiguous(), group=group)
@@ -164,5 +156,4 @@ __all__ = [
     "build_meshes",
     "clip_grad_norm_",
     "full_state_dict",
-    "parallelize",
 ]

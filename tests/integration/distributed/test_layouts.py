@@ -1,7 +1,8 @@
 """The maths does not change with the layout: 5 RL steps (rl_step: CISPO, clipping, AdamW, expert-bias
 update, routing replay on two steps) of the tiny preset on the same batches give, per step, the same loss,
 grad norm and expert loads, and the same parameters and routing biases after them, whether one process
-trains or 2 / 4 gloo ranks do it under DDP, FSDP2, FSDP2 + EP, EP alone or HSDP + EP. The reference is
+trains or 2 / 4 gloo ranks do it under DDP, FSDP2, FSDP2 + EP, EP alone, HSDP + EP or EP with every
+layer recomputed in backward. The reference is
 the single-process run in this test's own process.
 
 Measured: every difference <= 6.2e-7 (float32 sums in another order); the loads are equal. Each torchrun
@@ -33,6 +34,7 @@ LAYOUTS = {
         "ddp": {},
         "fsdp": {"dp_shard": 2},
         "fsdp_ep2": {"dp_shard": 2, "ep": 2},
+        "ep2_recompute": {"dp_shard": 2, "ep": 2, "activation_checkpoint_every": 1},
     },
     4: {
         "ddp": {},
@@ -69,6 +71,8 @@ def test_layouts_match_one_process(ranks: int, tmp_path: Path, single_process: d
         for step in range(case.STEPS):
             assert got["loss"][step] == pytest.approx(ref["loss"][step], abs=TOLERANCE), (name, step)
             assert got["grad_norm"][step] == pytest.approx(ref["grad_norm"][step], abs=TOLERANCE), (name, step)
+            # Also with recompute: torch 2.13's non-reentrant checkpoint stops recomputing a layer once it has
+            # what backward needs (early_stop), before the MoE block adds its counts a second time.
             assert torch.equal(got["loads"][step], ref["loads"][step]), (name, step)
         assert got["state"].keys() == ref["state"].keys(), name
         for key, tensor in ref["state"].items():

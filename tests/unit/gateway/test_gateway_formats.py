@@ -269,3 +269,14 @@ async def test_m2_stream_joins_to_the_message(m2_tokenizer: Any) -> None:
     calls = [c for d in deltas for c in d.get("tool_calls", [])]
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == TURN_1[2]
     assert [c["index"] for c in calls] == [0, 1]
+
+
+async def test_m2_strip_reasoning_leaves_an_empty_block(m2_tokenizer: Any) -> None:
+    """M2's generation prompt opens `<think>`: the ablation keeps `</think>` so the turn stays well formed."""
+    fmt = ChatFormat(m2_tokenizer)
+    core, _ = core_for(fmt, generated_text("minimax_m2", *TURN_2), generated_text("minimax_m2", "x", "y", []))
+    episode = core.open_episode(EpisodeInfo(run_id="r", strip_reasoning=True))
+    r1 = await turn(core, episode, [USER])
+    r2 = await turn(core, episode, [USER, sent_back(r1), {"role": "user", "content": "Sure?"}])
+    text = fmt.decode(list(r2.record.prompt_ids))
+    assert TURN_2[0] not in text and f"]~b]ai\n<think>\n</think>\n\n{TURN_2[1]}[e~[\n]~b]user\nSure?" in text

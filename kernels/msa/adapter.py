@@ -12,7 +12,9 @@ from collections.abc import Callable
 import torch
 
 from forgerl.kernels.msa.triton_msa import msa_attention
+from forgerl.kernels.msa.triton_msa_m3 import msa_m3_attention
 from forgerl.model.attention import TreeMask
+from forgerl.model.m3_attention import register_msa_backend
 
 Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | TreeMask | None, float], torch.Tensor]
 
@@ -38,3 +40,25 @@ def make_msa_backend(block: int = 64, top_k: int = 16) -> Backend:
         return out.view(b, t, h, d).transpose(1, 2)
 
     return msa_backend
+
+
+def msa_m3_backend(
+    q_BHTK: torch.Tensor,
+    k_BGSK: torch.Tensor,
+    v_BGSK: torch.Tensor,
+    mask_BTS: torch.Tensor | None,
+    blocks_BGTN: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """`forgerl.model.m3_attention.BlockSparseBackend` running the Triton kernel (causal batches only)."""
+    if mask_BTS is not None:
+        raise ValueError(
+            "the triton M3 MSA backend is causal only: got an attention mask (use msa_backend 'torch' for masks)"
+        )
+    return msa_m3_attention(q_BHTK, k_BGSK, v_BGSK, blocks_BGTN, block_size, scale)
+
+
+def register_m3_msa(name: str = "triton") -> None:
+    """Make `M3Config(msa_backend=name)` run the sparse layers' attention with the Triton kernel."""
+    register_msa_backend(name, msa_m3_backend)

@@ -27,16 +27,24 @@ from forgerl.model.m3_config import SPARSE_ATTENTION, M3Config
 
 
 class BlockSparseBackend(Protocol):
+    """`mask_BTS` is bool [B, T, S], True where query t may attend key s, or None for causal; each query
+    attends the keys it may see that lie in one of its GQA group's kept blocks `blocks_BGTN`."""
+
     def __call__(
         self,
         q_BHTK: torch.Tensor,
         k_BGSK: torch.Tensor,
         v_BGSK: torch.Tensor,
-        visible_BTS: torch.Tensor,
+        mask_BTS: torch.Tensor | None,
         blocks_BGTN: torch.Tensor,
         block_size: int,
         scale: float,
     ) -> torch.Tensor: ...
+
+
+def causal_mask(b: int, t: int, device: torch.device) -> torch.Tensor:
+    """bool [B, T, T], lower triangular."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril().expand(b, t, t)
 
 
 def blocks_to_key_mask(blocks_BGTN: torch.Tensor, block_size: int, num_keys: int) -> torch.Tensor:
@@ -53,13 +61,15 @@ def torch_block_sparse_attention(
     q_BHTK: torch.Tensor,
     k_BGSK: torch.Tensor,
     v_BGSK: torch.Tensor,
-    visible_BTS: torch.Tensor,
+    mask_BTS: torch.Tensor | None,
     blocks_BGTN: torch.Tensor,
     block_size: int,
     scale: float,
 ) -> torch.Tensor:
     """Reference: dense softmax over keys that are both visible and in a kept block of the query's GQA
     group, in at least float32 (what transformers' eager path computes with its additive block mask)."""
+    b, _, t, _ = q_BHTK.shape
+    visible_BTS = causal_mask(b, t, q_BHTK.device) if mask_BTS is None else mask_BTS
     groups = q_BHTK.shape[1] // k_BGSK.shape[1]
     keep_BGTS = blocks_to_key_mask(blocks_BGTN, block_size, k_BGSK.shape[2]) & visible_BTS[:, None]
     keep_BHTS = keep_BGTS.repeat_interleave(groups, dim=1)
@@ -74,6 +84,11 @@ def torch_block_sparse_attention(
 
 
 MSA_BACKENDS: dict[str, BlockSparseBackend] = {"torch": torch_block_sparse_attention}
+
+
+def register_msa_backend(name: str, backend: BlockSparseBackend) -> None:
+    """The Triton kernel registers here (forgerl.kernels.msa.register_m3_msa): the model never imports it."""
+    MSA_BACKENDS[name] = backend
 
 
 def get_msa_backend(name: str) -> BlockSparseBackend:
@@ -172,10 +187,8 @@ class M3Attention(nn.Module):
         if self.indexer is None:
             o_BHTK = self.backend(q_BHTK, k_BGTK, v_BGTK, mask_BTS, self.scale)
         else:
-            visible_BTS = mask_BTS
-            if visible_BTS is None:
-                visible_BTS = torch.ones(t, t, dtype=torch.bool, device=x_BTD.device).tril().expand(b, t, t)
+            visible_BTS = causal_mask(b, t, x_BTD.device) if mask_BTS is None else mask_BTS
             blocks_BGTN = self.indexer(x_BTD, rope_cos_sin, visible_BTS)
-            o_BHTK = self.msa_backend(q_BHTK, k_BGTK, v_BGTK, visible_BTS, blocks_BGTN, self.block_size, self.scale)
+            o_BHTK = self.msa_backend(q_BHTK, k_BGTK, v_BGTK, mask_BTS, blocks_BGTN, self.block_size, self.scale)
         o_BTD = o_BHTK.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, H*K]
         return self.o_proj(o_BTD), blocks_BGTN

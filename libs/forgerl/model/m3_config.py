@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from forgerl.model.config import ModelConfig
+from forgerl.model.config import ModelConfig, ParamCounts
 
 DENSE_MLP, SPARSE_MLP = "dense", "sparse"
 FULL_ATTENTION, SPARSE_ATTENTION = "full_attention", "minimax_m3_sparse"
@@ -92,6 +92,56 @@ class M3Config(ModelConfig):
     @property
     def sparse_layer_count(self) -> int:
         return self.mlp_layer_types.count(SPARSE_MLP)
+
+    def param_counts(self) -> ParamCounts:
+        """M2's breakdown assumes one layer shape; M3 mixes dense and MoE layers, so callers that plan with
+        it (distributed.planner) would be wrong without an error. Use m3_param_counts()."""
+        raise TypeError("M3Config has dense and MoE layers: use m3_param_counts(), not the M2 ParamCounts")
+
+    def m3_param_counts(self) -> M3ParamCounts:
+        return M3ParamCounts.of(self)
+
+
+@dataclass(frozen=True)
+class M3ParamCounts:
+    """Every tensor a checkpoint stores (`total`: embedding, layers, final norm, head; the routing bias
+    included) and what one token multiplies through in the layers (`active`: attention and indexer, the
+    dense MLP or the router, top-k experts and the shared expert), the report's "activated" convention."""
+
+    per_full_attention: int
+    per_indexer: int
+    per_dense_mlp: int
+    per_moe_total: int
+    per_moe_active: int
+    total: int
+    active: int
+
+    @classmethod
+    def of(cls, cfg: M3Config) -> M3ParamCounts:
+        d, hd, idx = cfg.hidden_size, cfg.head_dim, cfg.index_head_dim
+        attention = 2 * d * cfg.num_attention_heads * hd + 2 * d * cfg.num_key_value_heads * hd + 2 * hd
+        indexer = d * cfg.index_n_heads * idx + d * idx + 2 * idx  # q_proj, one key head, two norms
+        dense = 3 * d * cfg.dense_intermediate_size  # gate_up [2F, D] + down [D, F]
+        router = cfg.num_local_experts * (d + 1)  # gate weight + correction bias
+        shared = 3 * d * cfg.shared_intermediate_size
+        expert = 3 * d * cfg.intermediate_size
+        moe_total = router + cfg.num_local_experts * expert + shared
+        moe_active = router + cfg.num_experts_per_tok * expert + shared
+        layers_total = layers_active = 0
+        for mlp, attn in zip(cfg.mlp_layer_types, cfg.layer_types, strict=True):
+            mixer = attention + 2 * d + (indexer if attn == SPARSE_ATTENTION else 0)  # + the two layer norms
+            layers_total += mixer + (moe_total if mlp == SPARSE_MLP else dense)
+            layers_active += mixer + (moe_active if mlp == SPARSE_MLP else dense)
+        head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
+        return cls(
+            per_full_attention=attention,
+            per_indexer=indexer,
+            per_dense_mlp=dense,
+            per_moe_total=moe_total,
+            per_moe_active=moe_active,
+            total=cfg.vocab_size * d + head + layers_total + d,
+            active=layers_active,
+        )
 
 
 def _first_dense(num_dense: int, num_layers: int) -> dict[str, tuple[str, ...]]:

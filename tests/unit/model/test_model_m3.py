@@ -164,3 +164,24 @@ def test_config_json_round_trips_through_transformers(saved: tuple[MiniMaxM3ForC
     hf = MiniMaxM3VLTextConfig(**json.loads((path / "config.json").read_text()))
     assert hf.rope_parameters["partial_rotary_factor"] * hf.head_dim == model.config.rotary_dim
     assert hf.layer_types == list(model.config.layer_types)
+
+
+@pytest.mark.parametrize("preset", ["minimax-m3-tiny", "minimax-m3-preview"])
+def test_counts_from_config_match_an_instantiated_model(preset: str) -> None:
+    cfg = M3Config.from_preset(preset)
+    with torch.device("meta"):  # the preview has 426B parameters: count them without memory
+        model = MiniMaxM3ForCausalLM(cfg)
+    counts = cfg.m3_param_counts()
+    assert sum(t.numel() for t in model.state_dict().values()) == counts.total
+    per_token = 0
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        per_token += sum(p.numel() for p in layer.parameters())
+        if isinstance(mlp, SharedExpertMoeBlock):  # only top-k of the experts, plus the routing bias
+            unused = cfg.num_local_experts - cfg.num_experts_per_tok
+            per_token += mlp.e_score_correction_bias.numel() - unused * sum(
+                p[0].numel() for p in mlp.experts.parameters()
+            )
+    assert per_token == counts.active
+    with pytest.raises(TypeError, match="m3_param_counts"):
+        cfg.param_counts()

@@ -1,17 +1,19 @@
-"""MiniMax-M3 checkpoints with the tensor names and config of transformers' `MiniMaxM3VLForCausalLM`.
+"""MiniMax-M3 checkpoints: we write the layout of transformers' `MiniMaxM3VLForCausalLM` and read it and the
+released checkpoint's.
 
 Shape legend: E experts, F expert FFN width, D hidden.
 
 `save_m3_checkpoint` writes what `transformers.MiniMaxM3VLForCausalLM.from_pretrained` reads (and what its
 `save_pretrained` writes): `config.json` of model_type `minimax_m3_vl_text` and safetensors named as that
-model's state dict. `load_m3_checkpoint` reads such a directory back. The released VL checkpoint stores
-the text model M2-style under `language_model.` (split w1/w3 experts, `index_q_proj`, ...); transformers
-renames it on load (its conversion_mapping "minimax_m3_vl"), which this module does not.
+model's state dict. `load_m3_checkpoint` reads that back, and also the released VL checkpoint's text model
+(layout "released" below). FP8 weights with DeepSeek-style 128x128 `weight_scale_inv` are dequantized by
+checkpoint.read_checkpoint_tensors; other quantizations (vLLM reads M3's as ModelOpt MXFP8) are not.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,17 +24,19 @@ from forgerl.model.checkpoint import group_shards, read_checkpoint_tensors, writ
 from forgerl.model.m3 import MiniMaxM3ForCausalLM
 from forgerl.model.m3_config import SPARSE_ATTENTION, SPARSE_MLP, M3Config
 
-# (our names, checkpoint name). Several names of ours are concatenated along dim -2 (the output rows) to
-# make the checkpoint's tensor: transformers fuses the routed experts' gate and up into gate_up_proj
-# [E, 2F, D], gate first (MiniMaxM3VLExperts._apply_gate chunks it in that order).
-Row = tuple[tuple[str, ...], str]
-TOP_TABLE: tuple[Row, ...] = (
-    (("model.embed_tokens.weight",), "model.embed_tokens.weight"),
-    (("model.norm.weight",), "model.norm.weight"),
-    (("lm_head.weight",), "lm_head.weight"),
-)
-ATTENTION_TABLE: tuple[Row, ...] = tuple(
-    ((name,), name)
+# Rows (our names, checkpoint names). Where one side has several names, their tensors are concatenated
+# along dim -2 (the output rows) to make the other side's one tensor, gate before up; a `{e}` in a
+# checkpoint name marks one tensor per expert that we keep stacked ([E, ...]). Two layouts:
+# - "transformers": MiniMaxM3VLForCausalLM's state dict, which fuses the routed experts' gate and up into
+#   gate_up_proj [E, 2F, D] (MiniMaxM3VLExperts._apply_gate chunks it gate first);
+# - "released": the MiniMax-M3 checkpoint's text model as vLLM's MiniMaxM3 loader and transformers'
+#   conversion_mapping["minimax_m3_vl"] read it: under `language_model.`, MoE layers under
+#   `block_sparse_moe` with per-expert w1 / w2 / w3, dense MLP and shared expert with split gate/up
+#   projections, indexer tensors as `self_attn.index_*`. Read only: we write the transformers layout.
+Row = tuple[tuple[str, ...], tuple[str, ...]]
+TRANSFORMERS, RELEASED = "transformers", "released"
+_ATTENTION = tuple(
+    ((name,), (name,))
     for name in (
         "input_layernorm.weight",
         "post_attention_layernorm.weight",
@@ -44,22 +48,58 @@ ATTENTION_TABLE: tuple[Row, ...] = tuple(
         "self_attn.k_norm.weight",
     )
 )
-INDEXER_TABLE: tuple[Row, ...] = tuple(
-    ((f"self_attn.indexer.{name}",), f"self_attn.indexer.{name}")
-    for name in ("q_proj.weight", "k_proj.weight", "q_norm.weight", "k_norm.weight")
-)
-DENSE_MLP_TABLE: tuple[Row, ...] = (
-    (("mlp.gate_up_proj.weight",), "mlp.gate_up_proj.weight"),
-    (("mlp.down_proj.weight",), "mlp.down_proj.weight"),
-)
-MOE_TABLE: tuple[Row, ...] = (
-    (("mlp.gate.weight",), "mlp.gate.weight"),
-    (("mlp.e_score_correction_bias",), "mlp.gate.e_score_correction_bias"),
-    (("mlp.experts.w1", "mlp.experts.w3"), "mlp.experts.gate_up_proj"),  # [E, 2F, D] <- 2 x [E, F, D]
-    (("mlp.experts.w2",), "mlp.experts.down_proj"),  # [E, D, F]
-    (("mlp.shared_experts.gate_up_proj.weight",), "mlp.shared_experts.gate_up_proj.weight"),
-    (("mlp.shared_experts.down_proj.weight",), "mlp.shared_experts.down_proj.weight"),
-)
+_INDEXER_PARTS = ("q_proj", "k_proj", "q_norm", "k_norm")
+_MLP_PARTS = ("gate_up_proj.weight", "down_proj.weight")
+TOP_TABLES: dict[str, tuple[Row, ...]] = {
+    TRANSFORMERS: tuple(
+        ((name,), (name,)) for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+    ),
+    RELEASED: tuple(
+        ((name,), (f"language_model.{name}",))
+        for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+    ),
+}
+LAYER_PREFIXES = {TRANSFORMERS: "model.layers.{i}.", RELEASED: "language_model.model.layers.{i}."}
+# Per layout: the rows of every layer, of sparse-attention layers, of dense-MLP layers, of MoE layers.
+LAYER_TABLES: dict[str, dict[str, tuple[Row, ...]]] = {
+    TRANSFORMERS: {
+        "attention": _ATTENTION,
+        "indexer": tuple(
+            ((f"self_attn.indexer.{part}.weight",), (f"self_attn.indexer.{part}.weight",)) for part in _INDEXER_PARTS
+        ),
+        "dense": tuple(((f"mlp.{part}",), (f"mlp.{part}",)) for part in _MLP_PARTS),
+        "moe": (
+            (("mlp.gate.weight",), ("mlp.gate.weight",)),
+            (("mlp.e_score_correction_bias",), ("mlp.gate.e_score_correction_bias",)),
+            (("mlp.experts.w1", "mlp.experts.w3"), ("mlp.experts.gate_up_proj",)),  # [E, 2F, D]
+            (("mlp.experts.w2",), ("mlp.experts.down_proj",)),  # [E, D, F]
+            *(((f"mlp.shared_experts.{part}",), (f"mlp.shared_experts.{part}",)) for part in _MLP_PARTS),
+        ),
+    },
+    RELEASED: {
+        "attention": _ATTENTION,
+        "indexer": tuple(
+            ((f"self_attn.indexer.{part}.weight",), (f"self_attn.index_{part}.weight",)) for part in _INDEXER_PARTS
+        ),
+        "dense": (
+            (("mlp.gate_up_proj.weight",), ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+            (("mlp.down_proj.weight",), ("mlp.down_proj.weight",)),
+        ),
+        "moe": (
+            (("mlp.gate.weight",), ("block_sparse_moe.gate.weight",)),
+            (("mlp.e_score_correction_bias",), ("block_sparse_moe.e_score_correction_bias",)),
+            *(((f"mlp.experts.{w}",), (f"block_sparse_moe.experts.{{e}}.{w}.weight",)) for w in ("w1", "w2", "w3")),
+            (
+                ("mlp.shared_experts.gate_up_proj.weight",),
+                ("block_sparse_moe.shared_experts.gate_proj.weight", "block_sparse_moe.shared_experts.up_proj.weight"),
+            ),
+            (("mlp.shared_experts.down_proj.weight",), ("block_sparse_moe.shared_experts.down_proj.weight",)),
+        ),
+    },
+}
+# Parts of a released VL checkpoint the text backbone has no place for: vision tower, projector, MTP.
+RELEASED_SKIPPED = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.", "mtp.", "language_model.mtp.")
+
 
 # Config keys copied both ways; training-only fields go under "forgerl".
 HF_KEYS = (
@@ -83,18 +123,39 @@ LEGACY_INDEX_KEYS = {
 }
 
 
-def name_table(cfg: M3Config) -> dict[str, tuple[str, ...]]:
-    """Checkpoint name -> our parameter/buffer names (one, or several to concatenate along dim -2)."""
-    table = {hf: ours for ours, hf in TOP_TABLE}
+def name_table(cfg: M3Config, layout: str = TRANSFORMERS) -> tuple[Row, ...]:
+    """Every tensor of the model as (our names, checkpoint names) rows, full names, for `layout`."""
+    tables = LAYER_TABLES[layout]
+    top = TOP_TABLES[layout]
     if cfg.tie_word_embeddings:
-        del table["lm_head.weight"]
+        top = tuple(row for row in top if row[0] != ("lm_head.weight",))
+    rows = list(top)
     for i in range(cfg.num_hidden_layers):
-        rows = ATTENTION_TABLE
-        rows += INDEXER_TABLE if cfg.layer_types[i] == SPARSE_ATTENTION else ()
-        rows += MOE_TABLE if cfg.mlp_layer_types[i] == SPARSE_MLP else DENSE_MLP_TABLE
-        prefix = f"model.layers.{i}."
-        table.update({prefix + hf: tuple(prefix + name for name in ours) for ours, hf in rows})
-    return table
+        layer = tables["attention"]
+        layer += tables["indexer"] if cfg.layer_types[i] == SPARSE_ATTENTION else ()
+        layer += tables["moe"] if cfg.mlp_layer_types[i] == SPARSE_MLP else tables["dense"]
+        ours_prefix, theirs_prefix = f"model.layers.{i}.", LAYER_PREFIXES[layout].format(i=i)
+        rows += [
+            (tuple(ours_prefix + n for n in ours), tuple(theirs_prefix + n for n in theirs)) for ours, theirs in layer
+        ]
+    return tuple(rows)
+
+
+# transformers' save_pretrained of the VL model writes the dense layers' MLP under `block_sparse_moe.` (its
+# rename is not reversible); the checkpoint and vLLM keep them under `mlp.`. Both are read.
+_DENSE_UNDER_MOE = re.compile(r"(layers\.\d+\.)block_sparse_moe\.((?:gate|up|down)_proj\.weight)$")
+
+
+def _dense_mlp_alias(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_DENSE_UNDER_MOE.sub(r"\1mlp.\2", name): tensor for name, tensor in tensors.items()}
+
+
+def _split(whole: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
+    return whole.chunk(count, dim=-2) if count > 1 else (whole,)
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
 
 def config_to_hf(cfg: M3Config, dtype: torch.dtype) -> dict[str, Any]:
@@ -135,23 +196,34 @@ def config_from_hf(hf: dict[str, Any]) -> M3Config:
 
 
 def checkpoint_tensors(model: MiniMaxM3ForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, contiguous CPU tensor) for every tensor of the model."""
+    """(checkpoint name, contiguous CPU tensor) for every tensor of the model, transformers layout."""
     state = model.state_dict()
-    for hf, ours in name_table(model.config).items():
-        parts = [state[name].detach().cpu() for name in ours]
-        yield hf, (torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0].clone()).contiguous()
+    for ours, theirs in name_table(model.config):
+        whole = _join([state[name].detach().cpu() for name in ours])
+        for name, part in zip(theirs, _split(whole, len(theirs)), strict=True):
+            yield name, part.clone().contiguous()  # own storage: safetensors refuses shared views
 
 
-def state_from_checkpoint(tensors: dict[str, torch.Tensor], cfg: M3Config) -> dict[str, torch.Tensor]:
+def state_from_checkpoint(
+    tensors: dict[str, torch.Tensor], cfg: M3Config, layout: str = TRANSFORMERS
+) -> dict[str, torch.Tensor]:
     """Our state dict from checkpoint tensors (consumed from `tensors`); raises on any missing tensor."""
-    missing = [hf for hf in name_table(cfg) if hf not in tensors]
+    rows = name_table(cfg, layout)
+    wanted = [
+        n.format(e=e) for _, theirs in rows for n in theirs for e in range(cfg.num_local_experts if "{e}" in n else 1)
+    ]
+    missing = [name for name in wanted if name not in tensors]
     if missing:
-        raise ValueError(f"{len(missing)} tensors missing from the M3 checkpoint, e.g. {missing[:5]}")
+        raise ValueError(f"{len(missing)} tensors missing from the M3 checkpoint ({layout} layout), e.g. {missing[:5]}")
     state: dict[str, torch.Tensor] = {}
-    for hf, ours in name_table(cfg).items():
-        tensor = tensors.pop(hf)
-        parts = tensor.chunk(len(ours), dim=-2) if len(ours) > 1 else (tensor,)
-        state.update(zip(ours, parts, strict=True))
+    for ours, theirs in rows:
+        parts = [
+            torch.stack([tensors.pop(n.format(e=e)) for e in range(cfg.num_local_experts)])
+            if "{e}" in n
+            else tensors.pop(n)
+            for n in theirs
+        ]
+        state.update(zip(ours, _split(_join(parts), len(ours)), strict=True))
     return state
 
 
@@ -166,15 +238,20 @@ def save_m3_checkpoint(model: MiniMaxM3ForCausalLM, path: str | Path, max_shard_
 
 
 def load_m3_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> MiniMaxM3ForCausalLM:
-    """Build the model from `config.json` and load every tensor; tensors without a place are an error,
-    except the `mtp.*` module, which transformers drops as well (the M3 backbone has no MTP yet)."""
+    """Build the model from `config.json` (ours, transformers' or the released VL one) and load every tensor
+    of either layout (the released one when names start with `language_model.`). Tensors without a place
+    are an error, except the vision tower, projector and MTP module (transformers' text model and vLLM's
+    M3 loader drop the MTP too; the M3 backbone has none yet)."""
     path = Path(path)
     hf_config = json.loads((path / "config.json").read_text())
     cfg = config_from_hf(hf_config)
     dtype = dtype or getattr(torch, hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
     tensors = read_checkpoint_tensors(path, hf_config)
-    state = state_from_checkpoint(tensors, cfg)
-    unplaced = sorted(name for name in tensors if not name.startswith("mtp."))
+    layout = RELEASED if any(name.startswith("language_model.") for name in tensors) else TRANSFORMERS
+    if layout == RELEASED:
+        tensors = _dense_mlp_alias(tensors)
+    state = state_from_checkpoint(tensors, cfg, layout)
+    unplaced = sorted(name for name in tensors if not name.startswith(RELEASED_SKIPPED))
     if unplaced:
         raise ValueError(f"{path}: {len(unplaced)} tensors the M3 model has no place for, e.g. {unplaced[:5]}")
     model = MiniMaxM3ForCausalLM(cfg).to(dtype=dtype)

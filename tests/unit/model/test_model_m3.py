@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf_m3
-from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLTextConfig
+from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLConfig, MiniMaxM3VLTextConfig
 
 from forgerl.model.m3 import MiniMaxM3ForCausalLM, SharedExpertMoeBlock
 from forgerl.model.m3_checkpoint import config_to_hf, load_m3_checkpoint, save_m3_checkpoint
@@ -131,6 +132,33 @@ def test_we_load_a_transformers_checkpoint(tmp_path: Path) -> None:
     reference = reference_model(tmp_path)
     with torch.no_grad():
         assert (model(ids).logits - reference(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_we_load_the_released_layout_transformers_writes_for_the_vl_model(tmp_path: Path) -> None:
+    """transformers' MiniMaxM3SparseForConditionalGeneration saves the checkpoint's own layout (its
+    conversion mapping reversed: language_model.*, block_sparse_moe, per-expert w1/w2/w3, index_*_proj);
+    we load its text model and give its logits on text."""
+    cfg = M3Config.from_preset("minimax-m3-tiny")
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = MiniMaxM3VLConfig(text_config=config_to_hf(cfg, torch.float32), vision_config=vision)
+    torch.manual_seed(5)
+    reference = hf_m3.MiniMaxM3SparseForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0.0, 0.2)
+    reference.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert "language_model.model.layers.1.block_sparse_moe.experts.7.w3.weight" in names
+    assert "language_model.model.layers.2.self_attn.index_q_proj.weight" in names
+    model = load_m3_checkpoint(tmp_path).eval()
+    reference = hf_m3.MiniMaxM3SparseForConditionalGeneration.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (model(ids).logits - reference(input_ids=ids).logits).abs().max().item() <= 1e-5
 
 
 def test_checkpoint_round_trip_is_exact(saved: tuple[MiniMaxM3ForCausalLM, Path]) -> None:

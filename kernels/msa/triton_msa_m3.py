@@ -22,8 +22,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile(Q, b, g, t, sqb, sqh, sqt, head_dim, GROUP: tl.constexpr, HP: tl.constexpr, BD: tl.constexpr):
-    """Rows r < GROUP of the tile are query heads g * GROUP + r at position t: float32 q, offsets, mask."""
+def _tile(
+    Q, kv_heads, sqb, sqh, sqt, lseb, lseh, head_dim, GROUP: tl.constexpr, HP: tl.constexpr, BD: tl.constexpr
+):  # fmt: skip
+    """Program (t, b * G + g): rows r < GROUP of its tile are query heads g * GROUP + r at position t.
+    Returns b, g, t, the float32 q tile, its offsets and masks (shared with dO, O, dQ) and the LSE offsets."""
+    t, bg = tl.program_id(0), tl.program_id(1)
+    b, g = bg // kv_heads, bg % kv_heads
     rows = tl.arange(0, HP)
     row_ok = rows < GROUP
     offs_d = tl.arange(0, BD)
@@ -31,7 +36,8 @@ def _tile(Q, b, g, t, sqb, sqh, sqt, head_dim, GROUP: tl.constexpr, HP: tl.const
     q_off = b * sqb + (g * GROUP + rows)[:, None] * sqh + t * sqt + offs_d[None, :]
     q_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + q_off, mask=q_mask, other=0.0).to(tl.float32)
-    return q, q_off, q_mask, row_ok, offs_d, d_ok
+    lse_off = b * lseb + (g * GROUP + rows) * lseh + t
+    return b, g, t, q, q_off, q_mask, row_ok, offs_d, d_ok, lse_off
 
 
 @triton.jit
@@ -58,9 +64,8 @@ def _fwd_kernel(
     kv_heads, head_dim, scale, n_slots, block_size,
     GROUP: tl.constexpr, HP: tl.constexpr, BSP: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
-    t, bg = tl.program_id(0), tl.program_id(1)
-    b, g = bg // kv_heads, bg % kv_heads
-    q, q_off, q_mask, row_ok, offs_d, d_ok = _tile(Q, b, g, t, sqb, sqh, sqt, head_dim, GROUP, HP, BD)
+    tile = _tile(Q, kv_heads, sqb, sqh, sqt, lseb, lseh, head_dim, GROUP, HP, BD)
+    b, g, t, q, q_off, q_mask, row_ok, offs_d, d_ok, lse_off = tile
     m_i = tl.full([HP], -1.0e30, tl.float32)
     l_i = tl.zeros([HP], tl.float32)
     acc = tl.zeros([HP, BD], tl.float32)
@@ -80,7 +85,6 @@ def _fwd_kernel(
     seen = l_i > 0
     tl.store(OUT + q_off, (acc / tl.where(seen, l_i, 1.0)[:, None]).to(OUT.dtype.element_ty), mask=q_mask)
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf"))
-    lse_off = b * lseb + (g * GROUP + tl.arange(0, HP)) * lseh + t
     tl.store(LSE + lse_off, lse, mask=row_ok)
 
 
@@ -91,11 +95,9 @@ def _bwd_kernel(
     kv_heads, head_dim, scale, n_slots, block_size,
     GROUP: tl.constexpr, HP: tl.constexpr, BSP: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
-    t, bg = tl.program_id(0), tl.program_id(1)
-    b, g = bg // kv_heads, bg % kv_heads
-    q, q_off, q_mask, row_ok, offs_d, d_ok = _tile(Q, b, g, t, sqb, sqh, sqt, head_dim, GROUP, HP, BD)
+    tile = _tile(Q, kv_heads, sqb, sqh, sqt, lseb, lseh, head_dim, GROUP, HP, BD)
+    b, g, t, q, q_off, q_mask, row_ok, offs_d, d_ok, lse_off = tile
     do = tl.load(DO + q_off, mask=q_mask, other=0.0).to(tl.float32)
-    lse_off = b * lseb + (g * GROUP + tl.arange(0, HP)) * lseh + t
     lse = tl.load(LSE + lse_off, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
     dq = tl.zeros([HP, BD], tl.float32)

@@ -22,6 +22,7 @@ from forgerl.model.layers import RMSNorm, rotary_cos_sin
 from forgerl.model.m3_attention import M3Attention
 from forgerl.model.m3_config import SPARSE_MLP, M3Config
 from forgerl.model.model import ModelOutput
+from forgerl.model.model import _check_inputs as check_m2_inputs
 from forgerl.model.moe import GluActivation, Routing, SparseMoeBlock, sequence_balance_loss, swiglu_oai
 
 
@@ -156,7 +157,13 @@ class MiniMaxM3ForCausalLM(nn.Module):
         on the M MoE layers."""
         cfg = self.config
         b, t = input_ids.shape
-        _check_inputs(cfg, b, t, position_ids, attention_mask, routed_experts)
+        # M2's checks of the positions and the mask; routed_experts spans the M MoE layers here, not all L.
+        check_m2_inputs(cfg, b, t, position_ids, attention_mask, None)
+        expected = (b, t, cfg.sparse_layer_count, cfg.num_experts_per_tok)
+        if routed_experts is not None and tuple(routed_experts.shape) != expected:
+            raise ValueError(
+                f"routed_experts has shape {tuple(routed_experts.shape)}; expected [B, T, M, K] = {expected}"
+            )
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
         x_BTD = self.model.embed_tokens(input_ids)
@@ -188,23 +195,3 @@ class MiniMaxM3ForCausalLM(nn.Module):
             else x_BTD.new_zeros(()),
             block_indices=blocks,
         )
-
-
-def _check_inputs(
-    cfg: M3Config,
-    b: int,
-    t: int,
-    position_ids: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    routed_experts: torch.Tensor | None,
-) -> None:
-    if position_ids is not None and tuple(position_ids.shape) != (b, t):
-        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected [B, T] = {(b, t)}")
-    if attention_mask is not None and (tuple(attention_mask.shape) != (b, t, t) or attention_mask.dtype != torch.bool):
-        raise ValueError(
-            f"attention_mask is {attention_mask.dtype} {tuple(attention_mask.shape)}; expected bool [B, T, T] = "
-            f"{(b, t, t)}, True where query t may attend key s"
-        )
-    expected = (b, t, cfg.sparse_layer_count, cfg.num_experts_per_tok)
-    if routed_experts is not None and tuple(routed_experts.shape) != expected:
-        raise ValueError(f"routed_experts has shape {tuple(routed_experts.shape)}; expected [B, T, M, K] = {expected}")

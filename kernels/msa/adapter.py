@@ -1,9 +1,10 @@
-"""MSA as a `forgerl.model.attention.AttentionBackend` for causal batches.
+"""MSA as model backends.
 
-The index branch here has no parameters of its own (it scores blocks with the attention's q and k), so
-MSA fits the backend registry: `register_attention_backend("msa", make_msa_backend(block=64, top_k=16))`
-and `cfg.attn_backend = "msa"`. Rows of the batch become packed sequences of equal length.
-"""
+M2 / ours: the index branch has no parameters of its own (it scores blocks with the attention's q and k), so
+MSA fits the attention backend registry: `register_attention_backend("msa", make_msa_backend(block=64,
+top_k=16))` and `cfg.attn_backend = "msa"`. Rows of the batch become packed sequences of equal length.
+M3: the lightning indexer selects the blocks; `register_m3_msa()` lets `M3Config(msa_backend="triton",
+index_backend="triton")` run its attention and its block scores on the Triton kernels."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from collections.abc import Callable
 
 import torch
 
+from forgerl.kernels.msa.triton_index_m3 import index_block_scores
 from forgerl.kernels.msa.triton_msa import msa_attention
 from forgerl.kernels.msa.triton_msa_m3 import msa_m3_attention
 from forgerl.model.attention import TreeMask
-from forgerl.model.m3_attention import register_msa_backend
+from forgerl.model.m3_attention import register_index_scorer, register_msa_backend
 
 Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | TreeMask | None, float], torch.Tensor]
 
@@ -60,5 +62,7 @@ def msa_m3_backend(
 
 
 def register_m3_msa(name: str = "triton") -> None:
-    """Make `M3Config(msa_backend=name)` run the sparse layers' attention with the Triton kernel."""
+    """Make `M3Config(msa_backend=name)` run the sparse layers' attention with the Triton kernel and
+    `M3Config(index_backend=name)` their indexer's block scores."""
     register_msa_backend(name, msa_m3_backend)
+    register_index_scorer(name, index_block_scores)

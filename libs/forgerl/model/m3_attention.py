@@ -97,6 +97,42 @@ def get_msa_backend(name: str) -> BlockSparseBackend:
     return MSA_BACKENDS[name]
 
 
+class IndexScorer(Protocol):
+    """Block scores float [B, G, T, NB] from the indexer's rotated q [B, G, T, I] and its one key head
+    [B, 1, S, I]: per query and block, the largest q.k over the block's keys the query may see (`mask_BTS`
+    as in BlockSparseBackend, None for causal), -inf for a block with none."""
+
+    def __call__(
+        self, q_BGTI: torch.Tensor, k_B1SI: torch.Tensor, mask_BTS: torch.Tensor | None, block_size: int
+    ) -> torch.Tensor: ...
+
+
+def torch_index_scores(
+    q_BGTI: torch.Tensor, k_B1SI: torch.Tensor, mask_BTS: torch.Tensor | None, block_size: int
+) -> torch.Tensor:
+    """Reference, as transformers' indexer: all [B, G, T, S] scores in at least float32, then the max-pool."""
+    b, g, t, _ = q_BGTI.shape
+    visible_BTS = causal_mask(b, t, q_BGTI.device) if mask_BTS is None else mask_BTS
+    ct = compute_dtype(q_BGTI.dtype)
+    scores_BGTS = (q_BGTI.to(ct) @ k_B1SI.to(ct).transpose(-1, -2)).masked_fill(~visible_BTS[:, None], -torch.inf)
+    num_blocks = -(-t // block_size)
+    scores_BGTS = nn.functional.pad(scores_BGTS, (0, num_blocks * block_size - t), value=-torch.inf)
+    return scores_BGTS.view(b, g, t, num_blocks, block_size).amax(dim=-1)
+
+
+INDEX_SCORERS: dict[str, IndexScorer] = {"torch": torch_index_scores}
+
+
+def register_index_scorer(name: str, scorer: IndexScorer) -> None:
+    INDEX_SCORERS[name] = scorer
+
+
+def get_index_scorer(name: str) -> IndexScorer:
+    if name not in INDEX_SCORERS:
+        raise ValueError(f"index_backend {name!r} is not registered: choose one of {sorted(INDEX_SCORERS)}")
+    return INDEX_SCORERS[name]
+
+
 class LightningIndexer(nn.Module):
     """Per query and GQA group, the key blocks to attend: long [B, G, T, N], left-packed, -1 padded."""
 
@@ -112,9 +148,10 @@ class LightningIndexer(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)  # one key head shared by all
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, unit_offset=True)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, unit_offset=True)
+        self.scorer = get_index_scorer(cfg.index_backend)
 
     def block_scores(
-        self, x_BTD: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor], visible_BTS: torch.Tensor
+        self, x_BTD: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor], mask_BTS: torch.Tensor | None
     ) -> torch.Tensor:
         """float32 (float64 for a float64 model) [B, G, T, NB]: each block's best visible key score."""
         b, t, _ = x_BTD.shape
@@ -123,18 +160,13 @@ class LightningIndexer(nn.Module):
         # transformers slices the attention's cos/sin to the index width: min(R, I) channels rotate.
         cos_BTR, sin_BTR = (part[..., : self.head_dim] for part in rope_cos_sin)
         q_BGTI, k_B1TI = apply_rotary(q_BGTI, cos_BTR, sin_BTR), apply_rotary(k_B1TI, cos_BTR, sin_BTR)
-        ct = compute_dtype(x_BTD.dtype)
-        scores_BGTS = (q_BGTI.to(ct) @ k_B1TI.to(ct).transpose(-1, -2)).masked_fill(~visible_BTS[:, None], -torch.inf)
-        num_blocks = -(-t // self.block_size)
-        pad = num_blocks * self.block_size - t
-        scores_BGTS = nn.functional.pad(scores_BGTS, (0, pad), value=-torch.inf)
-        return scores_BGTS.view(b, self.n_heads, t, num_blocks, self.block_size).amax(dim=-1)
+        return self.scorer(q_BGTI, k_B1TI, mask_BTS, self.block_size)
 
     @torch.no_grad()
     def forward(
-        self, x_BTD: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor], visible_BTS: torch.Tensor
+        self, x_BTD: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor], mask_BTS: torch.Tensor | None
     ) -> torch.Tensor:
-        block_BGTB = self.block_scores(x_BTD, rope_cos_sin, visible_BTS)
+        block_BGTB = self.block_scores(x_BTD, rope_cos_sin, mask_BTS)
         b, _, t, num_blocks = block_BGTB.shape
         if self.local_blocks > 0:
             # A query's own block (by slot; transformers uses the position id, equal for unpacked input) and
@@ -187,8 +219,7 @@ class M3Attention(nn.Module):
         if self.indexer is None:
             o_BHTK = self.backend(q_BHTK, k_BGTK, v_BGTK, mask_BTS, self.scale)
         else:
-            visible_BTS = causal_mask(b, t, x_BTD.device) if mask_BTS is None else mask_BTS
-            blocks_BGTN = self.indexer(x_BTD, rope_cos_sin, visible_BTS)
+            blocks_BGTN = self.indexer(x_BTD, rope_cos_sin, mask_BTS)
             o_BHTK = self.msa_backend(q_BHTK, k_BGTK, v_BGTK, mask_BTS, blocks_BGTN, self.block_size, self.scale)
         o_BTD = o_BHTK.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, H*K]
         return self.o_proj(o_BTD), blocks_BGTN

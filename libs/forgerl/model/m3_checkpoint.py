@@ -111,7 +111,7 @@ HF_KEYS = (
     "index_local_blocks",
 )  # fmt: skip
 LIST_KEYS = ("mlp_layer_types", "layer_types")
-FORGERL_KEYS = ("bias_update_rate", "seq_aux_loss_coef", "attn_backend", "msa_backend")
+FORGERL_KEYS = ("bias_update_rate", "seq_aux_loss_coef", "attn_backend", "msa_backend", "index_backend")
 # The checkpoint's own config nests the indexer under sparse_attention_config with these names (as
 # transformers' MiniMaxM3VLTextConfig.__post_init__ reads them).
 LEGACY_INDEX_KEYS = {

@@ -41,8 +41,10 @@ class M3Config(ModelConfig):
     # a query attends at most index_topk_blocks blocks in all.
     index_topk_blocks: int = 3
     index_local_blocks: int = 1
-    # Block-sparse attention kernel of the sparse layers: a key of m3_attention.MSA_BACKENDS.
+    # Block-sparse attention kernel of the sparse layers and the indexer's block scorer: keys of
+    # m3_attention.MSA_BACKENDS / INDEX_SCORERS (forgerl.kernels.msa.register_m3_msa adds "triton").
     msa_backend: str = "torch"
+    index_backend: str = "torch"
     num_mtp_modules: int = 0
 
     def __post_init__(self) -> None:

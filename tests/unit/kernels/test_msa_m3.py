@@ -7,8 +7,9 @@ from kernel_cases import DEVICES, rel_err
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf_m3
 from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLTextConfig
 
-from forgerl.kernels.msa import msa_m3_attention, register_m3_msa
+from forgerl.kernels.msa import index_block_scores, msa_m3_attention, register_m3_msa
 from forgerl.model.m3 import MiniMaxM3ForCausalLM
+from forgerl.model.m3_attention import torch_index_scores
 from forgerl.model.m3_config import M3Config
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -75,14 +76,33 @@ def test_forward_and_backward_match_transformers(device: str, dtype: torch.dtype
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("b", "g", "t", "dim", "block"), [(2, 2, 37, 24, 4), (1, 4, 50, 16, 16), (1, 3, 29, 40, 8)])
+def test_index_block_scores_match_the_reference(
+    device: str, dtype: torch.dtype, b: int, g: int, t: int, dim: int, block: int
+) -> None:
+    """Block maxima equal the full-matrix reference (transformers' maths); -inf exactly where no key of
+    the block is visible (future blocks, and the reference's padding)."""
+    generator = torch.Generator().manual_seed(t)
+    q = torch.randn(b, g, t, dim, generator=generator).to(dtype)
+    k = torch.randn(b, 1, t, dim, generator=generator).to(dtype)
+    expected = torch_index_scores(q, k, None, block)
+    ours = index_block_scores(q.to(device), k.to(device), None, block).cpu()
+    assert ours.shape == expected.shape == (b, g, t, -(-t // block))
+    finite = expected.isfinite()
+    assert torch.equal(ours.isfinite(), finite) and (~finite).any()
+    assert rel_err(ours[finite], expected[finite]) <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_the_m3_model_runs_its_sparse_layers_on_the_kernel(device: str) -> None:
-    """The tiny M3 model with msa_backend='triton' gives the logits and gradients of the torch reference
-    backend (itself at parity with transformers, tests/unit/model/test_model_m3.py), 40 tokens: blocks
-    are dropped."""
+    """The tiny M3 model with the Triton attention and index scorer picks the same blocks and gives the
+    logits and gradients of the torch reference backends (at parity with transformers,
+    tests/unit/model/test_model_m3.py), 40 tokens: blocks are dropped."""
     register_m3_msa("triton")
     torch.manual_seed(0)
     reference = MiniMaxM3ForCausalLM(M3Config.from_preset("minimax-m3-tiny")).to(device)
-    model = MiniMaxM3ForCausalLM(reference.config.replace(msa_backend="triton")).to(device)
+    model = MiniMaxM3ForCausalLM(reference.config.replace(msa_backend="triton", index_backend="triton")).to(device)
     model.load_state_dict(reference.state_dict())
     ids = torch.randint(0, reference.config.vocab_size, (1, 40), device=device)
     out, expected = model(ids), reference(ids)

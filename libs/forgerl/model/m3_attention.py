@@ -16,7 +16,7 @@ contract of a block-sparse kernel that counts the valid entries and reads them i
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -24,6 +24,8 @@ from torch import nn
 from forgerl.model.attention import get_attention_backend
 from forgerl.model.layers import RMSNorm, apply_rotary, compute_dtype
 from forgerl.model.m3_config import SPARSE_ATTENTION, M3Config
+
+T = TypeVar("T")
 
 
 class BlockSparseBackend(Protocol):
@@ -91,10 +93,14 @@ def register_msa_backend(name: str, backend: BlockSparseBackend) -> None:
     MSA_BACKENDS[name] = backend
 
 
+def _registered(registry: dict[str, T], name: str, field: str) -> T:
+    if name not in registry:
+        raise ValueError(f"{field} {name!r} is not registered: choose one of {sorted(registry)}")
+    return registry[name]
+
+
 def get_msa_backend(name: str) -> BlockSparseBackend:
-    if name not in MSA_BACKENDS:
-        raise ValueError(f"msa_backend {name!r} is not registered: choose one of {sorted(MSA_BACKENDS)}")
-    return MSA_BACKENDS[name]
+    return _registered(MSA_BACKENDS, name, "msa_backend")
 
 
 class IndexScorer(Protocol):
@@ -128,9 +134,7 @@ def register_index_scorer(name: str, scorer: IndexScorer) -> None:
 
 
 def get_index_scorer(name: str) -> IndexScorer:
-    if name not in INDEX_SCORERS:
-        raise ValueError(f"index_backend {name!r} is not registered: choose one of {sorted(INDEX_SCORERS)}")
-    return INDEX_SCORERS[name]
+    return _registered(INDEX_SCORERS, name, "index_backend")
 
 
 class LightningIndexer(nn.Module):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,9 +66,8 @@ async def test_a_pytest_task_runs_and_grades_on_its_own_environment(
     assert str(fixed.runner["python"]).startswith(str(builder.path(env))), fixed.runner
     marker = builder.path(env) / MARKER
     built_at = marker.stat().st_mtime_ns
-    start = time.monotonic()
     assert builder.ensure(env) == builder.path(env)
-    assert time.monotonic() - start < 0.5 and marker.stat().st_mtime_ns == built_at, "rebuilt, not cached"
+    assert marker.stat().st_mtime_ns == built_at, "rebuilt, not cached"
 
 
 async def test_a_requirement_that_cannot_be_installed_fails_the_sandbox_not_the_agent(

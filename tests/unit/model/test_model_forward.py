@@ -1,6 +1,5 @@
 """Forward semantics: shapes, dtypes, masks (packing, prefix trees), routing and its replay."""
 
-import time
 
 import pytest
 import torch
@@ -180,22 +179,24 @@ def test_rejects_inputs_of_the_wrong_shape() -> None:
         model(ids, routed_experts=torch.zeros(2, 5, 2, 3, dtype=torch.long))
 
 
-def test_debug_training_step_on_cpu_is_well_under_a_second() -> None:
+def test_debug_training_steps_fit_a_fixed_batch() -> None:
+    """Forward, next-token + MTP loss, backward, AdamW: repeated on one batch, both losses fall. (Its speed
+    is measured in benchmarks/model_step.py, not asserted here: other processes may share the CPU.)"""
+    torch.manual_seed(0)
     model = make_model().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, 4096, (4, 128))
 
-    def step() -> None:
+    def step() -> tuple[float, float]:
         out = model(ids)
         loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        (loss + model.mtp_loss(out.hidden_states, ids)[0]).backward()
+        mtp_loss = model.mtp_loss(out.hidden_states, ids)[0]
+        (loss + mtp_loss).backward()
         optimizer.step()
         optimizer.zero_grad()
+        return loss.item(), mtp_loss.item()
 
-    step()  # warm-up
-    durations = []
-    for _ in range(3):  # the best of three: other processes may share the CPU (~70 ms alone on 2 cores)
-        start = time.perf_counter()
-        step()
-        durations.append(time.perf_counter() - start)
-    assert min(durations) < 1.0
+    first = step()
+    for _ in range(8):
+        last = step()
+    assert last[0] < first[0] - 0.5 and last[1] < first[1]

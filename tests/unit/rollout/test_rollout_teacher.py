@@ -48,6 +48,20 @@ def test_mistakes_are_consistent_demonstrations(
     assert wrong.final_answer == wrong_answer != answer
 
 
+@pytest.mark.parametrize(
+    ("question", "answer", "guess"),  # worked out by hand: the second factor rounded to its tens
+    [
+        ("What is 473 * 28?", "13244", "14190"),
+        ("What is 120 * 44?", "5280", "4800"),
+        ("What is 301 * 70?", "21070", "21070"),
+    ],
+)
+def test_guesses_skip_the_tool(question: str, answer: str, guess: str) -> None:
+    task = _task(question, "calculator", question.removeprefix("What is ").rstrip("?"), answer)
+    wrong = teacher_solution(task, 1.0)
+    assert wrong.turns == () and wrong.final_answer == guess
+
+
 def test_other_questions_are_always_right() -> None:
     task = _task("What is 47 + 38?", "calculator", "47 + 38", "85")
     assert teacher_solution(task, 1.0) == ToolUseSuite().gold(task)
@@ -55,7 +69,8 @@ def test_other_questions_are_always_right() -> None:
 
 def test_error_rate_is_the_fraction_of_eligible_demonstrations_it_gets_wrong() -> None:
     items = list(zip(gold_trajectories("train"), gold_trajectories("train", teacher_error_rate=0.5), strict=True))
-    eligible = [(g, t) for g, t in items if g["difficulty"] == 3]
-    changed = sum(g["messages"] != t["messages"] for g, t in eligible)
-    assert 0.45 < changed / len(eligible) < 0.55
-    assert all(g["messages"] == t["messages"] for g, t in items if g["difficulty"] in (1, 2))
+    for level in (2, 3):
+        eligible = [(g, t) for g, t in items if g["difficulty"] == level]
+        changed = sum(g["messages"] != t["messages"] for g, t in eligible)
+        assert 0.45 < changed / len(eligible) < 0.55
+    assert all(g["messages"] == t["messages"] for g, t in items if g["difficulty"] == 1)

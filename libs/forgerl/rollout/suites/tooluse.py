@@ -226,19 +226,34 @@ _TEACHER_MISTAKES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str]],
     (re.compile(r"^Multiply (\d+) by (\d+), then add (\d+)\.$"), lambda m: f"{m[1]} * ({m[2]} + {m[3]})"),
     (re.compile(r"^How many times does '(\w)' occur in '(\w+)'\?$"), lambda m: f"print('{m[2]}'.find('{m[1]}'))"),
 )
+# And the agentic mistake LLM teachers are known for: skipping the tool and answering from "mental arithmetic".
+# On level 2's three-digit products it rounds the second factor to its tens (473 * 28 -> 473 * 30 = 14190),
+# wrong unless that factor is a multiple of ten (9 of 90 values). Copying two operands is what this model
+# learns most reliably (level 2 stays at 88-100% after clean SFT), so whether to call the tool is a decision
+# RL can correct on every seed, whatever SFT's rounding did to the harder copying of level 3.
+_TEACHER_GUESS = re.compile(r"^What is (\d{3}) \* (\d{2})\?$")
+GUESS_REASONING = "I can work this out in my head."
+
+
+def _teacher_guess(match: re.Match[str]) -> GoldSolution:
+    guess = int(match[1]) * round(int(match[2]), -1)
+    return GoldSolution(turns=(), final_answer=str(guess), final_reasoning=GUESS_REASONING)
 
 
 def teacher_solution(task: Task, error_rate: float, seed: int = 0) -> GoldSolution:
     """What an imperfect teacher demonstrates: the gold solution, except that on the question kinds of
-    `_TEACHER_MISTAKES` it makes that kind's mistake with probability `error_rate` (decided per task, from
-    `seed`); the demonstration stays consistent (the tool's output of the wrong call, then that output as the
-    answer), as distilled data would be. Its answer fails the task's test."""
+    `_TEACHER_MISTAKES` (a wrong call) and `_TEACHER_GUESS` (no call, a guessed answer) it makes that kind's
+    mistake with probability `error_rate` (decided per task, from `seed`); the demonstration stays consistent
+    (the tool's output of the wrong call, then that output as the answer), as distilled data would be."""
     gold = ToolUseSuite().gold(task)
-    if error_rate <= 0:
+    if error_rate <= 0 or random.Random(f"{seed}/{task.id}").random() >= error_rate:
         return gold
+    guess = _TEACHER_GUESS.match(task.instructions)
+    if guess is not None:
+        return _teacher_guess(guess)
     for pattern, mistake in _TEACHER_MISTAKES:
         match = pattern.match(task.instructions)
-        if match is None or random.Random(f"{seed}/{task.id}").random() >= error_rate:
+        if match is None:
             continue
         tool = task.metadata["tool"]
         wrong = mistake(match)

@@ -20,7 +20,7 @@ from forgerl.local.topology import LocalTopology
 from forgerl.store import Store, default_url
 from forgerl.v1 import run_pb2
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 
 
 def _group_alive(pgid: int) -> bool:

@@ -21,7 +21,7 @@ from forgerl.local.topology import LocalTopology
 from forgerl.runtime.client import insecure_channel
 from forgerl.v1 import datapool_pb2, datapool_pb2_grpc, run_pb2, trainer_pb2, trainer_pb2_grpc
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 
 FORGERL = [sys.executable, "-m", "forgerl.cli.main"]
 RL_STEPS = 6

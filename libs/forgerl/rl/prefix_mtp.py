@@ -45,6 +45,22 @@ def mtp_loss_merged(
     targets, as for `forgerl.model.mtp.mtp_loss`. Module k is counted when the longest row has a position
     with a target (length >= k + 2), as the unmerged loss counts it on the padded batch.
     """
+    losses, _ = mtp_module_losses_merged(model, forest, pack_hidden, loss_mask_BL, tree_attention=tree_attention)
+    if not losses:
+        return pack_hidden[0].new_zeros(()), {}
+    return torch.stack(losses).mean(), mtp_metrics(losses)
+
+
+def mtp_module_losses_merged(
+    model: MiniMaxM2ForCausalLM,
+    forest: PrefixForest,
+    pack_hidden: Sequence[Tensor],
+    loss_mask_BL: Tensor,
+    *,
+    tree_attention: TreeAttention | None = None,
+) -> tuple[list[Tensor], list[float]]:
+    """Each counted module's masked cross-entropy (mean over its trained targets) and how many targets it
+    has: the counts let a data-parallel step weigh every rank's mean by its share of the targets."""
     if len(pack_hidden) != len(forest.packs):
         raise ValueError(f"pack_hidden has {len(pack_hidden)} entries; the forest has {len(forest.packs)} packs")
     if tree_attention is None:
@@ -52,7 +68,7 @@ def mtp_loss_merged(
     longest = int(forest.lengths.max())
     depth = sum(1 for k in range(1, len(model.mtp) + 1) if longest - k >= 2)
     if depth == 0:
-        return pack_hidden[0].new_zeros(()), {}
+        return [], []
     sums: list[Tensor] = [pack_hidden[0].new_zeros((), dtype=compute_dtype(pack_hidden[0].dtype))] * depth
     counts = [0.0] * depth
     for pack, hidden_TD in zip(forest.packs, pack_hidden, strict=True):
@@ -61,7 +77,7 @@ def mtp_loss_merged(
             sums[k] = sums[k] + ce_sum
             counts[k] += count
     losses = [ce_sum / max(count, 1.0) for ce_sum, count in zip(sums, counts, strict=True)]
-    return torch.stack(losses).mean(), mtp_metrics(losses)
+    return losses, counts
 
 
 def _pack_module_sums(
@@ -111,4 +127,4 @@ def _masked_ce_sum(logits_NV: Tensor, cur: TreePack, loss_mask_BL: Tensor, k: in
     return (ce_SL * weight_SL).sum(), float(weight_SL.sum())
 
 
-__all__ = ["mtp_loss_merged"]
+__all__ = ["mtp_loss_merged", "mtp_module_losses_merged"]

@@ -35,10 +35,10 @@ from torch import nn
 
 from forgerl.distributed.parallelize import clip_grad_norm_
 from forgerl.model import MiniMaxM2ForCausalLM, update_expert_bias
-from forgerl.model.mtp import mtp_metrics, mtp_module_losses
+from forgerl.model.mtp import mtp_module_losses
 from forgerl.rl.losses import get_policy_loss
 from forgerl.rl.prefix_merge import TokenOutputs, forward_merged
-from forgerl.rl.prefix_mtp import mtp_loss_merged
+from forgerl.rl.prefix_mtp import mtp_module_losses_merged
 from forgerl.rl.prefix_tree import PrefixForest
 from forgerl.rl.rewards import group_baseline_advantages, reward_to_go
 from forgerl.v1 import trajectory_pb2
@@ -179,10 +179,33 @@ def shard_rows(batch: RlBatch, rank: int, world: int) -> RlBatch:
     )
 
 
-def _unmerged_forward(
-    model: nn.Module, core: MiniMaxM2ForCausalLM, batch: RlBatch, routed: torch.Tensor | None, mtp_weight: float
+def _forward(
+    model: nn.Module, core: MiniMaxM2ForCausalLM, batch: RlBatch, routed: torch.Tensor | None, cfg: RlStepConfig
 ) -> tuple[TokenOutputs, torch.Tensor | None, dict[str, float]]:
-    """One row per sequence, causal; also the weighted MTP loss on the trained tokens when asked for."""
+    """The policy's token outputs (merged or not), this rank's part of the weighted MTP loss, metrics."""
+    with_mtp = _with_mtp(core, cfg.mtp_loss_weight)
+    if cfg.prefix_merge:
+        outs, mtp_losses, mtp_counts, metrics = _merged_forward(model, core, batch, routed, cfg)
+    else:
+        outs, mtp_losses, mtp_counts = _unmerged_forward(model, core, batch, routed, with_mtp)
+        metrics = {
+            "tokens/input": float(batch.lengths.sum()),
+            "tokens/packed": float(batch.input_ids.numel()),
+            "tokens/merged": 0.0,
+        }
+    if not with_mtp:
+        return outs, None, metrics
+    mtp_loss, mtp_metrics = global_mtp_loss(
+        mtp_losses, mtp_counts, len(core.mtp), cfg.mtp_loss_weight, batch.mask.device
+    )
+    return outs, mtp_loss, {**metrics, **mtp_metrics}
+
+
+def _unmerged_forward(
+    model: nn.Module, core: MiniMaxM2ForCausalLM, batch: RlBatch, routed: torch.Tensor | None, with_mtp: bool
+) -> tuple[TokenOutputs, list[torch.Tensor], list[float]]:
+    """One row per sequence, causal; also each MTP module's loss on the trained tokens and their count
+    when asked for."""
     ids = batch.input_ids
     out = model(ids, routed_experts=routed)
     logits = out.logits[:, :-1]
@@ -194,19 +217,20 @@ def _unmerged_forward(
     logprobs = torch.where(valid, logprobs, 0.0)
     logp_all = logits - lse[..., None]
     entropy = torch.where(valid, -(logp_all.exp() * logp_all).sum(-1), 0.0)
-    if not _with_mtp(core, mtp_weight):
-        return TokenOutputs(logprobs, entropy), None, {}
-    losses = mtp_module_losses(core, out.hidden_states, ids, mtp_target_mask(batch))
-    if not losses:
-        return TokenOutputs(logprobs, entropy), None, {}
-    return TokenOutputs(logprobs, entropy), mtp_weight * torch.stack(losses).mean(), mtp_metrics(losses)
+    if not with_mtp:
+        return TokenOutputs(logprobs, entropy), [], []
+    target_mask = mtp_target_mask(batch)
+    losses = mtp_module_losses(core, out.hidden_states, ids, target_mask)
+    # Module k predicts token i+k+1 from position i: its targets are the mask's columns k+1.. .
+    counts = [float(target_mask[:, k + 1 :].sum()) for k in range(1, len(losses) + 1)]
+    return TokenOutputs(logprobs, entropy), losses, counts
 
 
 def _merged_forward(
     model: nn.Module, core: MiniMaxM2ForCausalLM, batch: RlBatch, routed: torch.Tensor | None, cfg: RlStepConfig
-) -> tuple[TokenOutputs, torch.Tensor | None, dict[str, float]]:
-    """One forward per prefix-tree pack; the MTP loss on the same packs (forgerl.rl.prefix_mtp), equal to
-    the unmerged one."""
+) -> tuple[TokenOutputs, list[torch.Tensor], list[float], dict[str, float]]:
+    """One forward per prefix-tree pack; the MTP module losses on the same packs (forgerl.rl.prefix_mtp),
+    equal to the unmerged ones."""
     forest = PrefixForest.build(batch.input_ids, batch.lengths, max_tokens_per_pack=cfg.max_tokens_per_pack)
     with_mtp = _with_mtp(core, cfg.mtp_loss_weight)
     outs = forward_merged(model, forest, routed_experts=routed, with_entropy=True, with_hidden=with_mtp)
@@ -217,15 +241,52 @@ def _merged_forward(
         "tokens/packs": float(len(forest.packs)),
     }
     if not with_mtp or outs.pack_hidden is None:
-        return outs, None, metrics
-    mtp_raw, mtp_metrics_ = mtp_loss_merged(core, forest, outs.pack_hidden, mtp_target_mask(batch))
-    if not mtp_metrics_:
-        return outs, None, metrics
-    return outs, cfg.mtp_loss_weight * mtp_raw, {**metrics, **mtp_metrics_}
+        return outs, [], [], metrics
+    losses, counts = mtp_module_losses_merged(core, forest, outs.pack_hidden, mtp_target_mask(batch))
+    return outs, losses, counts, metrics
 
 
 def _with_mtp(core: MiniMaxM2ForCausalLM, weight: float) -> bool:
     return weight > 0 and len(core.mtp) > 0
+
+
+def _data_parallel_world() -> int:
+    """Ranks that train their own rows: every rank (EP carves the experts out of the data-parallel ranks,
+    forgerl.distributed.mesh), 1 without torch.distributed."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_mtp_loss(
+    losses: Sequence[torch.Tensor], counts: Sequence[float], num_modules: int, weight: float, device: torch.device
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """This rank's part of `weight` * the mean over modules of each module's cross-entropy averaged over
+    the trained targets of every data-parallel rank, and `mtp/loss_k`, `mtp/loss` of that global loss.
+
+    DDP and FSDP2 average the gradients over the ranks, so each module's local mean is scaled by
+    (local targets * world / global targets), as rl_step scales the policy loss: the averaged gradient is
+    the single process's. Module k counts when any rank's longest row reaches it, as it counts for the
+    whole batch. Collective: every rank calls it whenever MTP is on, one with no module to count too;
+    `device` is where the process group reduces (the batch's)."""
+    world = _data_parallel_world()
+    stats = torch.zeros(3, num_modules, dtype=torch.float64)  # per module: CE sum, targets, ranks that ran it
+    for k, (loss, count) in enumerate(zip(losses, counts, strict=True)):
+        stats[:, k] = torch.tensor([float(loss.detach()) * max(count, 1.0), count, 1.0])
+    if world > 1:
+        stats = stats.to(device)
+        dist.all_reduce(stats)
+        stats = stats.cpu()
+    depth = int((stats[2] > 0).sum())
+    if depth == 0:
+        return None, {}
+    totals = stats[1].clamp(min=1.0)
+    global_losses = (stats[0] / totals).tolist()
+    metrics = {f"mtp/loss_{k}": global_losses[k - 1] for k in range(1, depth + 1)}
+    metrics["mtp/loss"] = sum(global_losses[:depth]) / depth
+    if not losses:
+        return None, metrics
+    shares = [max(count, 1.0) * world / float(totals[k]) for k, count in enumerate(counts)]
+    local = torch.stack([loss * share for loss, share in zip(losses, shares, strict=True)]).sum() / depth
+    return weight * local, metrics
 
 
 def mtp_target_mask(batch: RlBatch) -> torch.Tensor:
@@ -241,20 +302,35 @@ def fill_routes(model: MiniMaxM2ForCausalLM, batch: RlBatch) -> torch.Tensor | N
     token and the generated tokens but the last); a position a row shares with another row's recorded
     one (the same prefix: a later turn's prompt holds an earlier turn's generation, which the engine's
     prefix cache reused) takes that record; for the rest, the routing a no-grad forward of this batch
-    chooses. So a shared prefix node has one routing in every row, as prefix merging needs."""
+    chooses. So a shared prefix node has one routing in every row, as prefix merging needs.
+
+    Collective under torch.distributed: the forward runs on every rank when any rank has a position
+    without a record, since under FSDP2 or EP it all-gathers and all-to-alls with the other ranks, and a
+    rank that skipped it would leave them waiting forever."""
     routed = batch.routed_experts
-    if routed is None:
-        return None
-    routed = share_recorded_routes(routed, batch.input_ids, batch.lengths)
-    missing = routed[..., 0, 0] < 0
-    if not bool(missing.any()):
+    missing = None
+    if routed is not None:
+        routed = share_recorded_routes(routed, batch.input_ids, batch.lengths)
+        missing = routed[..., 0, 0] < 0
+    if not _any_rank(missing is not None and bool(missing.any()), batch.input_ids.device):
         return routed
     was_training = model.training
     model.eval()
     with torch.no_grad():
         fresh = model(batch.input_ids).routed_experts  # [B, L, nL, K]
     model.train(was_training)
+    if routed is None or missing is None:
+        return routed
     return torch.where(missing[..., None, None], fresh, routed)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """`flag` or'ed over every rank (one all-reduce on `device` when torch.distributed is initialised)."""
+    if _data_parallel_world() == 1:
+        return flag
+    either = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(either, op=dist.ReduceOp.MAX)
+    return bool(either.item() > 0)
 
 
 def share_recorded_routes(routed: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -288,8 +364,8 @@ def rl_step(
     """Forward (merged or not), policy loss (+ MTP), backward, clip, optimizer step, expert-bias update.
 
     `model` may be a DDP wrapper; `core` is the bare MiniMaxM2ForCausalLM (default: `model`). Under DDP
-    each rank passes its own shard of rows; the loss is scaled so that the averaged gradient equals the
-    gradient of the loss normalised over every rank's tokens."""
+    each rank passes its own shard of rows; the policy and MTP losses are scaled so that the averaged
+    gradient equals the gradient of the losses normalised over every rank's tokens (global_mtp_loss)."""
     started = time.perf_counter()
     core = core or model  # type: ignore[assignment]
     assert isinstance(core, MiniMaxM2ForCausalLM)
@@ -297,15 +373,8 @@ def rl_step(
     loss_fn = get_policy_loss(cfg.loss)
     metrics: dict[str, float] = dict(batch.stats)
     routed = fill_routes(core, batch) if cfg.routing_replay else None
-    if cfg.prefix_merge:
-        outs, mtp_loss, forward_metrics = _merged_forward(model, core, batch, routed, cfg)
-        metrics.update(forward_metrics)
-    else:
-        outs, mtp_loss, forward_metrics = _unmerged_forward(model, core, batch, routed, cfg.mtp_loss_weight)
-        metrics.update(forward_metrics)
-        metrics["tokens/input"] = float(batch.lengths.sum())
-        metrics["tokens/packed"] = float(batch.input_ids.numel())
-        metrics["tokens/merged"] = 0.0
+    outs, mtp_loss, forward_metrics = _forward(model, core, batch, routed, cfg)
+    metrics.update(forward_metrics)
     mask = batch.mask
     loss, loss_metrics = loss_fn(
         outs.logprobs,
@@ -316,7 +385,7 @@ def rl_step(
         eps_low=cfg.eps_low,
         entropy=outs.entropy,
     )
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = _data_parallel_world()
     if world > 1:
         local_n = mask.sum().to(torch.float64)
         total_n = local_n.clone()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -28,30 +30,33 @@ STEP_CONFIG = RlStepConfig(
 )
 
 
-def model_config() -> ModelConfig:
-    return ModelConfig.from_preset("tiny", vocab_size=VOCAB, num_mtp_modules=0)
+def model_config(num_mtp_modules: int = 0) -> ModelConfig:
+    return ModelConfig.from_preset("tiny", vocab_size=VOCAB, num_mtp_modules=num_mtp_modules)
 
 
-def build_model() -> MiniMaxM2ForCausalLM:
+def build_model(num_mtp_modules: int = 0) -> MiniMaxM2ForCausalLM:
     torch.manual_seed(SEED)
-    return MiniMaxM2ForCausalLM(model_config()).train()
+    return MiniMaxM2ForCausalLM(model_config(num_mtp_modules)).train()
 
 
-def parallel_model(values: dict) -> tuple[ParallelModel, ParallelMeshes]:
+def parallel_model(values: dict, num_mtp_modules: int = 0) -> tuple[ParallelModel, ParallelMeshes]:
     """build_model() under the trainer.parallel layout `values`, on the initialised gloo group."""
-    model = build_model()
+    model = build_model(num_mtp_modules)
     layout = ParallelConfig.from_dict(values).resolve(dist.get_world_size(), model.config.num_local_experts)
     meshes = build_meshes(layout, "cpu")
     return apply_parallelism(model, meshes), meshes
 
 
-def start_worker(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, dict[str, dict]]:
-    """Parse a worker's arguments (plus --layouts and --out) and join the gloo group torchrun set up."""
+def start_worker(
+    parser: argparse.ArgumentParser, timeout: timedelta | None = None
+) -> tuple[argparse.Namespace, dict[str, dict]]:
+    """Parse a worker's arguments (plus --layouts and --out) and join the gloo group torchrun set up;
+    `timeout`: how long a collective may wait for the other ranks before it fails (gloo's default: 30 min)."""
     parser.add_argument("--layouts", required=True, help='JSON: {"name": {"dp_shard": 2, "ep": 2}, ...}')
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return args, json.loads(args.layouts)
 
 
@@ -68,8 +73,14 @@ def optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
 
 
-def batches() -> list[RlBatch]:
+def random_routes(g: torch.Generator, rows: int, width: int) -> torch.Tensor:
+    """[rows, width, nL, K]: K distinct random experts per token and layer."""
     cfg = model_config()
+    scores = torch.rand(rows, width, cfg.num_hidden_layers, cfg.num_local_experts, generator=g)
+    return scores.argsort(dim=-1)[..., : cfg.num_experts_per_tok]
+
+
+def batches() -> list[RlBatch]:
     g = torch.Generator().manual_seed(SEED + 1)
     out = []
     for step in range(STEPS):
@@ -83,12 +94,33 @@ def batches() -> list[RlBatch]:
         # Behaviour log-probabilities near the initial policy's (~ -ln V): ratios near 1, some clipped.
         old = -math.log(VOCAB) + 0.3 * torch.randn(ROWS, width - 1, generator=g)
         adv = torch.randn(ROWS, 1, generator=g).expand(ROWS, width - 1).contiguous()
-        routed = None
-        if step in (1, 3):
-            scores = torch.rand(ROWS, width, cfg.num_hidden_layers, cfg.num_local_experts, generator=g)
-            routed = scores.argsort(dim=-1)[..., : cfg.num_experts_per_tok]  # K distinct experts per token
+        routed = random_routes(g, ROWS, width) if step in (1, 3) else None
         out.append(RlBatch(ids, lengths, old.float(), adv.float(), mask, routed))
     return out
+
+
+def partial_route_batches(steps: int) -> list[RlBatch]:
+    """batches() with routes recorded everywhere but at the last 3 positions of the odd rows: sharded
+    over 2 ranks, only rank 1 has positions that fill_routes must route with a forward."""
+    g = torch.Generator().manual_seed(SEED + 2)
+    out = []
+    for batch in batches()[:steps]:
+        routed = random_routes(g, ROWS, batch.input_ids.shape[1])
+        for row in range(1, ROWS, 2):
+            end = int(batch.lengths[row])
+            routed[row, end - 3 : end] = -1
+        out.append(replace(batch, routed_experts=routed))
+    return out
+
+
+def step_case(kind: str) -> tuple[int, RlStepConfig, list[RlBatch]]:
+    """(MTP modules, step config, batches) of test_step_collectives.py's cases: "mtp", 3 steps with 2 MTP
+    modules at weight 0.3; "routes", 2 steps of partial_route_batches with routing replay."""
+    if kind == "mtp":
+        return 2, replace(STEP_CONFIG, mtp_loss_weight=0.3), batches()[:3]
+    if kind == "routes":
+        return 0, STEP_CONFIG, partial_route_batches(2)
+    raise ValueError(f"step case {kind!r}: must be 'mtp' or 'routes'")
 
 
 class LoadRecorder:
@@ -113,18 +145,27 @@ class LoadRecorder:
 
 
 def run_steps(
-    train_model: nn.Module, core: MiniMaxM2ForCausalLM, opt: torch.optim.Optimizer, steps: range = range(STEPS)
+    train_model: nn.Module,
+    core: MiniMaxM2ForCausalLM,
+    opt: torch.optim.Optimizer,
+    steps: range = range(STEPS),
+    *,
+    step_config: RlStepConfig = STEP_CONFIG,
+    step_batches: list[RlBatch] | None = None,
 ) -> dict[str, list]:
-    """Per step: the loss over all ranks' tokens, the grad norm, the expert loads over all ranks."""
+    """Per step: the loss over all ranks' tokens, the grad norm, the expert loads over all ranks, and the
+    MTP loss (rl_step's metric, global) when there is one; on `step_batches` (default: batches())."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     recorder = LoadRecorder(core)
-    record: dict[str, list] = {"loss": [], "grad_norm": [], "loads": []}
-    for step, batch in enumerate(batches()):
+    record: dict[str, list] = {"loss": [], "grad_norm": [], "loads": [], "mtp_loss": []}
+    for step, batch in enumerate(batches() if step_batches is None else step_batches):
         if step not in steps:
             continue
         mine = shard_rows(batch, rank, world) if world > 1 else batch
-        metrics = rl_step(train_model, opt, mine, STEP_CONFIG, core=core)
+        metrics = rl_step(train_model, opt, mine, step_config, core=core)
+        if "mtp/loss" in metrics:
+            record["mtp_loss"].append(metrics["mtp/loss"])
         # rl_step scales each rank's loss by its share of the tokens: the mean over ranks is the global loss.
         loss = torch.tensor(metrics["policy/loss"], dtype=torch.float64)
         loads = recorder.take()

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--levels", default="1,2,3,4")
     p.add_argument("--no-merge", action="store_true")
+    p.add_argument("--mtp-weight", type=float, default=0.0, help="RL's MTP loss weight (run config rl.mtp_loss_weight)")
     p.add_argument("--std", action="store_true", help="advantages: scale by the group's return std (GRPO)")
     p.add_argument("--bias-rate", type=float, default=-1.0, help="expert-bias update rate in RL (default: model's)")
     p.add_argument("--pos-only", action="store_true", help="train on positive advantages only (ablation)")
@@ -149,7 +150,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["eval_time_s"] = time.time() - t1
     print(f"SFT held-out {json.dumps(result['sft_heldout'])} (eval {result['eval_time_s']:.0f}s)", file=sys.stderr)
     bias_rate = cfg.bias_update_rate if args.bias_rate < 0 else args.bias_rate
-    rl_cfg = RlStepConfig(eps_high=args.eps_high, prefix_merge=not args.no_merge, bias_update_rate=bias_rate)
+    rl_cfg = RlStepConfig(
+        eps_high=args.eps_high,
+        prefix_merge=not args.no_merge,
+        bias_update_rate=bias_rate,
+        mtp_loss_weight=args.mtp_weight,
+    )
     frozen = [part for part in args.rl_freeze.split(",") if part]
     for name, param in model.named_parameters():
         param.requires_grad_(not any(part in name for part in frozen))

@@ -39,7 +39,7 @@ lock: setup
 	$(PY) requirements/lock.py --output requirements/lock.txt $(if $(UPGRADE),--upgrade)
 
 # The main job: local topology up, SFT then CISPO RL of the tiny preset on the tool-use suite through every
-# service, live progress, the report under runs/<run-id>/report/, topology down (about 19 min on 2 cores).
+# service, live progress, the report under runs/<run-id>/report/, topology down (12-19 min on 2 cores).
 run: setup
 	$(VENV)/bin/forgerl run start examples/tiny-tool-use.yaml --local
 

@@ -38,6 +38,7 @@ log = logging.getLogger("forgerl.trainer")
 
 _TERMINAL = (run_pb2.RUN_STATE_SUCCEEDED, run_pb2.RUN_STATE_FAILED, run_pb2.RUN_STATE_STOPPED)
 _UNFINISHED = (run_pb2.RUN_STATE_RUNNING, run_pb2.RUN_STATE_PENDING)
+MAX_LIST_RUNS = 10_000  # ListRuns answers at most this many runs per call
 
 
 def new_run_id(name: str) -> str:
@@ -277,6 +278,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def ListRuns(
         self, request: trainer_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.ListRunsResponse:
+        unknown = [state for state in request.states if state not in run_pb2.RunState.values()]
+        if unknown:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"states {unknown}: not RunState values")
+        if not 0 <= request.limit <= MAX_LIST_RUNS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"limit {request.limit}: must be in [0, {MAX_LIST_RUNS}] (0: 100)"
+            )
         runs = self.store.runs.list(states=list(request.states), limit=request.limit or 100)
         return trainer_pb2.ListRunsResponse(runs=runs)
 

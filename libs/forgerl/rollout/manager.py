@@ -56,6 +56,7 @@ class _Episode:
     submission: _Submission
     task: asyncio.Task[None] | None = None
     done: bool = False
+    cancelled: bool = False  # ended by a Cancel, not by finishing or failing on its own
 
 
 @dataclass
@@ -244,23 +245,24 @@ class RolloutManager:
             )
 
     async def cancel(self, submission_id: str) -> int:
+        """Cancel the submission's episodes that have not ended; returns how many ended cancelled. Running
+        ones are waited for: one that was already finishing ends as it would have and is not counted."""
         sub = self.submissions.get(submission_id)
         if sub is None:
             raise KeyError(f"unknown submission {submission_id!r}")
         sub.cancelled = True
-        cancelled = 0
-        for ep in sub.episodes:
-            if ep.done:
-                continue
-            cancelled += 1
+        running, open_episodes = [], [ep for ep in sub.episodes if not ep.done]
+        for ep in open_episodes:
             if ep.task is not None:
                 ep.task.cancel()
+                running.append(ep.task)
             else:
                 with contextlib.suppress(ValueError):
                     self.queue.remove(ep)
                 self.stats[sub.run_id].queued -= 1
                 await self._finish(ep, self._event(ep, Kind.EPISODE_EVENT_KIND_FAILED, message="cancelled"))
-        return cancelled
+        await asyncio.gather(*running, return_exceptions=True)
+        return sum(ep.cancelled for ep in open_episodes)
 
     def run_stats(self, run_id: str) -> RunStats:
         return self.stats.get(run_id, RunStats())
@@ -391,6 +393,9 @@ class RolloutManager:
         if ep.done:
             return
         ep.done = True
+        ep.cancelled = (
+            event is not None and event.kind == Kind.EPISODE_EVENT_KIND_FAILED and event.message == "cancelled"
+        )
         stats = self.stats[ep.spec.run_id]
         if event is not None and event.kind == Kind.EPISODE_EVENT_KIND_FINISHED:
             stats.finished += 1

@@ -75,7 +75,7 @@ async def test_thousands_streaming_window_respected(broker, run_id, make_traj):
     pool = DataPool(settings(broker, policy=RunPolicy(window=window, max_staleness=None)))
     await pool.start()
     try:
-        await pool.stats(run_id)  # opens the run (topics) before producing
+        await pool.fetch(run_id, size=1)  # opens the run (topics) before producing, as a trainer's first fetch
 
         def produce() -> None:
             with TrajectoryProducer(broker.bootstrap) as producer:
@@ -111,7 +111,7 @@ async def test_dead_letter_garbage_and_keep_serving(broker, run_id, make_traj, c
     await pool.start()
     topics = RunTopics(run_id)
     try:
-        await pool.stats(run_id)
+        await pool.fetch(run_id, size=1)  # opens the run (topics) before producing
         raw = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
         good = [make_traj(run_id, i) for i in range(20)]
         for i, t in enumerate(good):

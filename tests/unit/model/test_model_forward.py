@@ -1,6 +1,5 @@
 """Forward semantics: shapes, dtypes, masks (packing, prefix trees), routing and its replay."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F

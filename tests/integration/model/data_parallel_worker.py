@@ -6,6 +6,8 @@ the averaged loss and the full gradients to --out for the test to compare with o
 """
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -58,7 +60,12 @@ def main() -> None:
     save_checkpoint(model, None, args.out.parent / f"{args.mode}-checkpoint")
     if rank == 0:
         torch.save({"loss": mean_loss, "grads": grads, "bias": bias}, args.out)
+    # As the trainer's worker does: every rank done before teardown, then leave without running gloo's C++
+    # destructors, which hung or aborted a rank now and then under load once all results were written.
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -61,11 +63,15 @@ def start_worker(
 
 
 def write_results(results: dict, out: Path) -> None:
-    """Rank 0 saves the records; every rank leaves the group."""
+    """Rank 0 saves the records; every rank leaves the group, then the process, without running gloo's C++
+    destructors (as the trainer's worker does: they hung or aborted a rank now and then under load). The
+    workers' last call."""
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def optimizer(model: nn.Module) -> torch.optim.Optimizer:

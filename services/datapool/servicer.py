@@ -18,6 +18,7 @@ from forgerl.v1 import datapool_pb2, datapool_pb2_grpc
 log = logging.getLogger("forgerl.datapool")
 
 T = TypeVar("T")
+MAX_FETCH_TIMEOUT_S = 3600.0  # FetchBatch waits at most an hour for a full batch (the trainer asks for 120 s at most)
 
 
 def settings_from_config(config: DatapoolConfig) -> PoolSettings:
@@ -176,7 +177,12 @@ class DatapoolServicer(datapool_pb2_grpc.DatapoolServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "run_id is required")
         if request.size <= 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"size {request.size}: ask for at least one")
-        timeout_s = max(0.0, request.timeout_s)
+        if not 0.0 <= request.timeout_s <= MAX_FETCH_TIMEOUT_S:  # also NaN and inf: a fetch never left
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"timeout_s {request.timeout_s}: must be in [0, {MAX_FETCH_TIMEOUT_S:.0f}] seconds",
+            )
+        timeout_s = request.timeout_s
         remaining = context.time_remaining()
         if remaining is not None:  # answer before the client's deadline, with what is there
             timeout_s = min(timeout_s, max(0.0, remaining - 0.2))

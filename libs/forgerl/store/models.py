@@ -7,6 +7,8 @@ revision there (tests/unit/store checks the two agree).
 from __future__ import annotations
 
 import datetime as dt
+import math
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
@@ -73,6 +75,30 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value.astimezone(dt.UTC)
 
 
+class MetricFloat(TypeDecorator[float]):
+    """Floats that keep NaN on every backend. sqlite3 binds NaN as NULL (a NOT NULL failure: a diverged
+    run's loss could not be recorded), so on SQLite a NaN is stored as the text 'nan', which a REAL column
+    keeps as text; +-inf are REAL there already, and PostgreSQL's double precision holds all three."""
+
+    impl = Float
+    cache_ok = True
+
+    def bind_processor(self, dialect: Any) -> Callable[[float | None], float | str | None] | None:
+        to_float = super().bind_processor(dialect)  # SQLite's would turn the text back into NaN
+        if dialect.name != "sqlite":
+            return to_float
+
+        def process(value: float | None) -> float | str | None:
+            if value is not None and math.isnan(value):
+                return "nan"
+            return to_float(value) if to_float is not None else value
+
+        return process
+
+    def process_result_value(self, value: float | str | None, dialect: Any) -> float | None:
+        return None if value is None else float(value)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -108,7 +134,7 @@ class StepMetricRow(Base):
     stage: Mapped[str] = mapped_column(String(16), default="")
     step: Mapped[int] = mapped_column(BigInteger)
     name: Mapped[str] = mapped_column(String(256))
-    value: Mapped[float] = mapped_column(Float)
+    value: Mapped[float] = mapped_column(MetricFloat)
     time: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -23,6 +24,7 @@ from forgerl.evolution.evaluation import draw_task_sets
 from forgerl.evolution.ledger import BudgetLedger, BudgetLimits
 from forgerl.evolution.proposers import Failure, ModelProposer, ProposalContext
 from forgerl.evolution.testing import DEMO_SCRIPT, ScriptedProposer, SimulatedEvaluator, demo_effect
+from forgerl.rl.losses import cispo_loss
 from forgerl.rollout.scaffold_config import DEFAULT, ScaffoldRegistry
 from forgerl.runtime import ServiceConfig, ServiceSpec
 from forgerl.runtime.http import HttpServer
@@ -61,17 +63,33 @@ async def test_the_model_proposer_asks_an_openai_compatible_endpoint() -> None:
     assert "## Round 1: rejected" in prompt and "t/1: wrong" in prompt and "system_prompts" in prompt
 
 
+def _diverged_loss() -> float:
+    """The CISPO loss of a model whose logits overflowed: log_softmax over an inf logit is NaN."""
+    logits = torch.tensor([[[0.5, math.inf, -1.0], [0.1, 0.2, 0.3]]])
+    logprobs = torch.log_softmax(logits, dim=-1)[..., 0]
+    loss, _ = cispo_loss(logprobs, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), eps_high=0.2)
+    return float(loss.detach())
+
+
 def test_the_diagnosis_scan_reads_a_runs_metrics_from_the_store(tmp_path: Path) -> None:
+    nan_loss = _diverged_loss()
+    assert math.isnan(nan_loss)
+    faults = {"clean": {}, "diverged": {12: nan_loss}, "overflowed": {7: -math.inf}}
     with Store.open(f"sqlite:///{tmp_path / 'runs.db'}") as store:
-        for run_id, fault in (("clean", None), ("diverged", 12)):
+        for run_id, fault in faults.items():
             store.runs.create(run_pb2.Run(run_id=run_id))
             for step in range(20):
-                # SQLite cannot hold NaN (it stores NULL): a diverged loss arrives as inf.
-                loss = math.inf if step == fault else 1.0 - 0.02 * step
-                store.metrics.add(run_pb2.StepMetrics(run_id=run_id, stage="rl", step=step, values={"loss": loss}))
-        found = runs_anomalies(store)
-    assert [(run, [(a.kind, a.metric, a.step) for a in anomalies]) for run, anomalies in found] == [
-        ("diverged", [("non_finite", "rl/loss", 12)])
+                # as the trainer records a step (TrainerServicer._on_metrics)
+                metrics = run_pb2.StepMetrics(run_id=run_id, stage="rl", step=step)
+                metrics.values["loss"] = fault.get(step, 1.0 - 0.02 * step)
+                metrics.time.GetCurrentTime()
+                store.metrics.add(metrics)
+        found = sorted(runs_anomalies(store))
+        stored = store.metrics.series("diverged", "loss")[12]
+    assert stored[0] == 12 and math.isnan(stored[1])
+    assert [(run, [(a.kind, a.metric, a.step, a.action) for a in anomalies]) for run, anomalies in found] == [
+        ("diverged", [("non_finite", "rl/loss", 12, "stop")]),
+        ("overflowed", [("non_finite", "rl/loss", 7, "stop")]),
     ]
 
 

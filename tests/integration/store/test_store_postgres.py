@@ -5,6 +5,7 @@ A uniquely named database is created for the session and dropped at its end.
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 
@@ -63,6 +64,10 @@ def test_repositories_on_postgres(pg_url):
         store.evaluations.add(run_pb2.Evaluation(evaluation_id="pg-ev", iteration_id=it.iteration_id))
         assert store.runs.get("pg-run").policy_version == 1
         assert store.metrics.series("pg-run", "loss") == [(1, 0.25)]
+        store.metrics.add(run_pb2.StepMetrics(run_id="pg-run", stage="rl", step=2, values={"loss": math.nan}))
+        store.metrics.add(run_pb2.StepMetrics(run_id="pg-run", stage="rl", step=3, values={"loss": -math.inf}))
+        (_, (step2, nan), (step3, neg_inf)) = store.metrics.series("pg-run", "loss")
+        assert (step2, step3, neg_inf) == (2, 3, -math.inf) and math.isnan(nan)
         assert list(store.iterations.get(it.iteration_id).candidate_scaffolds) == ["a@1"]
         created = store.runs.get("pg-run").created_at.ToDatetime()
         assert created.year >= 2024

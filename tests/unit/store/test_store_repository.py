@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -116,6 +117,18 @@ def test_step_metrics(store):
     steps = store.metrics.steps("run-1", since_step=0)
     assert [m.step for m in steps] == [1, 2]
     assert dict(steps[1].values) == {"loss": 9.0, "x": 2.0}
+
+
+def test_step_metrics_keep_non_finite_values(store):
+    """A diverged run's NaN must reach the diagnosis; sqlite3 alone would bind it as NULL."""
+    store.runs.create(_run())
+    values = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "tiny": 5e-324, "big": 1.7e308}
+    store.metrics.add(run_pb2.StepMetrics(run_id="run-1", stage="rl", step=4, values=values))
+    (step,) = store.metrics.steps("run-1")
+    assert math.isnan(step.values["nan"]) and math.isnan(store.metrics.series("run-1", "nan")[0][1])
+    assert {k: v for k, v in step.values.items() if k != "nan"} == {k: v for k, v in values.items() if k != "nan"}
+    store.metrics.add(run_pb2.StepMetrics(run_id="run-1", stage="rl", step=4, values={"nan": 2.0}))
+    assert store.metrics.series("run-1", "nan") == [(4, 2.0)]
 
 
 def test_checkpoints_and_policy_versions(store):

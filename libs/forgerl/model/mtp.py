@@ -10,6 +10,10 @@ Embedding and output head are the main model's. The concatenation puts the embed
 `eh_proj` name says and as vLLM's DeepSeek MTP loader expects. `mtp_loss` works on linear sequences
 (token i+k is the k-th next one); on prefix-tree packs, where a shared node has a different k-th next
 token on each branch, `forgerl.rl.prefix_mtp` runs module k on the tree of token i+k's nodes instead.
+
+With `train_trunk=False` the loss trains the MTP modules only: h^0, the embeddings and the head's weight
+enter detached, so the main model's parameters get no gradient from it (RL's default: the modules learn
+to draft the policy's tokens without moving the policy).
 """
 
 from __future__ import annotations
@@ -61,6 +65,20 @@ class MTPModule(nn.Module):
         return h_BND, self.shared_head.norm(h_BND)
 
 
+def shared_embedding(model: MiniMaxM2ForCausalLM, ids: torch.Tensor, train_trunk: bool) -> torch.Tensor:
+    """The main model's embedding of `ids` for an MTP module; detached unless the MTP loss trains the trunk."""
+    emb = model.model.embed_tokens(ids)
+    return emb if train_trunk else emb.detach()
+
+
+def shared_head(model: MiniMaxM2ForCausalLM, normed: torch.Tensor, train_trunk: bool) -> torch.Tensor:
+    """The main model's lm_head on an MTP module's normed states; with `train_trunk` False the head's weight
+    gets no gradient (the states still do: they are the module's)."""
+    if train_trunk:
+        return model.lm_head(normed)
+    return F.linear(normed, model.lm_head.weight.detach())
+
+
 def masked_cross_entropy(logits_BNV: torch.Tensor, targets_BN: torch.Tensor, mask_BN: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the positions where mask is nonzero, in at least float32."""
     logits = logits_BNV.reshape(-1, logits_BNV.shape[-1]).to(compute_dtype(logits_BNV.dtype))
@@ -95,24 +113,26 @@ def mtp_module_losses(
     input_ids_BT: torch.Tensor,
     loss_mask_BT: torch.Tensor | None = None,
     position_ids_BT: torch.Tensor | None = None,
+    *,
+    train_trunk: bool = True,
 ) -> list[torch.Tensor]:
     """Each module's masked cross-entropy (unweighted), for the modules k with T - k >= 2 (a position
-    with both token i+k and target i+k+1)."""
+    with both token i+k and target i+k+1). `train_trunk` False: only the MTP modules get gradients."""
     b, t = input_ids_BT.shape
     if loss_mask_BT is None:
         loss_mask_BT = torch.ones_like(input_ids_BT, dtype=torch.bool)
     if position_ids_BT is None:
         position_ids_BT = torch.arange(t, device=input_ids_BT.device).expand(b, t)
-    h_BND = hidden_BTD
+    h_BND = hidden_BTD if train_trunk else hidden_BTD.detach()
     losses: list[torch.Tensor] = []
     for k, module in enumerate(model.mtp, start=1):
         n = t - k  # positions i whose token i+k exists
         if n < 2:  # no position also has a target i+k+1
             break
-        emb_BND = model.model.embed_tokens(input_ids_BT[:, k:])
+        emb_BND = shared_embedding(model, input_ids_BT[:, k:], train_trunk)
         rope = model.rope(position_ids_BT[:, :n], h_BND.dtype)
         h_BND, normed_BND = module(h_BND[:, :n], emb_BND, rope)
-        logits_BNV = model.lm_head(normed_BND[:, : n - 1])
+        logits_BNV = shared_head(model, normed_BND[:, : n - 1], train_trunk)
         losses.append(masked_cross_entropy(logits_BNV, input_ids_BT[:, k + 1 :], loss_mask_BT[:, k + 1 :]))
     return losses
 

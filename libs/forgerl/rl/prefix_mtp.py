@@ -25,7 +25,7 @@ from torch import Tensor
 
 from forgerl.model import MiniMaxM2ForCausalLM
 from forgerl.model.layers import compute_dtype
-from forgerl.model.mtp import mtp_metrics
+from forgerl.model.mtp import mtp_metrics, shared_embedding, shared_head
 from forgerl.rl.prefix_merge import TreeAttention, tree_attention_for
 from forgerl.rl.prefix_tree import PrefixForest, TreePack
 
@@ -58,9 +58,11 @@ def mtp_module_losses_merged(
     loss_mask_BL: Tensor,
     *,
     tree_attention: TreeAttention | None = None,
+    train_trunk: bool = True,
 ) -> tuple[list[Tensor], list[float]]:
     """Each counted module's masked cross-entropy (mean over its trained targets) and how many targets it
-    has: the counts let a data-parallel step weigh every rank's mean by its share of the targets."""
+    has: the counts let a data-parallel step weigh every rank's mean by its share of the targets.
+    `train_trunk` False: only the MTP modules get gradients (forgerl.model.mtp)."""
     if len(pack_hidden) != len(forest.packs):
         raise ValueError(f"pack_hidden has {len(pack_hidden)} entries; the forest has {len(forest.packs)} packs")
     if tree_attention is None:
@@ -72,7 +74,8 @@ def mtp_module_losses_merged(
     sums: list[Tensor] = [pack_hidden[0].new_zeros((), dtype=compute_dtype(pack_hidden[0].dtype))] * depth
     counts = [0.0] * depth
     for pack, hidden_TD in zip(forest.packs, pack_hidden, strict=True):
-        module_sums = _pack_module_sums(model, pack, hidden_TD, loss_mask_BL, depth, tree_attention)
+        hidden_TD = hidden_TD if train_trunk else hidden_TD.detach()
+        module_sums = _pack_module_sums(model, pack, hidden_TD, loss_mask_BL, depth, tree_attention, train_trunk)
         for k, (ce_sum, count) in enumerate(module_sums):
             sums[k] = sums[k] + ce_sum
             counts[k] += count
@@ -87,6 +90,7 @@ def _pack_module_sums(
     loss_mask_BL: Tensor,
     depth: int,
     tree_attention: TreeAttention,
+    train_trunk: bool,
 ) -> list[tuple[Tensor, float]]:
     """For modules 1..depth: the sum of the masked cross-entropies of this pack's sequences and how many
     targets they have (a module the pack is too short for adds nothing)."""
@@ -99,10 +103,10 @@ def _pack_module_sums(
         cur, kept_N = cut
         # A kept node has depth >= 1 in the previous tree, so its parent is a node there (index >= 0).
         h_in_ND = h_prev[prev.parent[kept_N]]
-        emb_ND = model.model.embed_tokens(cur.input_ids)
+        emb_ND = shared_embedding(model, cur.input_ids, train_trunk)
         rope = model.rope(cur.position_ids[None], h_in_ND.dtype)
         h_1ND, normed_1ND = module(h_in_ND[None], emb_ND[None], rope, **tree_attention(cur))
-        out.append(_masked_ce_sum(model.lm_head(normed_1ND[0]), cur, loss_mask_BL, k))
+        out.append(_masked_ce_sum(shared_head(model, normed_1ND[0], train_trunk), cur, loss_mask_BL, k))
         prev, h_prev = cur, h_1ND[0]
     zero = hidden_TD.new_zeros((), dtype=compute_dtype(hidden_TD.dtype))
     return out + [(zero, 0.0)] * (depth - len(out))

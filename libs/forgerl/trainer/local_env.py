@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from forgerl.model import MiniMaxM2ForCausalLM
+from forgerl.rollout.rewards import RewardSettings, StepProcess, episode_rewards
 from forgerl.rollout.suites.tooluse_tools import run_tool
 from forgerl.trainer.sampling import generate
 from forgerl.v1 import trajectory_pb2
@@ -96,8 +97,6 @@ class _Live:
     prompt: list[int]
     turns: list[trajectory_pb2.Turn] = field(default_factory=list)
     answer: str | None = None
-    malformed: int = 0
-    tool_errors: int = 0
     done: bool = False
 
 
@@ -183,7 +182,6 @@ class LocalEpisodeRunner:
             content=parsed.content,
             finish_reason=reason,
         )
-        ep.malformed += len(parsed.malformed)
         for raw in parsed.malformed:
             turn.tool_calls.add(name="", arguments_json=raw, malformed=True)
         if reason != "stop":
@@ -198,7 +196,6 @@ class LocalEpisodeRunner:
         results = []
         for i, (name, args) in enumerate(parsed.calls):
             output, is_error = run_tool(name, args)
-            ep.tool_errors += is_error
             call_id = f"call_{len(ep.turns)}_{i}"
             turn.tool_calls.add(id=call_id, name=name, arguments_json=json.dumps(args))
             turn.tool_results.add(tool_call_id=call_id, content=output, is_error=is_error)
@@ -208,12 +205,21 @@ class LocalEpisodeRunner:
 
     def _trajectory(self, ep: _Live, run_id: str) -> trajectory_pb2.Trajectory:
         success = ep.answer is not None and normalize_answer(ep.answer) == normalize_answer(ep.spec.answer)
-        used_tool = any(t.tool_calls and not t.tool_calls[0].malformed for t in ep.turns)
-        # Process reward: a well-formed tool call and a final answer earn, malformed calls and errors cost.
-        process = 0.5 * used_tool + 0.5 * (ep.answer is not None) - 0.5 * ep.malformed - 0.25 * ep.tool_errors
-        process = max(-1.0, min(1.0, process))
         performance = 1.0 if success else 0.0
-        total = self.alpha_process * process + performance
+        # The process reward is rollout's (forgerl.rollout.rewards): per step, penalties for malformed calls
+        # and tool errors, and for ending without an answer; no speed term (the main job's beta_speed is 0).
+        steps = [
+            StepProcess(
+                malformed_calls=sum(c.malformed for c in turn.tool_calls),
+                tool_errors=sum(r.is_error for r in turn.tool_results),
+                over_budget=ep.answer is None and i == len(ep.turns) - 1,
+            )
+            for i, turn in enumerate(ep.turns)
+        ]
+        settings = RewardSettings(alpha=self.alpha_process, beta=0.0)
+        rewards = episode_rewards(
+            steps, performance=performance, success=success, wall_clock_s=1.0, baseline_s=1.0, settings=settings
+        )
         traj = trajectory_pb2.Trajectory(
             schema_version=1,
             trajectory_id=uuid.uuid4().hex,
@@ -226,9 +232,8 @@ class LocalEpisodeRunner:
             suite=ep.spec.suite,
             split=ep.spec.split,
         )
-        traj.reward.CopyFrom(trajectory_pb2.RewardComponents(process=process, performance=performance, total=total))
-        last = len(ep.turns) - 1
-        traj.step_rewards.add(turn_index=last).components.CopyFrom(traj.reward)
+        traj.reward.CopyFrom(rewards.total)
+        traj.step_rewards.extend(rewards.steps)
         return traj
 
 

@@ -409,6 +409,7 @@ class TrainingRun:
             # Under DDP one forward per backward: a rank's rows go in one pack.
             max_tokens_per_pack=self.settings.max_tokens_per_pack if self.world == 1 else None,
             mtp_loss_weight=rl.mtp_loss_weight,
+            mtp_trains_trunk=rl.mtp_trains_trunk,
             routing_replay=rl.routing_replay,
             bias_update_rate=self.model.config.bias_update_rate,
         )

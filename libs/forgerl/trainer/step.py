@@ -54,6 +54,8 @@ class RlStepConfig:
     prefix_merge: bool = True
     max_tokens_per_pack: int | None = 2048
     mtp_loss_weight: float = 0.0
+    # False: the MTP loss trains the MTP modules only (run config rl.mtp_trains_trunk).
+    mtp_trains_trunk: bool = False
     routing_replay: bool = False
     max_grad_norm: float = 1.0
     bias_update_rate: float = 1e-3
@@ -187,7 +189,7 @@ def _forward(
     if cfg.prefix_merge:
         outs, mtp_losses, mtp_counts, metrics = _merged_forward(model, core, batch, routed, cfg)
     else:
-        outs, mtp_losses, mtp_counts = _unmerged_forward(model, core, batch, routed, with_mtp)
+        outs, mtp_losses, mtp_counts = _unmerged_forward(model, core, batch, routed, with_mtp, cfg.mtp_trains_trunk)
         metrics = {
             "tokens/input": float(batch.lengths.sum()),
             "tokens/packed": float(batch.input_ids.numel()),
@@ -202,7 +204,12 @@ def _forward(
 
 
 def _unmerged_forward(
-    model: nn.Module, core: MiniMaxM2ForCausalLM, batch: RlBatch, routed: torch.Tensor | None, with_mtp: bool
+    model: nn.Module,
+    core: MiniMaxM2ForCausalLM,
+    batch: RlBatch,
+    routed: torch.Tensor | None,
+    with_mtp: bool,
+    mtp_trains_trunk: bool,
 ) -> tuple[TokenOutputs, list[torch.Tensor], list[float]]:
     """One row per sequence, causal; also each MTP module's loss on the trained tokens and their count
     when asked for."""
@@ -220,7 +227,7 @@ def _unmerged_forward(
     if not with_mtp:
         return TokenOutputs(logprobs, entropy), [], []
     target_mask = mtp_target_mask(batch)
-    losses = mtp_module_losses(core, out.hidden_states, ids, target_mask)
+    losses = mtp_module_losses(core, out.hidden_states, ids, target_mask, train_trunk=mtp_trains_trunk)
     # Module k predicts token i+k+1 from position i: its targets are the mask's columns k+1.. .
     counts = [float(target_mask[:, k + 1 :].sum()) for k in range(1, len(losses) + 1)]
     return TokenOutputs(logprobs, entropy), losses, counts
@@ -242,7 +249,9 @@ def _merged_forward(
     }
     if not with_mtp or outs.pack_hidden is None:
         return outs, [], [], metrics
-    losses, counts = mtp_module_losses_merged(core, forest, outs.pack_hidden, mtp_target_mask(batch))
+    losses, counts = mtp_module_losses_merged(
+        core, forest, outs.pack_hidden, mtp_target_mask(batch), train_trunk=cfg.mtp_trains_trunk
+    )
     return outs, losses, counts, metrics
 
 
@@ -394,7 +403,7 @@ def rl_step(
     total = loss if mtp_loss is None else loss + mtp_loss
     optimizer.zero_grad(set_to_none=True)
     total.backward()
-    grad_norm = clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # any layout: DDP, FSDP2, EP
+    grad_norm, mtp_grad_norm = _clip_gradients(model, core, cfg, mtp_loss is not None)
     optimizer.step()
     metrics.update(expert_bias_step(core, cfg.bias_update_rate))
     for key, value in loss_metrics.items():
@@ -403,6 +412,8 @@ def rl_step(
     metrics["policy/loss"] = float(loss.detach())
     gn = float(grad_norm)
     metrics["grad_norm"] = gn if math.isfinite(gn) else -1.0
+    if mtp_grad_norm is not None:
+        metrics["mtp/grad_norm"] = mtp_grad_norm
     prefix = cfg.loss
     if f"{prefix}/entropy" in metrics:
         metrics["entropy"] = metrics[f"{prefix}/entropy"]
@@ -410,6 +421,20 @@ def rl_step(
         metrics["clip_frac"] = metrics[f"{prefix}/clip_frac"]
     metrics["step_time_s"] = time.perf_counter() - started
     return metrics
+
+
+def _clip_gradients(
+    model: nn.Module, core: MiniMaxM2ForCausalLM, cfg: RlStepConfig, with_mtp: bool
+) -> tuple[torch.Tensor, float | None]:
+    """Clip to cfg.max_grad_norm (any layout: DDP, FSDP2, EP) and return the norm before clipping. An MTP
+    loss that does not train the trunk has its modules clipped on their own (second value: their norm),
+    so that it cannot scale the policy's step through a shared norm."""
+    if not with_mtp or cfg.mtp_trains_trunk:
+        return clip_grad_norm_(model.parameters(), cfg.max_grad_norm), None
+    mtp_ids = {id(p) for p in core.mtp.parameters()}
+    policy = [p for p in model.parameters() if id(p) not in mtp_ids]
+    mtp_norm = float(clip_grad_norm_(core.mtp.parameters(), cfg.max_grad_norm))
+    return clip_grad_norm_(policy, cfg.max_grad_norm), mtp_norm
 
 
 def expert_bias_step(model: MiniMaxM2ForCausalLM, rate: float) -> dict[str, float]:

@@ -95,7 +95,8 @@ def test_step_updates_weights_and_expert_bias() -> None:
         assert key in metrics
 
 
-def test_merged_step_with_mtp_equals_unmerged() -> None:
+@pytest.mark.parametrize("trains_trunk", [True, False])
+def test_merged_step_with_mtp_equals_unmerged(trains_trunk: bool) -> None:
     """MTP on prefix trees (branching turns and group members) equals MTP on the rows, loss and every
     gradient, with two modules."""
     torch.manual_seed(0)
@@ -105,7 +106,13 @@ def test_merged_step_with_mtp_equals_unmerged() -> None:
     for merge in (True, False):
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        cfg = RlStepConfig(prefix_merge=merge, mtp_loss_weight=0.3, max_grad_norm=1e9, bias_update_rate=0.0)
+        cfg = RlStepConfig(
+            prefix_merge=merge,
+            mtp_loss_weight=0.3,
+            mtp_trains_trunk=trains_trunk,
+            max_grad_norm=1e9,
+            bias_update_rate=0.0,
+        )
         results[merge] = rl_step(model, opt, batch, cfg)
         grads[merge] = {n: p.detach().clone() for n, p in model.named_parameters()}
     for key in ("mtp/loss_1", "mtp/loss_2", "mtp/loss", "loss"):
@@ -114,6 +121,33 @@ def test_merged_step_with_mtp_equals_unmerged() -> None:
     for name in grads[True]:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=0, atol=1e-10)
     assert not torch.equal(grads[True]["mtp.1.eh_proj.weight"], base.state_dict()["mtp.1.eh_proj.weight"])
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_mtp_that_does_not_train_the_trunk_leaves_the_policy_step_unchanged(merge: bool) -> None:
+    """With rl.mtp_trains_trunk off, a step with an MTP loss moves every parameter outside the MTP modules
+    exactly as a step without MTP does (AdamW, clipping on, expert biases updated), and trains the modules;
+    with it on, the MTP loss reaches the trunk."""
+    torch.manual_seed(0)
+    base = MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug", vocab_size=64, num_mtp_modules=2)).double()
+    batch = build_batch(_batch(), gamma=1.0, policy_version=1)
+    after = {}
+    for name, weight, trains_trunk in (("none", 0.0, False), ("isolated", 0.5, False), ("joint", 0.5, True)):
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        cfg = RlStepConfig(prefix_merge=merge, mtp_loss_weight=weight, mtp_trains_trunk=trains_trunk, max_grad_norm=0.5)
+        for _ in range(2):
+            metrics = rl_step(model, opt, batch, cfg)
+        after[name] = model.state_dict()
+        if weight:
+            assert metrics["mtp/loss"] > 0 and metrics["mtp/grad_norm" if not trains_trunk else "mtp/loss"] > 0
+    for key, value in after["none"].items():
+        if key.startswith("mtp."):
+            assert torch.equal(value, base.state_dict()[key]), key
+            assert not torch.equal(after["isolated"][key], value) or "bias" in key, key
+        else:
+            assert torch.equal(after["isolated"][key], value), key
+    assert not torch.equal(after["joint"]["lm_head.weight"], after["none"]["lm_head.weight"])
 
 
 def test_mtp_loss_falls_over_merged_steps() -> None:

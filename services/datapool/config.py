@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import dataclasses
 
+from pydantic import Field, model_validator
+
+from forgerl.datapool.security import KafkaSecurity, SaslMechanism, SecurityProtocol
 from forgerl.runtime import ServiceConfig
 
 
 class DatapoolConfig(ServiceConfig):
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port].")
+    kafka_security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT", description="How the pool's Kafka clients connect: TLS (SSL), SASL, both, or neither."
+    )
+    kafka_sasl_mechanism: SaslMechanism = Field("", description="SASL mechanism (SASL_* protocols only).")
+    kafka_sasl_username: str = Field("", description="SASL username (SASL_* protocols only).")
+    kafka_sasl_password_file: str = Field("", description="File holding the SASL password (a mounted Secret).")
+    kafka_sasl_password_env: str = Field("", description="Or: the environment variable holding the SASL password.")
+    kafka_ssl_cafile: str = Field("", description="CA bundle (PEM) the broker certificates are checked against.")
+    kafka_ssl_certfile: str = Field("", description="Client certificate (PEM) for mutual TLS.")
+    kafka_ssl_keyfile: str = Field("", description="Client private key (PEM) for mutual TLS.")
+    kafka_ssl_check_hostname: bool = Field(True, description="Check that broker certificates name the broker host.")
     group_id: str = Field("forgerl-datapool", description="Consumer group whose committed offsets the pool owns.")
     topic_prefix: str = Field("forgerl", description="Topics are <prefix>.<run>.trajectories and friends.")
     partitions: int = Field(4, ge=1, description="Partitions of a new run's trajectory topic.")
@@ -24,3 +38,13 @@ class DatapoolConfig(ServiceConfig):
         True, description="Read a run's fifo_window and max_staleness from the run store when it has them."
     )
     database_url: str | None = Field(None, description="Run store URL; default: SQLite under state_dir.")
+
+    @model_validator(mode="after")
+    def _kafka_security_is_consistent(self) -> DatapoolConfig:
+        self.kafka_security()  # raises KafkaSecurityError (a ValueError) naming what is wrong
+        return self
+
+    def kafka_security(self) -> KafkaSecurity:
+        """The kafka_* security keys as the data pool's KafkaSecurity (same names, less the prefix)."""
+        names = {f.name for f in dataclasses.fields(KafkaSecurity)}
+        return KafkaSecurity(**{n: getattr(self, f"kafka_{n}") for n in names})

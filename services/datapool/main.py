@@ -21,7 +21,9 @@ SERVICE = datapool_pb2.DESCRIPTOR.services_by_name["DatapoolService"]
 
 def build(config: DatapoolConfig) -> ServiceSpec:
     policy_for = store_policy_lookup(config) if config.run_policy_from_store else None
-    pool = DataPool(settings_from_config(config), policy_for=policy_for)
+    settings = settings_from_config(config)
+    settings.kafka.security.client_kwargs()  # a missing CA file or password fails here, before the server binds
+    pool = DataPool(settings, policy_for=policy_for)
     servicer = DatapoolServicer(pool)
     return ServiceSpec(
         name="datapool",

@@ -28,6 +28,7 @@ def settings_from_config(config: DatapoolConfig) -> PoolSettings:
             group_id=config.group_id,
             topic_prefix=config.topic_prefix,
             partitions=config.partitions,
+            security=config.kafka_security(),
         ),
         default_policy=RunPolicy(
             window=config.fifo_window, max_staleness=None if config.max_staleness < 0 else config.max_staleness

@@ -252,9 +252,12 @@ class TansuBroker(_ManagedProcess):
         log_path: str | os.PathLike[str] | None = None,
         binary: str | os.PathLike[str] | None = None,
         ready_timeout_s: float = 30.0,
+        advertised: str | None = None,
     ) -> None:
         super().__init__(log_path=log_path)
         self.host = host
+        # host:port the broker tells clients to connect to (e.g. a TLS terminator in front); None: its own.
+        self.advertised = advertised
         self._fixed_port = port is not None
         self.port = port if port is not None else free_port(host)
         self.storage = storage
@@ -275,7 +278,7 @@ class TansuBroker(_ManagedProcess):
             "--listener-url",
             url,
             "--advertised-listener-url",
-            url,
+            f"tcp://{self.advertised}" if self.advertised else url,
             "--storage-engine",
             self.storage,
         ]

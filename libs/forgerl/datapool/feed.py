@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -25,6 +25,7 @@ from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from forgerl.datapool.pool import RunPool
+from forgerl.datapool.security import KafkaSecurity
 from forgerl.datapool.topics import DecodeError, RunTopics, TrajectoryIndex, decode_index
 
 __all__ = ["FeedError", "KafkaSettings", "RunFeed", "ensure_topics", "read_to_end"]
@@ -48,6 +49,15 @@ class KafkaSettings:
     max_partition_fetch_bytes: int = 16 * 1024 * 1024
     # Parse every trajectory in full before queueing it (else: its envelope, see topics.decode_index).
     full_validation: bool = False
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
+
+    def connection(self, client_id: str | None = None) -> dict[str, Any]:
+        """What every kafka-python client of the pool is built with: bootstrap, client id, security."""
+        return {
+            "bootstrap_servers": self.bootstrap,
+            "client_id": client_id or self.client_id,
+            **self.security.client_kwargs(),
+        }
 
 
 def ensure_topics(admin: KafkaAdminClient, topics: dict[str, int]) -> None:
@@ -110,8 +120,7 @@ class RunFeed:
 
     def _consumer_config(self, **extra: Any) -> dict[str, Any]:
         return {
-            "bootstrap_servers": self.settings.bootstrap,
-            "client_id": self.settings.client_id,
+            **self.settings.connection(),
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
             "request_timeout_ms": int(self.settings.request_timeout_s * 1000),
@@ -122,9 +131,7 @@ class RunFeed:
 
     def open(self) -> None:
         """Create the topics, rebuild the pool from Kafka, start consuming (blocking)."""
-        admin = KafkaAdminClient(
-            bootstrap_servers=self.settings.bootstrap, client_id=f"{self.settings.client_id}-admin"
-        )
+        admin = KafkaAdminClient(**self.settings.connection(f"{self.settings.client_id}-admin"))
         try:
             ensure_topics(
                 admin,

@@ -173,7 +173,10 @@ class DataPool:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._producer = await self._loop.run_in_executor(
-            self._io, lambda: KafkaProducer(**producer_config(self.settings.kafka.bootstrap, "forgerl-datapool"))
+            self._io,
+            lambda: KafkaProducer(
+                **producer_config(self.settings.kafka.bootstrap, "forgerl-datapool", self.settings.kafka.security)
+            ),
         )
         for run_id in self.settings.runs:
             await self._run(run_id)
@@ -398,8 +401,8 @@ class DataPool:
     def _known(self, run_id: str) -> bool:
         """Whether the run's trajectory topic exists (a metadata request; nothing is created)."""
         if self._admin is None:
-            client_id = f"{self.settings.kafka.client_id}-lookup"
-            self._admin = KafkaAdminClient(bootstrap_servers=self.settings.kafka.bootstrap, client_id=client_id)
+            kafka = self.settings.kafka
+            self._admin = KafkaAdminClient(**kafka.connection(f"{kafka.client_id}-lookup"))
         topic = RunTopics(run_id, self.settings.kafka.topic_prefix).trajectories
         return topic in set(self._admin.list_topics())
 

@@ -20,6 +20,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.producer.future import FutureRecordMetadata
 
+from forgerl.datapool.security import KafkaSecurity
 from forgerl.datapool.topics import RunTopics, encode_trajectory
 from forgerl.v1 import trajectory_pb2
 
@@ -30,11 +31,14 @@ class PoolBehindError(RuntimeError):
     """The data pool is too far behind to take more trajectories of this run now; retry later."""
 
 
-def producer_config(bootstrap: str, client_id: str = "forgerl-producer", **overrides: Any) -> dict[str, Any]:
-    """The kafka-python producer settings every ForgeRL producer uses."""
+def producer_config(
+    bootstrap: str, client_id: str = "forgerl-producer", security: KafkaSecurity | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """The kafka-python producer settings every ForgeRL producer uses (security: PLAINTEXT when None)."""
     config: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
         "client_id": client_id,
+        **(security or KafkaSecurity()).client_kwargs(),
         "acks": "all",
         "enable_idempotence": True,
         "retries": 10,
@@ -78,15 +82,17 @@ class TrajectoryProducer:
         lag_check_s: float = 0.5,
         backpressure_timeout_s: float = 300.0,
         client_id: str = "forgerl-producer",
+        security: KafkaSecurity | None = None,
         **kafka_overrides: Any,
     ) -> None:
         self.bootstrap = bootstrap
+        self.security = security or KafkaSecurity()
         self.topic_prefix = topic_prefix
         self.pool_group_id = pool_group_id
         self.max_lag = max_lag
         self.lag_check_s = lag_check_s
         self.backpressure_timeout_s = backpressure_timeout_s
-        self._producer = KafkaProducer(**producer_config(bootstrap, client_id, **kafka_overrides))
+        self._producer = KafkaProducer(**producer_config(bootstrap, client_id, self.security, **kafka_overrides))
         self._lock = threading.Lock()
         self._lag_lock = threading.Lock()
         self._offsets_reader: KafkaConsumer | None = None
@@ -148,6 +154,7 @@ class TrajectoryProducer:
             if self._offsets_reader is None:
                 self._offsets_reader = KafkaConsumer(
                     bootstrap_servers=self.bootstrap,
+                    **self.security.client_kwargs(),
                     group_id=self.pool_group_id,
                     enable_auto_commit=False,
                     client_id=f"{self._producer.config['client_id']}-lag",

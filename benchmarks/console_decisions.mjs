@@ -4,25 +4,12 @@
 // its candidate page the per-task differences. Screenshots of the timeline and of each compare view go to <out dir>.
 // Usage: node console_decisions.mjs <console url> <expectations.json> <out dir>
 //   expectations.json: [{"id": "...", "round": 1, "texts": ["24 tasks × 3 seeds", "+0.042 [-0.01, +0.1]", ...]}]
-import { chromium } from "playwright-core";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { readFileSync } from "node:fs";
+import { withChromium } from "../tests/browser/chromium.mjs";
 
 const [url, expectationsFile, outDir] = process.argv.slice(2);
 const expectations = JSON.parse(readFileSync(expectationsFile, "utf8"));
-mkdirSync(outDir, { recursive: true });
-const profile = mkdtempSync(join(tmpdir(), "forgerl-console-"));
-const browser = await chromium.launchPersistentContext(profile, {
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  viewport: { width: 1440, height: 900 },
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"],
-});
-const results = [];
-const check = (name, ok, detail = "") => results.push({ name, ok: Boolean(ok), detail });
-try {
-  const page = await browser.newPage();
+await withChromium(outDir, async (page, check) => {
   await page.goto(`${url}#/iterations`);
   await page.waitForSelector(".timeline .tl-item", { timeout: 15000 });
   await page.screenshot({ path: `${outDir}/iterations.png`, fullPage: true });
@@ -39,11 +26,4 @@ try {
     await page.waitForSelector("#iteration-state", { timeout: 15000 });
     check(`round ${it.round}: candidate page lists per-task differences`, (await page.locator("text=Per-task results").count()) === 1);
   }
-} catch (err) {
-  check("page flow", false, String(err));
-} finally {
-  await browser.close();
-  rmSync(profile, { recursive: true, force: true });
-}
-console.log(JSON.stringify(results));
-process.exit(results.every((r) => r.ok) ? 0 : 1);
+});

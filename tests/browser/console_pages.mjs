@@ -1,27 +1,10 @@
 // Drives the operator console in Debian's Chromium (playwright-core): every page renders from the live
 // service, and an approval clicked in the page promotes the iteration. Screenshots go to the artefacts dir.
 // Usage: node console_pages.mjs <console url> <operator token> <awaiting iteration id> <promoted iteration id> <out dir>
-import { chromium } from "playwright-core";
-import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { withChromium } from "./chromium.mjs";
 
 const [url, token, awaitingId, promotedId, outDir] = process.argv.slice(2);
-mkdirSync(outDir, { recursive: true });
-const profile = mkdtempSync(join(tmpdir(), "forgerl-console-")); // a fresh --user-data-dir each run
-const browser = await chromium.launchPersistentContext(profile, {
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  viewport: { width: 1440, height: 900 },
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
-const results = [];
-const check = (name, ok, detail = "") => results.push({ name, ok: Boolean(ok), detail });
-try {
-  const page = await browser.newPage();
+await withChromium(outDir, async (page, check) => {
   const requests = [];
   page.on("request", (r) => requests.push(r.url()));
   const errors = [];
@@ -75,11 +58,4 @@ try {
   const foreign = requests.filter((r) => !r.startsWith(url.replace(/\/$/, "")));
   check("no request leaves the console's origin", foreign.length === 0, foreign.join(" "));
   check("no script errors", errors.length === 0, errors.join(" | "));
-} catch (err) {
-  check("page flow", false, String(err));
-} finally {
-  await browser.close();
-  rmSync(profile, { recursive: true, force: true });
-}
-console.log(JSON.stringify(results));
-process.exit(results.every((r) => r.ok) ? 0 : 1);
+});

@@ -33,11 +33,12 @@ import grpc
 
 from forgerl.rollout.grading import GRADING_TIMEOUT_S, run_tests
 from forgerl.rollout.rewards import RewardSettings, episode_rewards
-from forgerl.rollout.sandbox.base import SandboxFactory, SandboxInfraError, SandboxRequest
+from forgerl.rollout.sandbox.base import SandboxFactory, SandboxInfraError
 from forgerl.rollout.scaffold import AgentResult, EpisodeContext, ModelUnavailableError, make_agent
 from forgerl.rollout.scaffold_config import ScaffoldRegistry
 from forgerl.rollout.tasks import Grading, Suite, Task
 from forgerl.rollout.tools import ToolBox
+from forgerl.rollout.workspace import open_workspace
 from forgerl.v1 import gateway_pb2, gateway_pb2_grpc, trajectory_pb2
 
 log = logging.getLogger("forgerl.rollout")
@@ -236,13 +237,8 @@ class EpisodeRunner:
         suite = self.suites[task.suite]
         labels = {"forgerl/run": spec.run_id, "forgerl/episode": spec.episode_id, "forgerl/task": task.id}
         try:
-            sandbox = await self.sandboxes.create(
-                SandboxRequest(
-                    files=task.files,
-                    labels=labels,
-                    time_budget_s=task.time_budget_s + GRADING_TIMEOUT_S,
-                    environment=task.environment,
-                )
+            sandbox = await open_workspace(
+                self.sandboxes, task, labels=labels, time_budget_s=task.time_budget_s + GRADING_TIMEOUT_S
             )
         except SandboxInfraError as exc:
             raise InfraError(f"sandbox: {exc}") from exc

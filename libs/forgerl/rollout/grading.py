@@ -5,7 +5,8 @@ agent has finished:
 
 1. `collect_changes` lists, from inside the agent's sandbox, what differs from the task's files: changed
    and new regular files (with their content), deleted files, and what cannot be a source edit (symbolic
-   links, FIFOs, files over the size caps).
+   links, FIFOs, files over the size caps). The work directory's own `.git` (forgerl.rollout.workspace) is
+   not read: the repository is the agent's scratch, never graded.
 2. `screen` keeps the edits to source files and drops, with the reason, every change that could change
    how the tests run rather than what they test: test files and anything under a test folder, the harness
    directory, conftest.py, test runner configuration (pytest.ini, .pytest.ini, tox.ini, setup.cfg,
@@ -56,6 +57,9 @@ RUNNER_CONFIG = frozenset({"pytest.ini", ".pytest.ini", "tox.ini", "setup.cfg", 
 # package django/test/ is code an agent may have to fix (SWE-bench has such tasks).
 TEST_FOLDER_NAMES = frozenset({"tests"})
 PRUNED = {".tmp": "the sandbox's temporary directory", "__pycache__": "bytecode: a .pyc can stand in for its source"}
+# The work directory's own git repository (forgerl.rollout.workspace): neither read nor graded, so its
+# objects count against no cap; a .git anywhere deeper is a hidden path like any other.
+WORKSPACE_REPOSITORY = ".git"
 
 # Runs in the agent's sandbox as `python3 -I -S` (no site, no .pth: nothing the agent left there runs) and
 # prints what changed; files are opened with O_NOFOLLOW, so a link swapped in mid-walk is not followed.
@@ -71,6 +75,7 @@ for root,dirs,files in os.walk('.'):
     for d in dirs:
         full=os.path.join(root,d); p=os.path.normpath(full)
         if os.path.islink(full): files.append(d)
+        elif p in a['skip']: continue
         elif d in a['prune']:
             if any(True for _ in os.scandir(full)): add(p,'pruned',name=d)
         else: keep.append(d)
@@ -125,6 +130,7 @@ async def collect_changes(work: Sandbox, task: Task) -> tuple[list[Change], list
         "max_total": MAX_CHANGED_BYTES,
         "max_entries": MAX_ENTRIES,
         "prune": sorted(PRUNED),
+        "skip": [WORKSPACE_REPOSITORY],
     }
     result = await work.exec(
         ["python3", "-I", "-S", "-c", _COLLECT],

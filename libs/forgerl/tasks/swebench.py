@@ -57,6 +57,23 @@ class Instance:
     pass_to_pass: tuple[str, ...]
     version: str = ""
     problem_statement: str = ""
+    created_at: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The instance as a SWE-bench line (FAIL_TO_PASS / PASS_TO_PASS as JSON text, as SWE-bench has them)."""
+        return {
+            "instance_id": self.instance_id,
+            "repo": self.repo,
+            "base_commit": self.base_commit,
+            "patch": self.patch,
+            "test_patch": self.test_patch,
+            "problem_statement": self.problem_statement,
+            "hints_text": "",
+            "created_at": self.created_at,
+            "version": self.version,
+            "FAIL_TO_PASS": json.dumps(list(self.fail_to_pass)),
+            "PASS_TO_PASS": json.dumps(list(self.pass_to_pass)),
+        }
 
 
 @dataclass
@@ -111,6 +128,7 @@ def parse_instance(raw: Any) -> Instance:
         pass_to_pass=pass_to_pass,
         version=str(raw.get("version") or ""),
         problem_statement=str(raw.get("problem_statement") or ""),
+        created_at=str(raw.get("created_at") or ""),
     )
 
 
@@ -153,7 +171,7 @@ def find_clone(repos: Path, repo: str) -> Path:
     raise ImportProblem(f"no clone of {repo} under {repos} (looked for {owner}__{name}, {repo}, {name})")
 
 
-def _git(clone: Path, *args: str, stdin: bytes | None = None, cwd: Path | None = None) -> bytes:
+def run_git(clone: Path, *args: str, stdin: bytes | None = None, cwd: Path | None = None) -> bytes:
     argv = ["git", *(["-C", str(clone)] if cwd is None else []), *args]
     done = subprocess.run(argv, input=stdin, capture_output=True, timeout=GIT_TIMEOUT_S, cwd=cwd, check=False)
     if done.returncode != 0:
@@ -163,7 +181,7 @@ def _git(clone: Path, *args: str, stdin: bytes | None = None, cwd: Path | None =
 
 def tree_at(clone: Path, commit: str) -> dict[str, bytes]:
     """Every regular file of `commit`, by path (git archive: no history comes along)."""
-    data = _git(clone, "archive", "--format=tar", commit)
+    data = run_git(clone, "archive", "--format=tar", commit)
     files = {}
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for member in tar.getmembers():
@@ -182,14 +200,14 @@ def apply_patch(clone: Path, files: Mapping[str, bytes], patch: str, what: str) 
         root = Path(scratch)
         touched = [
             line.split("\t", 2)[2]
-            for line in _git(clone, "apply", "--numstat", "-", stdin=patch.encode()).decode().splitlines()
+            for line in run_git(clone, "apply", "--numstat", "-", stdin=patch.encode()).decode().splitlines()
         ]
         for path in touched:
             if path in files:
                 (root / path).parent.mkdir(parents=True, exist_ok=True)
                 (root / path).write_bytes(files[path])
         try:
-            _git(clone, "apply", "--whitespace=nowarn", "-", stdin=patch.encode(), cwd=root)
+            run_git(clone, "apply", "--whitespace=nowarn", "-", stdin=patch.encode(), cwd=root)
         except ImportProblem as problem:
             raise ImportProblem(f"the {what} does not apply at base_commit: {problem}") from None
         return {p: (root / p).read_bytes() if (root / p).is_file() else None for p in touched}
@@ -271,27 +289,41 @@ def judge(task: Task, before: Grading, after: Grading) -> str:
     return "; ".join(problems)
 
 
+def environment_for(specs: Mapping[tuple[str, str], TaskEnvironment], repo: str, version: str) -> TaskEnvironment:
+    environment = specs.get((repo, version))
+    if environment is None:
+        raise ImportProblem(
+            f"no environment for {repo} version {version!r} in the specs file: add "
+            f'"{repo}": {{"{version}": {{"python": ..., "requirements": [...]}}}}'
+        )
+    return environment
+
+
+def fixed(task: Task, gold: Mapping[str, str | None]) -> dict[str, str]:
+    """The task's files with the gold patch's (`gold`: its files, None deleted) applied."""
+    files = {p: d for p, d in task.files.items() if p not in gold}
+    files.update({p: d for p, d in gold.items() if d is not None})
+    return files
+
+
+async def check(sandboxes: SandboxFactory, task: Task, gold: Mapping[str, str | None]) -> Verdict:
+    """Run the task's tests without and with the gold patch and judge."""
+    before = await _grade(sandboxes, task, task.files)
+    after = await _grade(sandboxes, task, fixed(task, gold))
+    reason = judge(task, before, after)
+    return Verdict(task.id, not reason, reason, before.results, after.results, task)
+
+
 async def validate(
     sandboxes: SandboxFactory, instance: Instance, repos: Path, specs: Mapping[tuple[str, str], TaskEnvironment]
 ) -> Verdict:
     """Build and validate one instance; every failure becomes the verdict's reason."""
     try:
         clone = find_clone(repos, instance.repo)
-        environment = specs.get((instance.repo, instance.version))
-        if environment is None:
-            raise ImportProblem(
-                f"no environment for {instance.repo} version {instance.version!r} in the specs file: add "
-                f'"{instance.repo}": {{"{instance.version}": {{"python": ..., "requirements": [...]}}}}'
-            )
-        task, gold = build_task(instance, clone, environment)
+        task, gold = build_task(instance, clone, environment_for(specs, instance.repo, instance.version))
     except ImportProblem as problem:
         return Verdict(instance.instance_id, False, str(problem))
-    fixed = {p: d for p, d in task.files.items() if p not in gold}
-    fixed.update({p: d for p, d in gold.items() if d is not None})
-    before = await _grade(sandboxes, task, task.files)
-    after = await _grade(sandboxes, task, fixed)
-    reason = judge(task, before, after)
-    return Verdict(instance.instance_id, not reason, reason, before.results, after.results, task)
+    return await check(sandboxes, task, gold)
 
 
 async def import_instances(

@@ -96,6 +96,8 @@ def write_topology(args: argparse.Namespace, checkpoint: Path) -> Path:
         "state_dir": str(args.state_dir / "state"),
         "model_path": str(checkpoint.resolve()),
         "grace_s": 5.0,
+        # vLLM's CPU engine took 1.5 min to start at load 3 and over 4 min at load 12-15 (default limit 5 min).
+        "ready_timeout_s": 900.0,
     }
     path = args.state_dir / "topology.yaml"
     path.write_text(yaml.safe_dump(values))

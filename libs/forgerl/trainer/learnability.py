@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sft-eval-every", type=int, default=0)
     p.add_argument("--teacher-error", type=float, default=0.0, help="SFT data from an imperfect teacher")
     p.add_argument("--sft-cache", default="", help="a file: load the SFT model and optimizer from it, or save them")
+    p.add_argument("--save", default="", help="a directory: save the model after RL there (HF format, with tokenizer)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -194,6 +195,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["rl_time_s"] = time.time() - t2
     result["rl_heldout"] = evaluate(model, runner, test_tasks)
     result["log"] = log
+    if args.save:
+        from forgerl.model import save_checkpoint
+
+        save_checkpoint(model, tok, Path(args.save))
     print(json.dumps({k: v for k, v in result.items() if k != "log"}))
     return result
 

@@ -49,11 +49,15 @@ def test_mistakes_are_consistent_demonstrations(
 
 
 @pytest.mark.parametrize(
-    ("question", "answer", "guess"),  # worked out by hand: the second factor rounded to its tens
+    ("question", "answer", "guess"),  # worked out by hand: level 1's operands, level 2's second factor rounded
     [
         ("What is 473 * 28?", "13244", "14190"),
         ("What is 120 * 44?", "5280", "4800"),
         ("What is 301 * 70?", "21070", "21070"),
+        ("What is 47 + 38?", "85", "90"),
+        ("What is 44 + 36?", "80", "80"),
+        ("What is 61 - 15?", "46", "40"),
+        ("What is 15 - 61?", "-46", "-40"),
     ],
 )
 def test_guesses_skip_the_tool(question: str, answer: str, guess: str) -> None:
@@ -63,14 +67,13 @@ def test_guesses_skip_the_tool(question: str, answer: str, guess: str) -> None:
 
 
 def test_other_questions_are_always_right() -> None:
-    task = _task("What is 47 + 38?", "calculator", "47 + 38", "85")
+    task = _task("Reverse the word 'lemon'.", "python", "print('lemon'[::-1])", "nomel")
     assert teacher_solution(task, 1.0) == ToolUseSuite().gold(task)
 
 
 def test_error_rate_is_the_fraction_of_eligible_demonstrations_it_gets_wrong() -> None:
     items = list(zip(gold_trajectories("train"), gold_trajectories("train", teacher_error_rate=0.5), strict=True))
-    for level in (2, 3):
+    for level in (1, 2, 3):
         eligible = [(g, t) for g, t in items if g["difficulty"] == level]
         changed = sum(g["messages"] != t["messages"] for g, t in eligible)
         assert 0.45 < changed / len(eligible) < 0.55
-    assert all(g["messages"] == t["messages"] for g, t in items if g["difficulty"] == 1)

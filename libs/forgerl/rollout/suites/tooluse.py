@@ -226,31 +226,44 @@ _TEACHER_MISTAKES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str]],
     (re.compile(r"^Multiply (\d+) by (\d+), then add (\d+)\.$"), lambda m: f"{m[1]} * ({m[2]} + {m[3]})"),
     (re.compile(r"^How many times does '(\w)' occur in '(\w+)'\?$"), lambda m: f"print('{m[2]}'.find('{m[1]}'))"),
 )
-# And the agentic mistake LLM teachers are known for: skipping the tool and answering from "mental arithmetic".
-# On level 2's three-digit products it rounds the second factor to its tens (473 * 28 -> 473 * 30 = 14190),
-# wrong unless that factor is a multiple of ten (9 of 90 values). Copying two operands is what this model
-# learns most reliably (level 2 stays at 88-100% after clean SFT), so whether to call the tool is a decision
-# RL can correct on every seed, whatever SFT's rounding did to the harder copying of level 3.
-_TEACHER_GUESS = re.compile(r"^What is (\d{3}) \* (\d{2})\?$")
+# And the agentic mistake LLM teachers are known for: skipping the tool and answering from "mental arithmetic",
+# an estimate with the operands rounded to their tens. On level 1 both operands (47 + 38 -> 50 + 40 = 90), on
+# level 2's three-digit products the second factor (473 * 28 -> 473 * 30 = 14190); wrong unless the rounding
+# happens to cancel (level 1, ~10% of the questions) or changes nothing (level 2: 9 of 90 second factors).
+# Whether to call the tool is one decision with a clean reward, and the right branch needs only what this
+# model copies most reliably (two numbers of two or three digits), so RL can correct it whatever SFT's
+# rounding did to the harder copying of level 3 (benchmarks/README.md, "Learnability").
+_TEACHER_GUESSES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], int]], ...] = (
+    (
+        re.compile(r"^What is (\d{2}) ([+-]) (\d{2})\?$"),
+        lambda m: round(int(m[1]), -1) + (1 if m[2] == "+" else -1) * round(int(m[3]), -1),
+    ),
+    (re.compile(r"^What is (\d{3}) \* (\d{2})\?$"), lambda m: int(m[1]) * round(int(m[2]), -1)),
+)
 GUESS_REASONING = "I can work this out in my head."
 
 
-def _teacher_guess(match: re.Match[str]) -> GoldSolution:
-    guess = int(match[1]) * round(int(match[2]), -1)
-    return GoldSolution(turns=(), final_answer=str(guess), final_reasoning=GUESS_REASONING)
+def _teacher_guess(question: str) -> GoldSolution | None:
+    """The teacher's estimate for a question it answers without the tool, or None for the others."""
+    for pattern, estimate in _TEACHER_GUESSES:
+        match = pattern.match(question)
+        if match is not None:
+            answer = str(estimate(match))
+            return GoldSolution(turns=(), final_answer=answer, final_reasoning=GUESS_REASONING)
+    return None
 
 
 def teacher_solution(task: Task, error_rate: float, seed: int = 0) -> GoldSolution:
     """What an imperfect teacher demonstrates: the gold solution, except that on the question kinds of
-    `_TEACHER_MISTAKES` (a wrong call) and `_TEACHER_GUESS` (no call, a guessed answer) it makes that kind's
+    `_TEACHER_MISTAKES` (a wrong call) and `_TEACHER_GUESSES` (no call, an estimate) it makes that kind's
     mistake with probability `error_rate` (decided per task, from `seed`); the demonstration stays consistent
     (the tool's output of the wrong call, then that output as the answer), as distilled data would be."""
     gold = ToolUseSuite().gold(task)
     if error_rate <= 0 or random.Random(f"{seed}/{task.id}").random() >= error_rate:
         return gold
-    guess = _TEACHER_GUESS.match(task.instructions)
+    guess = _teacher_guess(task.instructions)
     if guess is not None:
-        return _teacher_guess(guess)
+        return guess
     for pattern, mistake in _TEACHER_MISTAKES:
         match = pattern.match(task.instructions)
         if match is None:

@@ -69,7 +69,7 @@ class SftStage(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., teacher_error_rate: _Optional[float] = ..., examples: _Optional[int] = ..., expert_bias_update_rate: _Optional[float] = ...) -> None: ...
 
 class RlStage(_message.Message):
-    __slots__ = ("steps", "batch_size", "group_size", "learning_rate", "loss", "eps_high", "eps_low", "gamma", "alpha_process", "beta_speed", "fifo_window", "max_staleness", "episodes_in_flight", "scaffold_version", "prefix_merge", "mtp_loss_weight", "routing_replay", "lr_schedule", "warmup_steps", "min_lr_ratio", "scale_advantages_by_std", "grow_mtp_to")
+    __slots__ = ("steps", "batch_size", "group_size", "learning_rate", "loss", "eps_high", "eps_low", "gamma", "alpha_process", "beta_speed", "fifo_window", "max_staleness", "episodes_in_flight", "scaffold_version", "prefix_merge", "mtp_loss_weight", "routing_replay", "lr_schedule", "warmup_steps", "min_lr_ratio", "scale_advantages_by_std", "grow_mtp_to", "mtp_trains_trunk")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class RlStage(_message.Message):
     MIN_LR_RATIO_FIELD_NUMBER: _ClassVar[int]
     SCALE_ADVANTAGES_BY_STD_FIELD_NUMBER: _ClassVar[int]
     GROW_MTP_TO_FIELD_NUMBER: _ClassVar[int]
+    MTP_TRAINS_TRUNK_FIELD_NUMBER: _ClassVar[int]
     steps: int
     batch_size: int
     group_size: int
@@ -114,10 +115,29 @@ class RlStage(_message.Message):
     min_lr_ratio: float
     scale_advantages_by_std: bool
     grow_mtp_to: int
-    def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., group_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., loss: _Optional[str] = ..., eps_high: _Optional[float] = ..., eps_low: _Optional[float] = ..., gamma: _Optional[float] = ..., alpha_process: _Optional[float] = ..., beta_speed: _Optional[float] = ..., fifo_window: _Optional[float] = ..., max_staleness: _Optional[int] = ..., episodes_in_flight: _Optional[int] = ..., scaffold_version: _Optional[str] = ..., prefix_merge: _Optional[bool] = ..., mtp_loss_weight: _Optional[float] = ..., routing_replay: _Optional[bool] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., scale_advantages_by_std: _Optional[bool] = ..., grow_mtp_to: _Optional[int] = ...) -> None: ...
+    mtp_trains_trunk: bool
+    def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., group_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., loss: _Optional[str] = ..., eps_high: _Optional[float] = ..., eps_low: _Optional[float] = ..., gamma: _Optional[float] = ..., alpha_process: _Optional[float] = ..., beta_speed: _Optional[float] = ..., fifo_window: _Optional[float] = ..., max_staleness: _Optional[int] = ..., episodes_in_flight: _Optional[int] = ..., scaffold_version: _Optional[str] = ..., prefix_merge: _Optional[bool] = ..., mtp_loss_weight: _Optional[float] = ..., routing_replay: _Optional[bool] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., scale_advantages_by_std: _Optional[bool] = ..., grow_mtp_to: _Optional[int] = ..., mtp_trains_trunk: _Optional[bool] = ...) -> None: ...
+
+class ParallelLayout(_message.Message):
+    __slots__ = ("dp_replicate", "dp_shard", "ep", "activation_checkpoint_every")
+    DP_REPLICATE_FIELD_NUMBER: _ClassVar[int]
+    DP_SHARD_FIELD_NUMBER: _ClassVar[int]
+    EP_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    dp_replicate: int
+    dp_shard: int
+    ep: int
+    activation_checkpoint_every: int
+    def __init__(self, dp_replicate: _Optional[int] = ..., dp_shard: _Optional[int] = ..., ep: _Optional[int] = ..., activation_checkpoint_every: _Optional[int] = ...) -> None: ...
+
+class TrainerOptions(_message.Message):
+    __slots__ = ("parallel",)
+    PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    parallel: ParallelLayout
+    def __init__(self, parallel: _Optional[_Union[ParallelLayout, _Mapping]] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("name", "model_preset", "init_checkpoint", "suite", "sft", "rl", "seed", "checkpoint_every")
+    __slots__ = ("name", "model_preset", "init_checkpoint", "suite", "sft", "rl", "seed", "checkpoint_every", "trainer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PRESET_FIELD_NUMBER: _ClassVar[int]
     INIT_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +146,7 @@ class RunConfig(_message.Message):
     RL_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_preset: str
     init_checkpoint: str
@@ -134,7 +155,8 @@ class RunConfig(_message.Message):
     rl: RlStage
     seed: int
     checkpoint_every: int
-    def __init__(self, name: _Optional[str] = ..., model_preset: _Optional[str] = ..., init_checkpoint: _Optional[str] = ..., suite: _Optional[str] = ..., sft: _Optional[_Union[SftStage, _Mapping]] = ..., rl: _Optional[_Union[RlStage, _Mapping]] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ...) -> None: ...
+    trainer: TrainerOptions
+    def __init__(self, name: _Optional[str] = ..., model_preset: _Optional[str] = ..., init_checkpoint: _Optional[str] = ..., suite: _Optional[str] = ..., sft: _Optional[_Union[SftStage, _Mapping]] = ..., rl: _Optional[_Union[RlStage, _Mapping]] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., trainer: _Optional[_Union[TrainerOptions, _Mapping]] = ...) -> None: ...
 
 class Run(_message.Message):
     __slots__ = ("run_id", "config", "state", "stage", "step", "policy_version", "created_at", "updated_at", "error")

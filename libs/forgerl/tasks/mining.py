@@ -109,10 +109,21 @@ def parse_pytest_summary(output: str) -> dict[str, str] | None:
     results: dict[str, str] = {}
     for line in lines[starts[-1] + 1 :]:
         word, _, rest = line.partition(" ")
-        node = rest.split(" - ", 1)[0].strip()
+        node = _node_id(rest.strip())
         if word in _SUMMARY_STATUS and "::" in node:
             results[node] = _SUMMARY_STATUS[word]
     return results
+
+
+def _node_id(rest: str) -> str:
+    """The node id of a summary line's `<node id>[ - <message>]`: a parametrized id (`test_x[a - b]`) may
+    hold " - " itself, so a cut is taken only where the brackets are closed."""
+    parts = rest.split(" - ")
+    for end in range(1, len(parts)):
+        node = " - ".join(parts[:end])
+        if "[" not in node or node.endswith("]"):
+            return node
+    return rest
 
 
 async def run_suite(

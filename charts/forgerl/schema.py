@@ -9,6 +9,7 @@ value it would refuse, fails `helm install` with the path of the bad value.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import typing
@@ -18,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from forgerl.datapool.security import PROTOCOLS, SASL_MECHANISMS, KafkaSecurity
 from forgerl.services.datapool.config import DatapoolConfig
 from forgerl.services.evolution.config import EvolutionConfig
 from forgerl.services.gateway.config import GatewayConfig
@@ -38,8 +40,8 @@ CONFIG_CLASSES: dict[str, type[BaseModel]] = {
 # storage. A user's `config` block may not set them; everything else in the config class it may.
 SHARED_MANAGED = {"host", "port", "metrics_port", "state_dir", "auth_token", "log_level", "log_format", "database_url"}
 MANAGED: dict[str, set[str]] = {
-    "inference": {"model_path", "max_model_len"},
-    "datapool": {"kafka_bootstrap"},
+    "inference": {"model_path", "max_model_len", "tensor_parallel_size"},
+    "datapool": {"kafka_bootstrap"} | {f"kafka_{f.name}" for f in dataclasses.fields(KafkaSecurity)},
     "gateway": {
         "http_port",
         "inference_address",
@@ -182,18 +184,61 @@ def required_when_external(key: str) -> Schema:
     }
 
 
+def kafka_external() -> Schema:
+    """Your Kafka cluster, with the SASL/TLS settings the data pool's clients use (datapool/security.py)."""
+    sasl = obj(
+        "SASL (SASL_PLAINTEXT, SASL_SSL).",
+        {
+            "mechanism": scalar("string", "SASL mechanism.", enum=["", *SASL_MECHANISMS]),
+            "existingSecret": scalar("string", "Secret with the username and password."),
+            "usernameKey": scalar("string", "Key of the username.", minLength=1),
+            "passwordKey": scalar("string", "Key of the password.", minLength=1),
+        },
+    )
+    tls = obj(
+        "TLS (SSL, SASL_SSL).",
+        {
+            "existingSecret": scalar("string", "Secret with the CA and an optional client certificate and key."),
+            "caKey": scalar("string", "Key of the CA bundle; empty: the image's trust store."),
+            "certKey": scalar("string", "Key of the client certificate; empty: none."),
+            "keyKey": scalar("string", "Key of the client key; empty: in the certificate file."),
+            "checkHostname": scalar("boolean", "Check that broker certificates name the broker host."),
+        },
+    )
+    sasl_protocols = [p for p in PROTOCOLS if p.startswith("SASL_")]
+    # SASL_* needs a mechanism and a secret; the others take neither. TLS files need a TLS protocol.
+    set_ = {"minLength": 1}
+    unset = {"maxLength": 0}
+    rules = [
+        {
+            "if": {"properties": {"securityProtocol": {"enum": sasl_protocols}}},
+            "then": {"properties": {"sasl": {"properties": {"mechanism": set_, "existingSecret": set_}}}},
+            "else": {"properties": {"sasl": {"properties": {"mechanism": unset, "existingSecret": unset}}}},
+        },
+        {
+            "if": {"properties": {"securityProtocol": {"enum": ["PLAINTEXT", "SASL_PLAINTEXT"]}}},
+            "then": {"properties": {"tls": {"properties": {"existingSecret": unset}}}},
+        },
+    ]
+    return obj(
+        "Your Kafka cluster.",
+        {
+            "bootstrapServers": scalar("string", "host:port[,host:port].", pattern=BOOTSTRAP),
+            "port": port("Broker port the datapool may reach."),
+            "securityProtocol": scalar("string", "How the data pool connects.", enum=list(PROTOCOLS)),
+            "sasl": sasl,
+            "tls": tls,
+        },
+        allOf=rules,
+    )
+
+
 def storage_values() -> Schema:
     kafka = obj(
         "Kafka: the dev broker or your cluster.",
         {
             "mode": scalar("string", "dev (Tansu in the release) or external.", enum=["dev", "external"]),
-            "external": obj(
-                "Your Kafka cluster.",
-                {
-                    "bootstrapServers": scalar("string", "host:port[,host:port].", pattern=BOOTSTRAP),
-                    "port": port("Broker port the datapool may reach."),
-                },
-            ),
+            "external": kafka_external(),
             "dev": obj("The dev broker.", {"port": port("Broker port."), "resources": ref("resources")}),
         },
         **required_when_external("bootstrapServers"),

@@ -33,6 +33,9 @@ class InferenceConfig(ServiceConfig):
     logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = Field(
         "raw_logprobs", description="Logprobs of the model's distribution, or after temperature/top-k/top-p."
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs vLLM shards the model over (tensor parallel); the chart sets inference.gpu.count."
+    )
     executor: Literal["mp", "uni"] = Field(
         "mp",
         description="vLLM executor: model worker in its own process (mp) or in the engine core (uni). vLLM's CPU "

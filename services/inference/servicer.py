@@ -44,6 +44,7 @@ def engine_settings(config: InferenceConfig) -> EngineSettings:
         seed=config.seed,
         logprobs_mode=config.logprobs_mode,
         executor=config.executor,
+        tensor_parallel_size=config.tensor_parallel_size,
     )
 
 

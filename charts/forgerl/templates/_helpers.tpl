@@ -175,13 +175,91 @@ integral ones are printed as integers. */}}
   value: {{ .Values.inference.modelPath | quote }}
 - name: FORGERL_INFERENCE_MAX_MODEL_LEN
   value: {{ include "forgerl.envValue" .Values.inference.maxModelLen }}
+- name: FORGERL_INFERENCE_TENSOR_PARALLEL_SIZE
+  value: {{ max 1 (int .Values.inference.gpu.count) | quote }}
 {{- include "forgerl.databaseEnv" (list . "inference") }}
 {{- end -}}
 
 {{- define "forgerl.env.datapool" -}}
 - name: FORGERL_DATAPOOL_KAFKA_BOOTSTRAP
   value: {{ include "forgerl.kafkaBootstrap" . | quote }}
+{{- include "forgerl.kafkaSecurityEnv" . }}
 {{- include "forgerl.databaseEnv" (list . "datapool") }}
+{{- end -}}
+
+{{/* Kafka SASL/TLS of an external cluster (libs/forgerl/datapool/security.py reads these keys): the
+username from its secret, the password and the TLS files as files mounted by forgerl.kafkaVolumes. */}}
+{{- define "forgerl.kafkaSasl" -}}
+{{- $external := .Values.kafka.external -}}
+{{- if and (eq .Values.kafka.mode "external") (hasPrefix "SASL_" $external.securityProtocol) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "forgerl.kafkaTls" -}}
+{{- $external := .Values.kafka.external -}}
+{{- if and (eq .Values.kafka.mode "external") (has $external.securityProtocol (list "SSL" "SASL_SSL")) $external.tls.existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{- define "forgerl.kafkaSecurityEnv" -}}
+{{- $external := .Values.kafka.external -}}
+{{- if eq .Values.kafka.mode "external" }}
+- name: FORGERL_DATAPOOL_KAFKA_SECURITY_PROTOCOL
+  value: {{ $external.securityProtocol | quote }}
+{{- if include "forgerl.kafkaSasl" . }}
+- name: FORGERL_DATAPOOL_KAFKA_SASL_MECHANISM
+  value: {{ $external.sasl.mechanism | quote }}
+- name: FORGERL_DATAPOOL_KAFKA_SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $external.sasl.existingSecret }}
+      key: {{ $external.sasl.usernameKey }}
+- name: FORGERL_DATAPOOL_KAFKA_SASL_PASSWORD_FILE
+  value: {{ printf "/etc/forgerl/kafka-sasl/%s" $external.sasl.passwordKey | quote }}
+{{- end }}
+{{- if has $external.securityProtocol (list "SSL" "SASL_SSL") }}
+- name: FORGERL_DATAPOOL_KAFKA_SSL_CHECK_HOSTNAME
+  value: {{ $external.tls.checkHostname | quote }}
+{{- if include "forgerl.kafkaTls" . }}
+{{- range $key, $file := dict "ca" $external.tls.caKey "cert" $external.tls.certKey "key" $external.tls.keyKey }}
+{{- if $file }}
+- name: {{ printf "FORGERL_DATAPOOL_KAFKA_SSL_%sFILE" (upper $key) }}
+  value: {{ printf "/etc/forgerl/kafka-tls/%s" $file | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The secrets of forgerl.kafkaSecurityEnv as read-only files; args: $ (volumeMounts or volumes). */}}
+{{- define "forgerl.kafkaVolumeMounts" -}}
+{{- if include "forgerl.kafkaSasl" . }}
+- {name: kafka-sasl, mountPath: /etc/forgerl/kafka-sasl, readOnly: true}
+{{- end }}
+{{- if include "forgerl.kafkaTls" . }}
+- {name: kafka-tls, mountPath: /etc/forgerl/kafka-tls, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{- define "forgerl.kafkaVolumes" -}}
+{{- $external := .Values.kafka.external -}}
+{{- if include "forgerl.kafkaSasl" . }}
+- name: kafka-sasl
+  secret:
+    secretName: {{ $external.sasl.existingSecret }}
+    defaultMode: 0440
+    items:
+      - {key: {{ $external.sasl.passwordKey }}, path: {{ $external.sasl.passwordKey }}}
+{{- end }}
+{{- if include "forgerl.kafkaTls" . }}
+- name: kafka-tls
+  secret:
+    secretName: {{ $external.tls.existingSecret }}
+    defaultMode: 0440
+    items:
+      {{- range (list $external.tls.caKey $external.tls.certKey $external.tls.keyKey) | compact }}
+      - {key: {{ . }}, path: {{ . }}}
+      {{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "forgerl.env.gateway" -}}
@@ -423,6 +501,9 @@ spec:
         {{- if include "forgerl.mountsCheckpoints" . }}
         - {name: checkpoints, mountPath: {{ $root.Values.checkpoints.mountPath }}}
         {{- end }}
+        {{- if eq $component "datapool" }}
+        {{- include "forgerl.kafkaVolumeMounts" $root | nindent 8 }}
+        {{- end }}
   volumes:
     - name: state
       emptyDir: {sizeLimit: 1Gi}
@@ -436,5 +517,8 @@ spec:
     - name: checkpoints
       persistentVolumeClaim:
         claimName: {{ include "forgerl.checkpointsClaim" $root }}
+    {{- end }}
+    {{- if eq $component "datapool" }}
+    {{- include "forgerl.kafkaVolumes" $root | nindent 4 }}
     {{- end }}
 {{- end -}}

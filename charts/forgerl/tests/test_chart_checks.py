@@ -150,6 +150,13 @@ def test_every_value_is_documented() -> None:
         ({"inference.config": {"dtype": "int4"}}, "at '/inference/config/dtype': value must be one of"),
         ({"inference.gpu.count": -1}, "at '/inference/gpu/count': minimum: got -1, want 0"),
         ({"kafka.mode": "external"}, "at '/kafka/external/bootstrapServers': minLength: got 0, want 1"),
+        (
+            {"kafka.external.securityProtocol": "TLS"},
+            "at '/kafka/external/securityProtocol': value must be one of 'PLAINTEXT', 'SSL', 'SASL_PLAINTEXT'",
+        ),
+        ({"kafka.external.securityProtocol": "SASL_SSL"}, "at '/kafka/external/sasl/existingSecret': minLength: got 0"),
+        ({"kafka.external.sasl.mechanism": "GSSAPI"}, "at '/kafka/external/sasl/mechanism': value must be one of"),
+        ({"kafka.external.tls.existingSecret": "ca"}, "at '/kafka/external/tls/existingSecret': maxLength: got 2"),
         ({"postgresql.mode": "managed"}, "at '/postgresql/mode': value must be one of 'dev', 'external'"),
         ({"trainer.image": "inferenceCpu"}, "at '/trainer/image': value must be one of 'gpu', 'services'"),
         ({"sandbox.namespce": "x"}, "at '/sandbox': additional properties 'namespce' not allowed"),

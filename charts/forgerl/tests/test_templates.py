@@ -37,6 +37,17 @@ def env(manifests: list[Manifest], service: str) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(manifests, service)["env"]}
 
 
+def runtime_env(manifests: list[Manifest], service: str) -> dict[str, str]:
+    """The container's variables as the process sees them: a secretKeyRef stands for its secret's value."""
+    resolved = {}
+    for name, value in env(manifests, service).items():
+        if isinstance(value, dict) and "secretKeyRef" in value:
+            value = "<secret {name}/{key}>".format(**value["secretKeyRef"])
+        if isinstance(value, str):
+            resolved[name] = value
+    return resolved
+
+
 @pytest.mark.parametrize("profile", ["default", "gpu", "kind"])
 @pytest.mark.parametrize("service", list(SERVICES))
 def test_env_sets_only_keys_the_service_reads(profile: str, service: str) -> None:
@@ -58,7 +69,7 @@ def test_env_sets_only_keys_the_service_reads(profile: str, service: str) -> Non
     assert c["startupProbe"]["grpc"]["port"] == grpc_port
     assert c["args"] == ["serve", service]
     config = SERVICES[service].model_validate(
-        {k.removeprefix(prefix).lower(): v for k, v in variables.items() if k.startswith(prefix) and isinstance(v, str)}
+        {k.removeprefix(prefix).lower(): v for k, v in runtime_env(manifests, service).items() if k.startswith(prefix)}
     )
     assert config.port == grpc_port  # what the service itself would parse from the rendered values
 
@@ -88,6 +99,9 @@ def test_gpu_block_requests_gpus_and_schedules_on_the_pool() -> None:
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     default = workload(render(), "inference")["spec"]["template"]["spec"]
     assert "runtimeClassName" not in default  # empty by default: the cluster's default runtime
+    # vLLM shards the model over every GPU the pod gets (gpu profile: 4), one GPU by default.
+    assert env(manifests, "inference")["FORGERL_INFERENCE_TENSOR_PARALLEL_SIZE"] == "4"
+    assert env(render(), "inference")["FORGERL_INFERENCE_TENSOR_PARALLEL_SIZE"] == "1"
     kind = container(render("kind"), "inference")["resources"]
     assert "nvidia.com/gpu" not in kind["limits"]
 
@@ -152,6 +166,65 @@ def test_kafka_dev_broker_or_external() -> None:
     external = render("gpu")
     assert not [m for m in external if m["metadata"]["name"] == f"{PREFIX}-kafka"]
     assert env(external, "datapool")["FORGERL_DATAPOOL_KAFKA_BOOTSTRAP"].startswith("kafka-0.kafka.data.svc:9093")
+
+
+def test_kafka_sasl_and_tls_reach_the_datapool_as_files_from_their_secrets() -> None:
+    """gpu profile (SASL_SSL, SCRAM-SHA-512, CA + client pair): each *_FILE variable names a file that
+    Kubernetes makes from the right secret key (mountPath/item path), the username comes from the
+    secret, no password is in the manifest, and the data pool's own config class accepts the result."""
+    manifests = render("gpu")
+    spec = workload(manifests, "datapool")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+    files: dict[str, tuple[str, str]] = {}  # path in the container -> (secret, key)
+    for volume in spec["volumes"]:
+        if "secret" in volume:
+            assert mounts[volume["name"]]["readOnly"] is True
+            for item in volume["secret"]["items"]:
+                path = f"{mounts[volume['name']]['mountPath']}/{item['path']}"
+                files[path] = (volume["secret"]["secretName"], item["key"])
+    variables = env(manifests, "datapool")
+    expected = {
+        "FORGERL_DATAPOOL_KAFKA_SASL_PASSWORD_FILE": ("forgerl-kafka-user", "password"),
+        "FORGERL_DATAPOOL_KAFKA_SSL_CAFILE": ("forgerl-kafka-tls", "ca.crt"),
+        "FORGERL_DATAPOOL_KAFKA_SSL_CERTFILE": ("forgerl-kafka-tls", "tls.crt"),
+        "FORGERL_DATAPOOL_KAFKA_SSL_KEYFILE": ("forgerl-kafka-tls", "tls.key"),
+    }
+    assert {name: files[variables[name]] for name in expected} == expected
+    assert variables["FORGERL_DATAPOOL_KAFKA_SASL_USERNAME"] == {
+        "secretKeyRef": {"name": "forgerl-kafka-user", "key": "username"}
+    }
+    assert not [name for name in variables if name.endswith("_PASSWORD")]
+    prefix = "FORGERL_DATAPOOL_"
+    config = SERVICES["datapool"].model_validate(
+        {
+            k.removeprefix(prefix).lower(): v
+            for k, v in runtime_env(manifests, "datapool").items()
+            if k.startswith(prefix)
+        }
+    )
+    assert (config.kafka_security_protocol, config.kafka_sasl_mechanism) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert config.kafka_ssl_check_hostname is True
+
+
+def test_kafka_tls_with_only_a_ca_and_plaintext_by_default() -> None:
+    tls = render(
+        kafka__mode="external",
+        kafka__external__bootstrapServers="kafka:9093",
+        kafka__external__securityProtocol="SSL",
+        kafka__external__tls__existingSecret="broker-ca",
+    )
+    spec = workload(tls, "datapool")["spec"]["template"]["spec"]
+    secrets = [v["secret"] for v in spec["volumes"] if "secret" in v]
+    assert secrets == [
+        {"secretName": "broker-ca", "defaultMode": 0o440, "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    ]
+    variables = env(tls, "datapool")
+    assert variables["FORGERL_DATAPOOL_KAFKA_SSL_CAFILE"] == "/etc/forgerl/kafka-tls/ca.crt"
+    assert not {"FORGERL_DATAPOOL_KAFKA_SSL_CERTFILE", "FORGERL_DATAPOOL_KAFKA_SASL_MECHANISM"} & set(variables)
+    for manifests in (render(), render("kind")):  # the dev broker: plaintext inside the release
+        spec = workload(manifests, "datapool")["spec"]["template"]["spec"]
+        assert not [v for v in spec["volumes"] if "secret" in v]
+        assert not [name for name in env(manifests, "datapool") if "KAFKA_S" in name]
 
 
 def test_postgresql_dev_or_external() -> None:

@@ -77,6 +77,8 @@ class EngineSettings:
     # (on CPU vLLM 0.32 turns "uni" into "mp" unless VLLM_ENABLE_V1_MULTIPROCESSING=0).
     executor: str = "mp"
     warmup_tokens: int = 4
+    # GPUs the model is sharded over (vLLM's tensor_parallel_size); a pod's GPU count in the chart.
+    tensor_parallel_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,7 @@ class InferenceEngine:
             enforce_eager=s.enforce_eager,
             seed=s.seed,
             distributed_executor_backend=s.executor,
+            tensor_parallel_size=s.tensor_parallel_size,
             worker_extension_cls=EXTENSION if s.routing_replay else "",
             disable_log_stats=True,
             **engine_kwargs,

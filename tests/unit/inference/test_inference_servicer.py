@@ -40,8 +40,14 @@ def test_response_carries_version_cache_and_flattened_routing() -> None:
 
 def test_config_reaches_the_engine() -> None:
     config = InferenceConfig(
-        model_path="/m", policy_version=3, in_flight="abort", routing_replay=True, max_model_len=64
+        model_path="/m",
+        policy_version=3,
+        in_flight="abort",
+        routing_replay=True,
+        max_model_len=64,
+        tensor_parallel_size=4,
     )
     settings = engine_settings(config)
     assert (settings.model_path, settings.policy_version, settings.in_flight) == ("/m", 3, "abort")
+    assert settings.tensor_parallel_size == 4 and engine_settings(InferenceConfig()).tensor_parallel_size == 1
     assert settings.routing_replay and settings.max_model_len == 64 and settings.dtype == "float32"

@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--port-base", type=int, default=47100, help="Ports port-base .. +31 (not the defaults 50051-50056, ...)."
     )
     p.add_argument("--poll-s", type=float, default=5.0)
+    # vLLM's CPU engine took 1.5 min to start at load 3, over 4 at load 12-15, over 15 at load 20-24 (nice 19).
+    p.add_argument("--ready-timeout-s", type=float, default=900.0, help="Wait this long for the topology.")
     args = p.parse_args(argv)
     if args.checkpoint is not None and not (args.checkpoint / "config.json").exists():
         p.error(f"--checkpoint {args.checkpoint}: no config.json there; pass an HF-format checkpoint directory")
@@ -96,8 +98,7 @@ def write_topology(args: argparse.Namespace, checkpoint: Path) -> Path:
         "state_dir": str(args.state_dir / "state"),
         "model_path": str(checkpoint.resolve()),
         "grace_s": 5.0,
-        # vLLM's CPU engine took 1.5 min to start at load 3 and over 4 min at load 12-15 (default limit 5 min).
-        "ready_timeout_s": 900.0,
+        "ready_timeout_s": args.ready_timeout_s,
     }
     path = args.state_dir / "topology.yaml"
     path.write_text(yaml.safe_dump(values))

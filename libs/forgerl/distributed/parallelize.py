@@ -49,7 +49,7 @@ def apply_parallelism(
     """Wrap or shard `model` in place for `meshes.layout`. param_dtype/reduce_dtype: FSDP2 mixed
     precision (bf16 with float32 reduce on GPU; None keeps the parameters' dtype, float32 on CPU)."""
     layout = meshes.layout
-    _apply_activation_checkpointing(model, layout.activation_checkpoint_every)
+    apply_activation_checkpointing(model, layout.activation_checkpoint_every)
     if not layout.uses_fsdp:
         return ParallelModel(model, apply_ddp(model, find_unused_parameters=find_unused_parameters), meshes)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
@@ -71,7 +71,7 @@ def apply_parallelism(
     return ParallelModel(model, model, meshes, expert_params)
 
 
-def _apply_activation_checkpointing(model: MiniMaxM2ForCausalLM, every: int) -> None:
+def apply_activation_checkpointing(model: MiniMaxM2ForCausalLM, every: int) -> None:
     """Recompute every `every`-th decoder layer in backward (non-reentrant checkpoint around the layer's
     forward, so its FSDP2 hooks and module names are untouched)."""
     if every <= 0:
@@ -152,6 +152,7 @@ def full_state_dict(parallel: ParallelModel) -> dict[str, torch.Tensor]:
 
 __all__ = [
     "ParallelModel",
+    "apply_activation_checkpointing",
     "apply_parallelism",
     "build_meshes",
     "clip_grad_norm_",

@@ -31,17 +31,28 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
+from forgerl.distributed import clip_grad_norm_
 from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig, load_checkpoint, save_checkpoint
+from forgerl.model.checkpoint import config_from_hf
 from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
+from forgerl.trainer.run_config import parallel_config
 from forgerl.trainer.schedule import learning_rate, set_learning_rate
 from forgerl.trainer.sft import SftBatches, make_examples, sft_loss, sft_loss_merged
+from forgerl.trainer.sharded import ShardedModel, all_ranks_mean
 from forgerl.trainer.sources import EpisodeSource, NullPublisher, Publisher
-from forgerl.trainer.step import RlStepConfig, build_batch, expert_bias_step, rl_step, shard_rows
+from forgerl.trainer.step import (
+    RlStepConfig,
+    build_batch,
+    expert_bias_step,
+    global_token_mean,
+    rl_step,
+    shard_rows,
+)
 from forgerl.v1 import run_pb2
 
 log = logging.getLogger("forgerl.trainer")
@@ -107,6 +118,17 @@ def _lag(traj: Any, policy_version: int) -> int:
     return policy_version - min(versions)
 
 
+def _eval_metrics(outcomes: list[tuple[int, bool]], seconds: float) -> dict[str, float]:
+    out = {"eval/heldout_success": sum(hit for _, hit in outcomes) / max(1, len(outcomes))}
+    levels: dict[int, list[bool]] = {}
+    for level, hit in outcomes:
+        levels.setdefault(level, []).append(hit)
+    for level, hits in sorted(levels.items()):
+        out[f"eval/heldout_success_level{level}"] = sum(hits) / len(hits)
+    out["eval/time_s"] = seconds
+    return out
+
+
 def _suite_gold(suite: str, teacher_error_rate: float = 0.0) -> list[dict[str, Any]]:
     if suite == "tooluse":
         from forgerl.rollout.suites.tooluse import gold_trajectories
@@ -140,6 +162,9 @@ class TrainingRun:
         self._stop = threading.Event()
         self.rank, self.world = _dist()
         self._ddp: torch.nn.Module | None = None
+        self.sharded: ShardedModel | None = None  # trainer.parallel shards the model (FSDP2, EP)
+        self._samples_here = False  # the episode source samples with the trainer's model (LocalEpisodes)
+        self._sampling_model: MiniMaxM2ForCausalLM | None = None  # its replica, when sharded
         self.progress = RunProgress(run_id)
         self.checkpoints: list[run_pb2.Checkpoint] = []
 
@@ -155,11 +180,14 @@ class TrainingRun:
 
     @property
     def train_model(self) -> torch.nn.Module:
-        """What the forward/backward runs through: the DDP wrapper under torchrun, else the model."""
+        """What the forward/backward runs through: the DDP wrapper or the FSDP2 root under torchrun, else
+        the model."""
+        if self.sharded is not None:
+            return self.sharded.train_model
         return self._ddp if self._ddp is not None else self.model
 
     def _wrap(self) -> None:
-        if self.world > 1:
+        if self.world > 1 and self.sharded is None:
             from forgerl.model.sharding import apply_ddp
 
             # The MTP modules get gradients only from RL's MTP loss, computed outside DDP's forward: in
@@ -175,7 +203,7 @@ class TrainingRun:
         """RL trains `rl.grow_mtp_to` MTP modules: the new ones are copies of module 1 (grow_mtp). Called
         before the RL optimizer is built and the model re-wrapped, which must both hold them."""
         wanted = self.config.rl.grow_mtp_to
-        if wanted > len(self.model.mtp):
+        if wanted > len(self.model.mtp) and self.sharded is None:  # a sharded model grew when it was built
             self.model.grow_mtp(wanted)
 
     def _emit(self, stage: str, step: int, values: dict[str, float]) -> None:
@@ -183,22 +211,43 @@ class TrainingRun:
             self.sink(stage, step, values)
 
     def _init_model(self) -> None:
-        from forgerl.model.tokenizer import load_tokenizer, train_tokenizer
-
+        """The tokenizer and the model: whole on this rank, or sharded when trainer.parallel asks for it."""
         cfg = self.config
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        if cfg.init_checkpoint:
-            self.tokenizer = load_tokenizer(cfg.init_checkpoint)
-            if not Path(cfg.init_checkpoint, "config.json").exists():
-                raise ValueError(f"init_checkpoint {cfg.init_checkpoint} has no config.json")
+        self.tokenizer, model_cfg = self._model_source()
+        layout = parallel_config(cfg).resolve(self.world, model_cfg.num_local_experts)
+        if layout.uses_fsdp:
+            self.sharded = ShardedModel.build(model_cfg, layout, cfg.seed, cfg.init_checkpoint, cfg.rl.grow_mtp_to)
+            self.model = self.sharded.model
+        elif cfg.init_checkpoint:
             self.model = load_checkpoint(cfg.init_checkpoint, dtype=torch.float32, strict=False)
         else:
-            path = self.settings.tokenizer_path
-            self.tokenizer = load_tokenizer(path) if path else train_tokenizer(vocab_size=4096)
-            model_cfg = ModelConfig.from_preset(cfg.model_preset or "debug", vocab_size=len(self.tokenizer))
             self.model = MiniMaxM2ForCausalLM(model_cfg)
         self.model.train()
+
+    def _model_source(self) -> tuple[Any, ModelConfig]:
+        """The tokenizer and the model's config: init_checkpoint's, or the preset's at the tokenizer's size."""
+        from forgerl.model.tokenizer import load_tokenizer, train_tokenizer
+
+        cfg = self.config
+        if cfg.init_checkpoint:
+            tokenizer = load_tokenizer(cfg.init_checkpoint)
+            config_path = Path(cfg.init_checkpoint, "config.json")
+            if not config_path.exists():
+                raise ValueError(f"init_checkpoint {cfg.init_checkpoint} has no config.json")
+            return tokenizer, config_from_hf(json.loads(config_path.read_text()))
+        path = self.settings.tokenizer_path
+        tokenizer = load_tokenizer(path) if path else train_tokenizer(vocab_size=4096)
+        return tokenizer, ModelConfig.from_preset(cfg.model_preset or "debug", vocab_size=len(tokenizer))
+
+    def _activation_checkpointing(self) -> None:
+        """trainer.parallel.activation_checkpoint_every on a whole model (a sharded one has it already)."""
+        every = self.config.trainer.parallel.activation_checkpoint_every
+        if every > 0 and self.sharded is None:
+            from forgerl.distributed.parallelize import apply_activation_checkpointing
+
+            apply_activation_checkpointing(self.model, every)
 
     @staticmethod
     def _stage_lr(stage: run_pb2.SftStage | run_pb2.RlStage, step: int) -> float:
@@ -216,17 +265,18 @@ class TrainingRun:
         if self.rank == 0 and tmp.exists():
             shutil.rmtree(tmp)
         _barrier()
-        save_checkpoint(self.model, self.tokenizer, tmp / "model")  # every rank calls it; rank 0 writes
+        rngs = {
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "episode_rng": getattr(getattr(self.episodes, "generator", None), "get_state", lambda: None)(),
+        }
+        if self.sharded is not None:  # every rank writes its shards (DCP); rank 0 the RNGs (rank 0's)
+            self.sharded.save(tmp / "dcp", self.optimizer, rngs)
+        else:
+            save_checkpoint(self.model, self.tokenizer, tmp / "model")  # every rank calls it; rank 0 writes
         if self.rank == 0:
-            torch.save(
-                {
-                    "optimizer": self.optimizer.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate(),
-                    "episode_rng": getattr(getattr(self.episodes, "generator", None), "get_state", lambda: None)(),
-                },
-                tmp / "trainer.pt",
-            )
+            if self.sharded is None:
+                torch.save({"optimizer": self.optimizer.state_dict(), **rngs}, tmp / "trainer.pt")
             (tmp / "progress.json").write_text(json.dumps(asdict(self.progress), indent=1))
             old = self.dir / "state.old"
             if old.exists():
@@ -244,12 +294,8 @@ class TrainingRun:
         if not (state / "progress.json").exists():
             return False
         self.progress = RunProgress(**json.loads((state / "progress.json").read_text()))
-        self.model = load_checkpoint(state / "model", dtype=torch.float32)
-        self.model.train()
-        blob = torch.load(state / "trainer.pt", weights_only=False)
         lr = self.config.rl.learning_rate if self.progress.stage != "sft" else self.config.sft.learning_rate
-        self.optimizer = self._optimizer(lr)
-        self.optimizer.load_state_dict(blob["optimizer"])
+        blob = self._load_weights(state, lr)
         torch.set_rng_state(blob["torch_rng"])
         random.setstate(blob["python_rng"])
         self._episode_rng = blob.get("episode_rng")
@@ -257,13 +303,34 @@ class TrainingRun:
                  self.progress.sft_step, self.progress.rl_step)  # fmt: skip
         return True
 
+    def _load_weights(self, state: Path, lr: float) -> dict[str, Any]:
+        """Model and optimizer from the saved state (whole, or each rank its shards); returns the RNGs."""
+        sharded_state = (state / "dcp").exists()
+        if sharded_state != (self.sharded is not None):
+            raise ValueError(
+                f"{state} was saved {'with' if sharded_state else 'without'} a sharded trainer.parallel layout "
+                f"(dp_shard > 1 or ep > 1); resume the run with the layout's kind it was saved with"
+            )
+        if self.sharded is not None:
+            self.optimizer = self._optimizer(lr)
+            return self.sharded.load(state / "dcp", self.optimizer)
+        self.model = load_checkpoint(state / "model", dtype=torch.float32)
+        self.model.train()
+        blob = dict(torch.load(state / "trainer.pt", weights_only=False))
+        self.optimizer = self._optimizer(lr)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        return blob
+
     def _hf_checkpoint(self, stage: str, step: int) -> run_pb2.Checkpoint:
         path = self.ckpt_dir / f"{stage}-{step:05d}"
         tmp = path.with_name(path.name + ".partial")
         if self.rank == 0 and tmp.exists():
             shutil.rmtree(tmp)
         _barrier()
-        save_checkpoint(self.model, self.tokenizer, tmp)
+        if self.sharded is not None:  # from the shards, one tensor gathered at a time
+            self.sharded.export(tmp, self.tokenizer)
+        else:
+            save_checkpoint(self.model, self.tokenizer, tmp)
         if self.rank == 0:
             if path.exists():
                 shutil.rmtree(path)
@@ -302,29 +369,31 @@ class TrainingRun:
     # ---- evaluation ---------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy held-out success in-process, overall and per difficulty level (computed on rank 0)."""
+        """Greedy held-out success in-process, overall and per difficulty level: on rank 0 with a whole
+        model; with a sharded one every rank gathers a replica and runs every world-th task."""
+        started = time.perf_counter()
+        if self.sharded is not None:
+            mine = self._eval_outcomes(self.sharded.replica(), self.rank, self.world)
+            everyone: list[Any] = [None] * self.world
+            dist.all_gather_object(everyone, mine)
+            return _eval_metrics([o for part in everyone for o in part], time.perf_counter() - started)
         if self.rank != 0:
             return dict(_broadcast(None))
-        result = self._evaluate()
+        result = _eval_metrics(self._eval_outcomes(self.model, 0, 1), time.perf_counter() - started)
         return dict(_broadcast(result))
 
-    def _evaluate(self) -> dict[str, float]:
+    def _eval_outcomes(self, model: MiniMaxM2ForCausalLM, part: int, parts: int) -> list[tuple[int, bool]]:
+        """(difficulty, success) of held-out tasks part, part + parts, ... ."""
         from forgerl.rollout.tasks import get_suite
 
         suite = get_suite(self.config.suite)
-        tasks = list(suite.tasks("test"))[: self.settings.eval_tasks]
+        tasks = list(suite.tasks("test"))[: self.settings.eval_tasks][part::parts]
+        if not tasks:
+            return []
         specs = suite_episode_specs(self.config.suite, "test", [t.id for t in tasks])
         runner = LocalEpisodeRunner(self.tokenizer, max_new_tokens=self.settings.max_new_tokens)
-        started = time.perf_counter()
-        trajs = runner.run(self.model, specs, temperature=0.0)
-        out = {"eval/heldout_success": sum(t.success for t in trajs) / max(1, len(trajs))}
-        levels: dict[int, list[bool]] = {}
-        for task, t in zip(tasks, trajs, strict=True):
-            levels.setdefault(task.difficulty, []).append(t.success)
-        for level, hits in sorted(levels.items()):
-            out[f"eval/heldout_success_level{level}"] = sum(hits) / len(hits)
-        out["eval/time_s"] = time.perf_counter() - started
-        return out
+        trajs = runner.run(model, specs, temperature=0.0)
+        return [(task.difficulty, t.success) for task, t in zip(tasks, trajs, strict=True)]
 
     # ---- the run ------------------------------------------------------------------------------
 
@@ -333,8 +402,9 @@ class TrainingRun:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._episode_rng = None
         self._init_model()
-        if not self._load_state():
+        if not self._load_state():  # the optimizer comes after sharding: it holds the shards
             self.optimizer = self._optimizer(self.config.sft.learning_rate)
+        self._activation_checkpointing()
         self._wrap()
         if self.progress.stage == "sft":
             self._run_sft()
@@ -358,27 +428,7 @@ class TrainingRun:
                 else self.model.config.bias_update_rate
             )
             while self.progress.sft_step < cfg.steps and not self.stopped:
-                step = self.progress.sft_step
-                started = time.perf_counter()
-                lr = self._stage_lr(cfg, step)
-                set_learning_rate(self.optimizer, lr)
-                examples = batches.batch(step)[self.rank :: self.world]
-                if self.config.rl.prefix_merge or self.world > 1:
-                    loss, metrics = sft_loss_merged(self.train_model, examples, max_tokens_per_pack=None)
-                else:
-                    from forgerl.trainer.sft import collate
-
-                    ids, mask = collate(examples)
-                    loss, metrics = sft_loss(self.model, ids, mask)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))
-                self.optimizer.step()
-                metrics.update(expert_bias_step(self.model, bias_rate))
-                metrics["step_time_s"] = time.perf_counter() - started
-                metrics["lr"] = lr
-                self.progress.sft_step = step + 1
-                self._emit("sft", step + 1, metrics)
+                self._sft_step(batches, bias_rate)
                 if self.progress.sft_step % every == 0:
                     self._save_state()
             if self.stopped:
@@ -396,6 +446,41 @@ class TrainingRun:
         # steps, and its second moments (from gradients 10-100x larger) would shrink RL's for dozens.
         self.optimizer = self._optimizer(self.config.rl.learning_rate)
         self._save_state()
+
+    def _sft_step(self, batches: SftBatches, bias_rate: float) -> None:
+        """One SFT optimizer step on this rank's share of the step's examples. Under torchrun the loss is
+        the token mean over every rank's examples (global_token_mean), as in one process."""
+        step = self.progress.sft_step
+        started = time.perf_counter()
+        lr = self._stage_lr(self.config.sft, step)
+        set_learning_rate(self.optimizer, lr)
+        examples = batches.batch(step)[self.rank :: self.world]
+        if self.config.rl.prefix_merge or self.world > 1:
+            loss, metrics = sft_loss_merged(self.train_model, examples, max_tokens_per_pack=None)
+        else:
+            from forgerl.trainer.sft import collate
+
+            ids, mask = collate(examples)
+            loss, metrics = sft_loss(self.model, ids, mask)
+        if self.world > 1:
+            loss = global_token_mean(loss, torch.tensor(metrics["sft/tokens"]))
+            metrics.update(all_ranks_mean({"sft/loss": float(loss.detach())}, ("sft/loss",)))
+            metrics["loss"] = metrics["sft/loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        metrics["grad_norm"] = self._clip_grad_norm()
+        self.optimizer.step()
+        metrics.update(expert_bias_step(self.model, bias_rate))
+        metrics["step_time_s"] = time.perf_counter() - started
+        metrics["lr"] = lr
+        self.progress.sft_step = step + 1
+        self._emit("sft", step + 1, metrics)
+
+    def _clip_grad_norm(self) -> float:
+        """Clip to 1 and return the norm before: torch's on a whole model, forgerl.distributed's over shards."""
+        if self.sharded is not None:
+            return float(clip_grad_norm_(self.model.parameters(), 1.0))
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))
 
     def _rl_step_config(self) -> RlStepConfig:
         rl = self.config.rl
@@ -421,33 +506,42 @@ class TrainingRun:
             self.episodes = LocalEpisodes(
                 lambda: self.model, self.tokenizer, max_new_tokens=self.settings.max_new_tokens
             )
-        if self.episodes is None:
-            raise RuntimeError("the RL stage needs an episode source")
+        # Sampling in-process with a sharded model needs a gathered replica before each fetch (_fetch).
+        self._samples_here = bool(_broadcast(hasattr(self.episodes, "model_ref")))
+        if self.episodes is not None and hasattr(self.episodes, "model_ref"):
+            self.episodes.model_ref = lambda: self.model if self.sharded is None else self._sampling_model
+        if self.rank == 0:
+            self._start_source()
+        self.progress.unacked = []
+        return cast(EpisodeSource, self.episodes)  # None on ranks but 0 that talk to no service: never called
+
+    def _start_source(self) -> None:
+        """Rank 0: the episode source starts the run's episodes where the saved state left them."""
         from forgerl.rollout.tasks import get_suite
 
+        episodes = self.episodes
+        if episodes is None:
+            raise RuntimeError("the RL stage needs an episode source")
         task_ids = [t.id for t in get_suite(self.config.suite).tasks("train")]
-        if hasattr(self.episodes, "model_ref"):
-            self.episodes.model_ref = lambda: self.model
-        if self.rank == 0:
-            # A resumed run's policy may be newer than what inference serves (a topology started afresh
-            # serves the initial checkpoint): trajectories of the old policy would all be dropped as stale.
-            self.publisher.ensure(self.progress.last_checkpoint, self.progress.policy_version)
-            self.episodes.start(
-                self.run_id, self.config.rl, self.config.suite, task_ids, self.config.seed, self.progress.task_cursor
-            )
-            if self._episode_rng is not None and hasattr(self.episodes, "generator"):
-                self.episodes.generator.set_state(self._episode_rng)
-            # Batches trained before a crash whose Ack may not have happened: acknowledge, never train again.
-            for batch_id in list(self.progress.unacked):
-                self.episodes.ack(batch_id)
-        self.progress.unacked = []
-        return self.episodes
+        # A resumed run's policy may be newer than what inference serves (a topology started afresh serves
+        # the initial checkpoint): trajectories of the old policy would all be dropped as stale.
+        self.publisher.ensure(self.progress.last_checkpoint, self.progress.policy_version)
+        episodes.start(
+            self.run_id, self.config.rl, self.config.suite, task_ids, self.config.seed, self.progress.task_cursor
+        )
+        if self._episode_rng is not None and hasattr(episodes, "generator"):
+            episodes.generator.set_state(self._episode_rng)
+        # Batches trained before a crash whose Ack may not have happened: acknowledge, never train again.
+        for batch_id in list(self.progress.unacked):
+            episodes.ack(batch_id)
 
     def _fetch(self, episodes: EpisodeSource) -> tuple[Any, list[Any], dict[str, float]]:
         """Rank 0 fetches, every rank gets the batch; returns it, the trajectories to train, counters."""
         rl = self.config.rl
         started = time.perf_counter()
         fetched = None
+        if self.sharded is not None and self._samples_here:
+            self._sampling_model = self.sharded.replica()  # a collective: every rank gathers
         if self.rank == 0:
             fetched = episodes.fetch(rl.batch_size, self.progress.policy_version, self.settings.fetch_timeout_s)
         fetched = _broadcast(fetched)
@@ -494,6 +588,7 @@ class TrainingRun:
             if self.world > 1:
                 batch = shard_rows(batch, self.rank, self.world)
             metrics = rl_step(self.train_model, self.optimizer, batch, step_cfg, core=self.model)
+            metrics.update(all_ranks_mean(metrics, ("loss", "policy/loss")))  # each rank's share -> the mean
             metrics.update(counters)
             metrics["lr"] = lr
             self._finish_rl_step(episodes, fetched.batch_id, fresh, metrics)

@@ -7,6 +7,7 @@
     checkpoint_every: 5
     sft: {steps: 300, batch_size: 16, learning_rate: 3.0e-3}
     rl: {steps: 40, batch_size: 64, group_size: 8, learning_rate: 1.0e-3, loss: cispo, eps_high: 0.28, ...}
+    trainer: {parallel: {dp_shard: 2, ep: 2}}   # under torchrun; unset: one process, or DDP
 
 Keys are the proto's field names; unknown keys are an error naming the key.
 """
@@ -14,13 +15,16 @@ Keys are the proto's field names; unknown keys are an error naming the key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from google.protobuf import json_format
 
 from forgerl.trainer.schedule import SCHEDULES
 from forgerl.v1 import run_pb2
+
+if TYPE_CHECKING:
+    from forgerl.distributed.config import ParallelConfig
 
 RL_DEFAULTS: dict[str, Any] = {
     "steps": 40,
@@ -65,7 +69,30 @@ def run_config_from_dict(data: dict[str, Any]) -> run_pb2.RunConfig:
         raise ValueError("bad run config: sft.examples and sft.expert_bias_update_rate must be >= 0")
     if config.rl.mtp_loss_weight < 0 or config.rl.grow_mtp_to < 0:
         raise ValueError("bad run config: rl.mtp_loss_weight and rl.grow_mtp_to must be >= 0")
+    _check_parallel(config.trainer.parallel)
     return config
+
+
+def parallel_config(config: run_pb2.RunConfig) -> ParallelConfig:
+    """`trainer.parallel` as a ParallelConfig: unset (0) fields take its defaults (dp_replicate fills the
+    world size, dp_shard 1, ep 1); the world size checks come with ParallelConfig.resolve."""
+    from forgerl.distributed.config import ParallelConfig  # imports torch: not at the CLI's start
+
+    p = config.trainer.parallel
+    return ParallelConfig(
+        dp_replicate=p.dp_replicate or -1,
+        dp_shard=p.dp_shard or 1,
+        ep=p.ep or 1,
+        activation_checkpoint_every=p.activation_checkpoint_every,
+    )
+
+
+def _check_parallel(p: run_pb2.ParallelLayout) -> None:
+    for name in ("dp_replicate", "dp_shard"):
+        if getattr(p, name) < -1:
+            raise ValueError(f"bad run config: trainer.parallel.{name} {getattr(p, name)}: must be >= 1, or -1 to fill")
+    if p.ep < 0 or p.activation_checkpoint_every < 0:
+        raise ValueError("bad run config: trainer.parallel.ep and activation_checkpoint_every must be >= 0")
 
 
 def load_run_config(path: str | Path) -> run_pb2.RunConfig:

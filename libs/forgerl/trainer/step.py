@@ -265,6 +265,20 @@ def _data_parallel_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def global_token_mean(loss: torch.Tensor, local_tokens: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a token mean over every data-parallel rank: `loss`, the mean over this rank's
+    `local_tokens` tokens, times local * world / global tokens, so that the gradient DDP and FSDP2 average
+    over the ranks is the gradient of the mean over all their tokens (and the mean of the returned values
+    over the ranks is that mean). One all-reduce; `loss` itself without torch.distributed."""
+    world = _data_parallel_world()
+    if world == 1:
+        return loss
+    local_n = local_tokens.to(torch.float64)
+    total_n = local_n.clone()
+    dist.all_reduce(total_n)
+    return loss * (local_n.clamp(min=1) * world / total_n.clamp(min=1)).to(loss.dtype)
+
+
 def global_mtp_loss(
     losses: Sequence[torch.Tensor], counts: Sequence[float], num_modules: int, weight: float, device: torch.device
 ) -> tuple[torch.Tensor | None, dict[str, float]]:
@@ -394,12 +408,7 @@ def rl_step(
         eps_low=cfg.eps_low,
         entropy=outs.entropy,
     )
-    world = _data_parallel_world()
-    if world > 1:
-        local_n = mask.sum().to(torch.float64)
-        total_n = local_n.clone()
-        dist.all_reduce(total_n)
-        loss = loss * (local_n.clamp(min=1) * world / total_n.clamp(min=1)).to(loss.dtype)
+    loss = global_token_mean(loss, mask.sum())
     total = loss if mtp_loss is None else loss + mtp_loss
     optimizer.zero_grad(set_to_none=True)
     total.backward()

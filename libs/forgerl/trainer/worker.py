@@ -5,9 +5,17 @@
     torchrun --nproc-per-node 2 -m forgerl.trainer.worker run.yaml --run-id r1 \\
         --rollout 127.0.0.1:50054 --datapool 127.0.0.1:50052 --inference 127.0.0.1:50051
 
-The process group is gloo on CPU and NCCL on GPU; the model is wrapped in DDP (forgerl.model.sharding);
-rank 0 talks to the services and broadcasts each batch, every rank trains on its share of the rows and
-the gradients are averaged in backward. Started again with the same --run-id, it resumes.
+The process group is gloo on CPU and NCCL on GPU. The run file's `trainer.parallel` picks the layout
+(TrainingRun): unset, every rank holds the model whole under DDP; with dp_shard > 1 or ep > 1 the meshes
+are built from it and the model is built on the meta device, split (experts over ep ranks, FSDP2 over the
+rest) and materialised from init_checkpoint's rows or seeded values (forgerl.trainer.sharded), its
+state saved with torch.distributed.checkpoint and its published weights written from the shards. Rank 0
+talks to the services and broadcasts each batch; every rank trains on its share of the rows and the
+gradients are averaged in backward. Started again with the same --run-id, it resumes.
+
+    # examples/tiny-tool-use-fsdp-ep.yaml: trainer.parallel {dp_shard: 2, ep: 2}
+    torchrun --nproc-per-node 2 -m forgerl.trainer.worker examples/tiny-tool-use-fsdp-ep.yaml --run-id r2 \\
+        --rollout 127.0.0.1:50054 --datapool 127.0.0.1:50052 --inference 127.0.0.1:50051
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from forgerl.distributed import ParallelConfig, clip_grad_norm_
-from forgerl.distributed.parallelize import _apply_activation_checkpointing
+from forgerl.distributed.parallelize import apply_activation_checkpointing
 from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig
 
 pytestmark = pytest.mark.unit
@@ -58,7 +58,7 @@ def test_unknown_key() -> None:
 def _model_with_grads(checkpoint_every: int) -> MiniMaxM2ForCausalLM:
     torch.manual_seed(0)
     model = MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug", num_mtp_modules=0)).train()
-    _apply_activation_checkpointing(model, checkpoint_every)
+    apply_activation_checkpointing(model, checkpoint_every)
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     logits = model(ids).logits
     torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()

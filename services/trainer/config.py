@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from forgerl.runtime import ServiceConfig
+from forgerl.trainer.tracking import TrackingSettings
 
 
 class TrainerConfig(ServiceConfig):
@@ -32,3 +33,23 @@ class TrainerConfig(ServiceConfig):
         description="Resume runs the store shows RUNNING (this trainer replaces one that crashed); off: mark them "
         "INTERRUPTED (a fresh start: `forgerl up`), resumable with StartRun(resume_run_id).",
     )
+    tensorboard: bool = Field(True, description="Write TensorBoard event files: <runs_dir>/<run-id>/tensorboard.")
+    mlflow: bool = Field(True, description="Log each run to MLflow: params, step metrics, checkpoint artifacts.")
+    mlflow_tracking_uri: str = Field(
+        "", description="MLflow tracking URI (a server, a database); default: SQLite <runs_dir>/mlflow.db."
+    )
+    mlflow_experiment: str = Field("forgerl", description="The MLflow experiment runs are logged under.")
+    mlflow_copy_weights: bool = Field(
+        False,
+        description="Copy checkpoint weights into MLflow's artifacts too (default: config, tokenizer and a "
+        "checkpoint.json naming the weights' path; the run's checkpoint folder keeps the weights).",
+    )
+
+    def tracking(self) -> TrackingSettings:
+        return TrackingSettings(
+            tensorboard=self.tensorboard,
+            mlflow=self.mlflow,
+            mlflow_tracking_uri=self.mlflow_tracking_uri,
+            mlflow_experiment=self.mlflow_experiment,
+            mlflow_copy_weights=self.mlflow_copy_weights,
+        )

@@ -2,7 +2,8 @@
 
 A run trains in a thread of this process (torch releases the GIL in its kernels; the asyncio server
 stays responsive). Runs, step metrics, checkpoints and policy versions go to the SQL store; metrics are
-also pushed live to StreamMetrics subscribers.
+also pushed live to StreamMetrics subscribers, and with the run's parameters and checkpoints to
+TensorBoard and MLflow (forgerl.trainer.tracking; a tracking backend that fails is dropped, never the run).
 
 What happens to a run whose trainer goes away:
 - shutdown (SIGTERM, Ctrl-C, the topology taken down): the run is marked INTERRUPTED at once and its
@@ -30,6 +31,7 @@ from forgerl.store import Store, default_url
 from forgerl.trainer.loop import RunProgress, TrainerSettings, TrainingRun
 from forgerl.trainer.report import write_report
 from forgerl.trainer.sources import InferencePublisher, ServiceEpisodes
+from forgerl.trainer.tracking import Tracking, flatten_config, open_tracking
 from forgerl.v1 import run_pb2, trainer_pb2, trainer_pb2_grpc
 
 from .config import TrainerConfig
@@ -47,10 +49,11 @@ def new_run_id(name: str) -> str:
 
 
 class _Live:
-    """A running run: its thread, its TrainingRun, and the subscribers of its metrics."""
+    """A running run: its thread, its TrainingRun, its tracking, and the subscribers of its metrics."""
 
-    def __init__(self, training: TrainingRun) -> None:
+    def __init__(self, training: TrainingRun, tracking: Tracking) -> None:
         self.training = training
+        self.tracking = tracking
         self.thread: threading.Thread | None = None
         self.subscribers: set[asyncio.Queue[run_pb2.StepMetrics | None]] = set()
         self.done = False
@@ -123,7 +126,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             on_state=lambda progress: self._on_state(run_id, progress),
             on_checkpoint=lambda ckpt: self._on_checkpoint(ckpt),
         )
-        live = _Live(training)
+        live = _Live(training, open_tracking(c.tracking(), Path(c.runs_dir), run_id))
+        live.tracking.log_params(flatten_config(config))
         self.live[run_id] = live
         live.thread = threading.Thread(
             target=self._thread_main, args=(run_id, live), name=f"train-{run_id}", daemon=True
@@ -144,6 +148,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 state = run_pb2.RUN_STATE_STOPPED
             else:
                 state = run_pb2.RUN_STATE_SUCCEEDED
+            # before the state: a client that sees the run finished finds its TensorBoard and MLflow complete
+            live.tracking.close("FINISHED" if state == run_pb2.RUN_STATE_SUCCEEDED else "KILLED")
             self.store.runs.update(run_id, state=state, stage=progress.stage)
             self._write_report(run_id)
         except Exception as err:
@@ -151,8 +157,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 log.info("run %s interrupted by the shutdown (%s: %s)", run_id, type(err).__name__, err)
                 return
             log.exception("run %s failed", run_id)
+            live.tracking.close("FAILED")
             self.store.runs.update(run_id, state=run_pb2.RUN_STATE_FAILED, error=f"{type(err).__name__}: {err}")
         finally:
+            live.tracking.close("KILLED")  # interrupted (resumable): a no-op where closed above
             live.done = True
             self._publish_to_subscribers(run_id, None)
 
@@ -168,6 +176,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         metrics.time.GetCurrentTime()
         self.store.metrics.add(metrics)
         self.store.runs.update(run_id, stage=stage, step=step)
+        self.live[run_id].tracking.log_metrics(step, values)
         self._publish_to_subscribers(run_id, metrics)
 
     def _on_state(self, run_id: str, progress: RunProgress) -> None:
@@ -175,6 +184,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     def _on_checkpoint(self, ckpt: run_pb2.Checkpoint) -> None:
         self.store.checkpoints.add(ckpt)
+        self.live[ckpt.run_id].tracking.log_checkpoint(ckpt)
         self.store.policy_versions.publish(ckpt.run_id, ckpt.policy_version, ckpt.checkpoint_id)
         self.store.runs.update(ckpt.run_id, policy_version=ckpt.policy_version)
 

@@ -5,6 +5,7 @@
 - `step`: trajectories -> rows and advantages -> prefix-merged forward -> policy loss -> AdamW -> expert bias
 - `sources`: episodes from rollout + data pool (or in-process), weights to inference
 - `sampling`, `local_env`: KV-cached sampling and in-process tool-use episodes (evaluation, tests)
+- `tracking`: the run's metrics, config and checkpoints also in TensorBoard and MLflow
 - `report`: PNG plots and the summary; `parity`: greedy answers in ours / transformers / vLLM
 - `worker`: the run under torchrun (DDP); `presets`: model sizes for CPU runs
 """

@@ -21,6 +21,7 @@ from torch import nn
 from forgerl.model.layers import RMSNorm, rotary_cos_sin
 from forgerl.model.m3_attention import M3Attention
 from forgerl.model.m3_config import SPARSE_MLP, M3Config
+from forgerl.model.m3_indexer_training import IndexerObjective
 from forgerl.model.model import ModelOutput
 from forgerl.model.model import _check_inputs as check_m2_inputs
 from forgerl.model.moe import GluActivation, Routing, SparseMoeBlock, sequence_balance_loss, swiglu_oai
@@ -64,12 +65,17 @@ class M3LayerOutput(NamedTuple):
     expert_ids_BTK: torch.Tensor | None = None  # MoE layers: the experts used
     load_E: torch.Tensor | None = None
     balance_loss: torch.Tensor | None = None
+    indexer: IndexerObjective | None = None  # sparse-attention layers with an indexer_stage
 
 
 @dataclass
 class M3Output(ModelOutput):
     # Per sparse-attention layer index, the indexer's kept key blocks: long [B, G, T, N], -1 padded.
     block_indices: dict[int, torch.Tensor]
+    # With an indexer_stage: the indexers' KL summed over sparse layers (gradient into the indexers only)
+    # and their recall of the dense attention's heaviest blocks averaged over layers; None otherwise.
+    indexer_loss: torch.Tensor | None = None
+    indexer_recall: torch.Tensor | None = None
 
 
 class M3DecoderLayer(nn.Module):
@@ -94,18 +100,21 @@ class M3DecoderLayer(nn.Module):
         rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
         mask_BTS: torch.Tensor | None,
         replay_ids_BTK: torch.Tensor | None = None,
+        indexer_stage: str | None = None,
     ) -> M3LayerOutput:
-        attn_BTD, blocks_BGTN = self.self_attn(self.input_layernorm(x_BTD), rope_cos_sin, mask_BTS)
+        attn_BTD, blocks_BGTN, indexer = self.self_attn(
+            self.input_layernorm(x_BTD), rope_cos_sin, mask_BTS, indexer_stage
+        )
         h_BTD = x_BTD + attn_BTD
         if not isinstance(self.mlp, SharedExpertMoeBlock):
-            return M3LayerOutput(h_BTD + self.mlp(self.post_attention_layernorm(h_BTD)), blocks_BGTN)
+            return M3LayerOutput(h_BTD + self.mlp(self.post_attention_layernorm(h_BTD)), blocks_BGTN, indexer=indexer)
         mlp_BTD, routing, load_E = self.mlp(self.post_attention_layernorm(h_BTD), replay_ids_BTK)
         b, t, _ = x_BTD.shape
         expert_ids_BTK = routing.expert_ids_NK.view(b, t, -1)
         balance_loss = None
         if self.with_balance_loss and self.training:
             balance_loss = sequence_balance_loss(routing.scores_NE.view(b, t, -1), expert_ids_BTK)
-        return M3LayerOutput(h_BTD + mlp_BTD, blocks_BGTN, expert_ids_BTK, load_E, balance_loss)
+        return M3LayerOutput(h_BTD + mlp_BTD, blocks_BGTN, expert_ids_BTK, load_E, balance_loss, indexer)
 
 
 class MiniMaxM3Model(nn.Module):
@@ -151,10 +160,12 @@ class MiniMaxM3ForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         routed_experts: torch.Tensor | None = None,
+        indexer_stage: str | None = None,
     ) -> M3Output:
         """input_ids [B, T] long; position_ids [B, T] (None: 0..T-1); attention_mask bool [B, T, T], True
         where query t may attend key s (None: causal); routed_experts long [B, T, M, K] to replay a routing
-        on the M MoE layers."""
+        on the M MoE layers; indexer_stage "dense" | "sparse" to train the indexers (m3_indexer_training;
+        "dense" also runs the sparse layers' attention dense)."""
         cfg = self.config
         b, t = input_ids.shape
         # M2's checks of the positions and the mask; routed_experts spans the M MoE layers here, not all L.
@@ -172,15 +183,18 @@ class MiniMaxM3ForCausalLM(nn.Module):
         loads: list[torch.Tensor] = []
         balance_losses: list[torch.Tensor] = []
         blocks: dict[int, torch.Tensor] = {}
+        indexers: list[IndexerObjective] = []
         for i, layer in enumerate(self.model.layers):
             replay_BTK = None if routed_experts is None else routed_experts[:, :, len(loads)]
-            out = layer(x_BTD, rope_cos_sin, attention_mask, replay_BTK)
+            out = layer(x_BTD, rope_cos_sin, attention_mask, replay_BTK, indexer_stage)
             x_BTD = out.x_BTD
             if out.blocks_BGTN is not None:
                 blocks[i] = out.blocks_BGTN
             if out.expert_ids_BTK is not None and out.load_E is not None:
                 expert_ids.append(out.expert_ids_BTK)
                 loads.append(out.load_E)
+            if out.indexer is not None:
+                indexers.append(out.indexer)
             if out.balance_loss is not None:
                 balance_losses.append(out.balance_loss)
         logits_BTV = self.lm_head(self.model.norm(x_BTD))
@@ -194,4 +208,6 @@ class MiniMaxM3ForCausalLM(nn.Module):
             if balance_losses
             else x_BTD.new_zeros(()),
             block_indices=blocks,
+            indexer_loss=torch.stack([i.loss for i in indexers]).sum() if indexers else None,
+            indexer_recall=torch.stack([i.recall for i in indexers]).nanmean() if indexers else None,
         )

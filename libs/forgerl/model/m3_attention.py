@@ -24,6 +24,13 @@ from torch import nn
 from forgerl.model.attention import get_attention_backend
 from forgerl.model.layers import RMSNorm, apply_rotary, compute_dtype
 from forgerl.model.m3_config import SPARSE_ATTENTION, M3Config
+from forgerl.model.m3_indexer_training import (
+    DENSE_STAGE,
+    IndexerObjective,
+    check_stage,
+    indexer_objective,
+    kept_block_mask,
+)
 
 T = TypeVar("T")
 
@@ -51,12 +58,8 @@ def causal_mask(b: int, t: int, device: torch.device) -> torch.Tensor:
 
 def blocks_to_key_mask(blocks_BGTN: torch.Tensor, block_size: int, num_keys: int) -> torch.Tensor:
     """bool [B, G, T, S]: True where key s lies in one of query t's kept blocks (-1 slots keep nothing)."""
-    num_blocks = -(-num_keys // block_size)
-    # -1 slots scatter into a spare column NB that is dropped afterwards.
-    safe_BGTN = blocks_BGTN.masked_fill(blocks_BGTN < 0, num_blocks)
-    kept_BGTB = torch.zeros(*blocks_BGTN.shape[:-1], num_blocks + 1, dtype=torch.bool, device=blocks_BGTN.device)
-    kept_BGTB.scatter_(-1, safe_BGTN, True)
-    return kept_BGTB[..., :num_blocks].repeat_interleave(block_size, dim=-1)[..., :num_keys]
+    kept_BGTB = kept_block_mask(blocks_BGTN, -(-num_keys // block_size))
+    return kept_BGTB.repeat_interleave(block_size, dim=-1)[..., :num_keys]
 
 
 def torch_block_sparse_attention(
@@ -170,15 +173,19 @@ class LightningIndexer(nn.Module):
     def forward(
         self, x_BTD: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor], mask_BTS: torch.Tensor | None
     ) -> torch.Tensor:
-        block_BGTB = self.block_scores(x_BTD, rope_cos_sin, mask_BTS)
+        return self.select(self.block_scores(x_BTD, rope_cos_sin, mask_BTS))
+
+    @torch.no_grad()
+    def select(self, block_BGTB: torch.Tensor) -> torch.Tensor:
+        """The kept blocks from block scores [B, G, T, NB] (left untouched)."""
         b, _, t, num_blocks = block_BGTB.shape
         if self.local_blocks > 0:
             # A query's own block (by slot; transformers uses the position id, equal for unpacked input) and
             # the local_blocks - 1 before it always win; clamping at 0 repeats block 0, a no-op scatter.
-            own_T = torch.arange(t, device=x_BTD.device) // self.block_size
-            back_L = torch.arange(self.local_blocks, device=x_BTD.device)
+            own_T = torch.arange(t, device=block_BGTB.device) // self.block_size
+            back_L = torch.arange(self.local_blocks, device=block_BGTB.device)
             local_TL = (own_T[:, None] - back_L[None, :]).clamp(min=0)
-            block_BGTB.scatter_(-1, local_TL.expand(b, self.n_heads, t, -1), torch.inf)
+            block_BGTB = block_BGTB.scatter(-1, local_TL.expand(b, self.n_heads, t, -1), torch.inf)
         top_scores_BGTN, top_BGTN = block_BGTB.topk(min(self.topk, num_blocks), dim=-1)
         return top_BGTN.masked_fill(top_scores_BGTN == -torch.inf, -1)
 
@@ -210,8 +217,11 @@ class M3Attention(nn.Module):
         x_BTD: torch.Tensor,
         rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
         mask_BTS: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the output [B, T, D] and, on a sparse layer, the kept blocks long [B, G, T, N]."""
+        indexer_stage: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, IndexerObjective | None]:
+        """Returns the output [B, T, D], on a sparse layer the kept blocks long [B, G, T, N], and with an
+        `indexer_stage` ("dense" | "sparse", see m3_indexer_training) on a sparse layer the indexer's loss."""
+        check_stage(indexer_stage)
         b, t, _ = x_BTD.shape
         q_BTHK = self.q_norm(self.q_proj(x_BTD).view(b, t, self.n_heads, self.head_dim))
         k_BTGK = self.k_norm(self.k_proj(x_BTD).view(b, t, self.n_kv_heads, self.head_dim))
@@ -219,11 +229,20 @@ class M3Attention(nn.Module):
         cos_BTR, sin_BTR = rope_cos_sin
         q_BHTK = apply_rotary(q_BTHK.transpose(1, 2), cos_BTR, sin_BTR)
         k_BGTK = apply_rotary(k_BTGK.transpose(1, 2), cos_BTR, sin_BTR)
-        blocks_BGTN = None
-        if self.indexer is None:
+        blocks_BGTN, objective = None, None
+        if self.indexer is not None and indexer_stage is None:
+            blocks_BGTN = self.indexer(x_BTD, rope_cos_sin, mask_BTS)
+        elif self.indexer is not None and indexer_stage is not None:
+            # The indexer's own objective: its input detached, so its loss reaches only its parameters.
+            scores_BGTB = self.indexer.block_scores(x_BTD.detach(), rope_cos_sin, mask_BTS)
+            blocks_BGTN = self.indexer.select(scores_BGTB.detach())
+            visible_BTS = causal_mask(b, t, x_BTD.device) if mask_BTS is None else mask_BTS
+            objective = indexer_objective(
+                indexer_stage, q_BHTK, k_BGTK, visible_BTS, scores_BGTB, blocks_BGTN, self.block_size, self.scale
+            )
+        if blocks_BGTN is None or indexer_stage == DENSE_STAGE:
             o_BHTK = self.backend(q_BHTK, k_BGTK, v_BGTK, mask_BTS, self.scale)
         else:
-            blocks_BGTN = self.indexer(x_BTD, rope_cos_sin, mask_BTS)
             o_BHTK = self.msa_backend(q_BHTK, k_BGTK, v_BGTK, mask_BTS, blocks_BGTN, self.block_size, self.scale)
         o_BTD = o_BHTK.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, H*K]
-        return self.o_proj(o_BTD), blocks_BGTN
+        return self.o_proj(o_BTD), blocks_BGTN, objective

@@ -7,7 +7,7 @@ Two ways to run the main job's configuration (`examples/tiny-tool-use.yaml` unle
   pool, exactly `make run` (~15-20 min a seed on 2 cores). The seed moves SFT's batch order, RL's task
   order and sampling; the initial weights are the topology's (`init-<preset>`, seed 0).
 - `--mode in-process`: `forgerl.trainer.learnability` with the config's SFT and RL settings, no services
-  (vLLM replaced by the in-process sampler); the seed also draws the initial weights.
+  (vLLM replaced by the in-process sampler), from the same initial weights (`.forgerl/checkpoints/init-<preset>`).
 
 The baseline is each seed's own SFT checkpoint, measured in the same run: the figures are its held-out
 success, the success after RL, their difference in points (`gain_points`) and ratio. Prints one JSON object
@@ -67,11 +67,14 @@ def run_services(config: dict[str, Any], seed: int, runs_dir: Path) -> dict[str,
 
 def run_in_process(config: dict[str, Any], seed: int) -> dict[str, Any]:
     """forgerl.trainer.learnability with the config's settings (one thread, as the trainer's SFT)."""
+    from forgerl.local.bootstrap import ensure_initial_checkpoint
     from forgerl.trainer import learnability
 
     sft, rl = config["sft"], config["rl"]
+    preset = config["model_preset"]
+    init = ensure_initial_checkpoint(ROOT / f".forgerl/checkpoints/init-{preset}", preset)
     argv = [
-        "--preset", config["model_preset"], "--seed", str(seed), "--eval-n", "256",
+        "--preset", preset, "--init", str(init), "--seed", str(seed), "--eval-n", "256",
         "--sft-examples", str(sft.get("examples") or 4000), "--sft-steps", str(sft["steps"]),
         "--sft-batch", str(sft["batch_size"]), "--sft-lr", str(sft["learning_rate"]),
         "--sft-schedule", sft.get("lr_schedule", "constant"), "--sft-warmup", str(sft.get("warmup_steps", 0)),
@@ -80,6 +83,7 @@ def run_in_process(config: dict[str, Any], seed: int) -> dict[str, Any]:
         "--rl-tasks", str(rl["batch_size"] // rl["group_size"]), "--rl-schedule", rl.get("lr_schedule", "constant"),
         "--rl-warmup", str(rl.get("warmup_steps", 0)), "--rl-min-lr", str(rl.get("min_lr_ratio", 0.1)),
         "--eps-high", str(rl.get("eps_high", 0.28)), "--rl-fresh-opt", "--eval-every", str(rl["steps"]),
+        "--mtp-weight", str(rl.get("mtp_loss_weight", 0.0)),
     ]  # fmt: skip
     started = time.monotonic()
     result = learnability.main(argv)

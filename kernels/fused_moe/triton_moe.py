@@ -159,6 +159,32 @@ class _ExpertsFunction(torch.autograd.Function):
         return dx, d_weights.to(ctx.weights_dtype), dw1, dw2, dw3, None  # type: ignore[attr-defined]
 
 
+def fused_experts(
+    x_ND: torch.Tensor,
+    expert_ids_NK: torch.Tensor,
+    weights_NK: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+) -> torch.Tensor:
+    """The routed experts alone, as `forgerl.model.moe.Experts.forward` with moe_backend "triton" (the
+    router stays the model's, so its scores, loads and routing replay are unchanged). Forward and
+    backward are the Triton kernels above; the backward is checked against the torch Experts' autograd.
+
+    Args:
+        x_ND: [N, D] tokens; w1_EFD, w3_EFD [E, F, D], w2_EDF [E, D, F] in x's dtype.
+        expert_ids_NK: [N, K] long; weights_NK: [N, K] routing weights (any float dtype; gradients come
+            back in it).
+    Returns:
+        y [N, D] in x's dtype: sum_k weight_k * w2[e_k] (silu(w1[e_k] x) * w3[e_k] x).
+    """
+    if x_ND.shape[0] == 0:  # an EP rank sent no rows: still a (zero) gradient for every weight, as torch's
+        return x_ND + 0.0 * (w1_EFD.sum() + w2_EDF.sum() + w3_EFD.sum() + weights_NK.sum())
+    x_ND, w1_EFD, w2_EDF, w3_EFD = (t.contiguous() for t in (x_ND, w1_EFD, w2_EDF, w3_EFD))
+    y_ND: torch.Tensor = _ExpertsFunction.apply(x_ND, weights_NK, w1_EFD, w2_EDF, w3_EFD, expert_ids_NK)
+    return y_ND
+
+
 def fused_moe(
     x_ND: torch.Tensor,
     gate_ED: torch.Tensor,

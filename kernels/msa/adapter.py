@@ -1,8 +1,9 @@
 """MSA as model backends.
 
 M2 / ours: the index branch has no parameters of its own (it scores blocks with the attention's q and k), so
-MSA fits the attention backend registry: `register_attention_backend("msa", make_msa_backend(block=64,
-top_k=16))` and `cfg.attn_backend = "msa"`. Rows of the batch become packed sequences of equal length.
+MSA fits the attention backend registry: `cfg.attn_backend = "msa"` builds `make_msa_backend` with the
+config's `msa_block_size` and `msa_top_k` (through `msa_backend_for`). Rows of the batch become packed
+sequences of equal length.
 M3: the lightning indexer selects the blocks; `register_m3_msa()` lets `M3Config(msa_backend="triton",
 index_backend="triton")` run its attention and its block scores on the Triton kernels."""
 
@@ -16,6 +17,7 @@ from forgerl.kernels.msa.triton_index_m3 import index_block_scores
 from forgerl.kernels.msa.triton_msa import msa_attention
 from forgerl.kernels.msa.triton_msa_m3 import msa_m3_attention
 from forgerl.model.attention import TreeMask
+from forgerl.model.config import ModelConfig
 from forgerl.model.m3_attention import register_index_scorer, register_msa_backend
 
 Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | TreeMask | None, float], torch.Tensor]
@@ -42,6 +44,11 @@ def make_msa_backend(block: int = 64, top_k: int = 16) -> Backend:
         return out.view(b, t, h, d).transpose(1, 2)
 
     return msa_backend
+
+
+def msa_backend_for(cfg: ModelConfig) -> Backend:
+    """attention.KERNEL_BACKENDS' factory for "msa"."""
+    return make_msa_backend(block=cfg.msa_block_size, top_k=cfg.msa_top_k)
 
 
 def msa_m3_backend(

@@ -1,7 +1,7 @@
 """The tree-attention kernel as a `forgerl.model.attention.AttentionBackend`.
 
-Register it with `register_attention_backend("tree", tree_attention_backend)` and set
-`cfg.attn_backend = "tree"`; `forgerl.rl.prefix_merge` then hands the model each pack's `TreeMask`
+`cfg.attn_backend = "tree"` selects it (the model imports it through `tree_backend_for`, lazily);
+`forgerl.rl.prefix_merge` then hands the model each pack's `TreeMask`
 (subtree ends [B, T]), which goes to the kernel as is: no [T, T] mask is ever built.
 
 A dense bool mask is accepted too (from `dense_ancestor_mask`, or a caller that builds its own): in a
@@ -16,7 +16,8 @@ import torch
 
 from forgerl.kernels.tree_attention.naive import ancestor_mask
 from forgerl.kernels.tree_attention.triton_tree import tree_attention
-from forgerl.model.attention import TreeMask
+from forgerl.model.attention import AttentionBackend, TreeMask
+from forgerl.model.config import ModelConfig
 
 
 def subtree_end_from_mask(mask_BTS: torch.Tensor) -> torch.Tensor:
@@ -52,3 +53,8 @@ def tree_attention_backend(
         q_BHTK.transpose(1, 2), k_BGSK.transpose(1, 2), v_BGSK.transpose(1, 2), subtree_end_BT, scale
     )
     return out_BTHK.transpose(1, 2)
+
+
+def tree_backend_for(_cfg: ModelConfig) -> AttentionBackend:
+    """attention.KERNEL_BACKENDS' factory for "tree" (the kernel takes no settings)."""
+    return tree_attention_backend

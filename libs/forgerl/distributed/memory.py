@@ -39,6 +39,7 @@ class PeakCpuMemory:
             return
         events: list[tuple[int, int]] = []
         results = self._profile.profiler.kineto_results  # type: ignore[union-attr]
+        assert results is not None, "the profiler recorded nothing"
         _collect_allocations(results.experimental_event_tree(), events)
         live = 0
         for _, size in sorted(events):

@@ -2,19 +2,22 @@
 streamed to one sender rank in buckets of at most `bucket_bytes`, so that no rank ever holds the whole
 state dict (the full-gather way, `full_state_dict`, holds it on every rank).
 
-The plan (`plan_weight_stream`, once per run: one all_gather_object of two ints per tensor): which rank holds which rows of
-each tensor -- an FSDP2 shard is a block of rows, an expert stack under EP is this EP rank's El = E / ep
-experts sharded over efsdp, a DDP replica holds every row -- and, for each block of rows, the lowest
-rank holding it (HSDP replicas hold the same blocks). Then every rank walks the checkpoint's name table
-in order (the order of `checkpoint_tensors`): the block owners send their rows to the sender
-(point-to-point: NCCL and gloo alike, and no rank but the sender allocates anything), the sender
-receives them into one buffer of the whole tensor, casts it, splits an expert stack into
+The plan (`plan_weight_stream`, once per run: one all_gather_object of two ints per tensor): which rank
+holds which rows of each tensor -- an FSDP2 shard is a block of rows, an expert stack under EP is this
+EP rank's El = E / ep experts sharded over efsdp, a DDP replica holds every row -- and, for each block
+of rows, the lowest rank holding it (HSDP replicas hold the same blocks). Then every rank walks the
+checkpoint's name table in order (the order of `checkpoint_tensors`): the block owners send their rows
+to the sender (point-to-point: NCCL and gloo alike, and no rank but the sender allocates anything), the
+sender receives them into one buffer of the whole tensor, casts it, splits an expert stack into
 `...experts.{e}.w1.weight` tensors, and adds them to the bucket; a tensor that would take the bucket
 past `bucket_bytes` first flushes it (yields it).
 
 So the sender holds at most one bucket plus the one whole tensor in flight, every other rank nothing.
-The sender hands each bucket to vLLM's own loader (`MiniMaxM2ForCausalLM.load_weights`, which stacks
-the experts into its fused w13/w2 and fuses q/k/v), e.g. `forgerl.vllm_plugin.weights.load_buckets`.
+The names are the checkpoint's, so the buckets are what vLLM's own loader takes: in a vLLM worker,
+`model_runner.reload_weights(weights_iterator=chain.from_iterable(buckets), is_checkpoint_format=True)`
+(vLLM 0.32's in-place reload: `MiniMaxM2ForCausalLM.load_weights` stacks the experts into its fused
+w13/w2 and fuses q/k/v, then the layers are processed again). The transport from the sender to the
+inference service's workers is not part of this module.
 
 ```python
 for bucket in stream_weight_buckets(parallel, bucket_bytes=512 * 2**20, dtype=torch.bfloat16):
@@ -76,10 +79,10 @@ def plan_weight_stream(parallel: ParallelModel) -> StreamPlan:
                 owners[first] = _Block(rank, first, rows)
         blocks = sorted(owners.values(), key=lambda b: b.first)
         total = experts if name in parallel.expert_params else tensor.shape[0]
-        starts = [b.first for b in blocks]
-        if starts != [sum(b.rows for b in blocks[:i]) for i in range(len(blocks))] or sum(starts[-1:]) + (
-            blocks[-1].rows if blocks else 0
-        ) != total:
+        covered = 0
+        for block in blocks:
+            covered = block.first + block.rows if block.first == covered else -1
+        if covered != total:
             raise RuntimeError(f"{name}: the ranks' row blocks {blocks} do not cover its {total} rows once")
         plan[name] = blocks
     return plan

@@ -18,6 +18,7 @@ sequences. A query with no visible key gets a zero output, not NaN.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -110,10 +111,29 @@ def register_attention_backend(name: str, backend: AttentionBackend) -> None:
     ATTENTION_BACKENDS[name] = backend
 
 
+# Triton kernels, imported when a model first asks for one (importing forgerl.model never imports
+# Triton): name -> "module:factory", the factory taking the ModelConfig and returning the backend.
+KERNEL_BACKENDS: dict[str, str] = {
+    "tree": "forgerl.kernels.tree_attention.adapter:tree_backend_for",
+    "msa": "forgerl.kernels.msa.adapter:msa_backend_for",
+}
+
+
 def get_attention_backend(name: str) -> AttentionBackend:
     if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attn_backend {name!r} is not registered: choose one of {sorted(ATTENTION_BACKENDS)}")
+        raise ValueError(
+            f"attn_backend {name!r} is not registered: choose one of {sorted({*ATTENTION_BACKENDS, *KERNEL_BACKENDS})}"
+        )
     return ATTENTION_BACKENDS[name]
+
+
+def attention_backend_for(cfg: ModelConfig) -> AttentionBackend:
+    """The backend `cfg.attn_backend` names: a registered one, or a Triton kernel built for `cfg`."""
+    if cfg.attn_backend in KERNEL_BACKENDS and cfg.attn_backend not in ATTENTION_BACKENDS:
+        module, factory = KERNEL_BACKENDS[cfg.attn_backend].split(":")
+        backend: AttentionBackend = getattr(importlib.import_module(module), factory)(cfg)
+        return backend
+    return get_attention_backend(cfg.attn_backend)
 
 
 class Attention(nn.Module):
@@ -135,7 +155,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(q_width, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(kv_width, cfg.rms_norm_eps)
         self.scale = self.head_dim**-0.5
-        self.backend = get_attention_backend(cfg.attn_backend)
+        self.backend = attention_backend_for(cfg)
 
     def forward(
         self,

@@ -63,7 +63,10 @@ HF_KEYS = (
     "num_local_experts", "num_experts_per_tok", "num_mtp_modules", "tie_word_embeddings", "initializer_range",
     "bos_token_id", "eos_token_id", "pad_token_id",
 )  # fmt: skip
-FORGERL_KEYS = ("mtp_loss_weight", "bias_update_rate", "seq_aux_loss_coef", "attention_type", "attn_backend")
+FORGERL_KEYS = (
+    "mtp_loss_weight", "bias_update_rate", "seq_aux_loss_coef", "attention_type", "attn_backend",
+    "msa_block_size", "msa_top_k", "moe_backend",
+)  # fmt: skip
 
 
 def name_table(cfg: ModelConfig) -> dict[str, str]:

@@ -42,9 +42,16 @@ class ModelConfig:
     seq_aux_loss_coef: float = 0.0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
-    # Which attention module and kernel: keys of attention.ATTENTION_MODULES / ATTENTION_BACKENDS.
+    # Which attention module and kernel: keys of attention.ATTENTION_MODULES / ATTENTION_BACKENDS, or
+    # a Triton kernel of attention.KERNEL_BACKENDS ("tree": prefix-tree packs, "msa": sparse attention).
     attention_type: str = "full"
     attn_backend: str = "sdpa"
+    # MSA (attn_backend "msa"): key blocks of msa_block_size tokens, each query block keeps the first, its
+    # own and the msa_top_k best-scoring blocks (64 and 16: kernels/msa's defaults, 1,152 keys per query).
+    msa_block_size: int = 64
+    msa_top_k: int = 16
+    # The experts' implementation: "torch" (grouped_mm) or "triton" (kernels/fused_moe, SwiGLU only).
+    moe_backend: str = "torch"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None

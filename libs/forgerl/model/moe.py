@@ -11,8 +11,10 @@ optimizer step (aux-loss-free balancing), never by gradients.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +86,40 @@ def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float)
     return gate * torch.sigmoid(gate * alpha) * (up + 1.0)
 
 
+class ExpertsKernel(Protocol):
+    """A fused implementation of `Experts.forward` (SwiGLU): y [N, D] in x's dtype, differentiable in x,
+    the weights and the three stacks."""
+
+    def __call__(
+        self,
+        x_ND: torch.Tensor,
+        expert_ids_NK: torch.Tensor,
+        weights_NK: torch.Tensor,
+        w1_EFD: torch.Tensor,
+        w2_EDF: torch.Tensor,
+        w3_EFD: torch.Tensor,
+    ) -> torch.Tensor: ...
+
+
+# `moe_backend` -> "module:function" of an ExpertsKernel, imported when a model first asks for it
+# (importing forgerl.model never imports Triton); "torch" is Experts' own forward.
+MOE_KERNELS: dict[str, str] = {"triton": "forgerl.kernels.fused_moe:fused_experts"}
+
+
+def experts_kernel(name: str, activation: GluActivation) -> ExpertsKernel | None:
+    """The kernel `moe_backend` names, None for "torch"; ValueError for an unknown name, or a kernel
+    asked for an activation it does not implement."""
+    if name == "torch":
+        return None
+    if name not in MOE_KERNELS:
+        raise ValueError(f"moe_backend {name!r}: choose one of {sorted({'torch', *MOE_KERNELS})}")
+    if activation is not silu_glu:
+        raise ValueError(f"moe_backend {name!r} implements SwiGLU (M2) only: use moe_backend 'torch' for M3")
+    module, function = MOE_KERNELS[name].split(":")
+    kernel: ExpertsKernel = getattr(importlib.import_module(module), function)
+    return kernel
+
+
 class Experts(nn.Module):
     """E gated experts stored stacked (one tensor per projection, as torchtitan does): w2(act(w1 x, w3 x)),
     act SwiGLU for M2 and SwiGLU-OAI for M3.
@@ -97,11 +133,14 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(e, d, f))  # down projection  [E, D, F]
         self.w3 = nn.Parameter(torch.empty(e, f, d))  # up projection    [E, F, D]
         self.activation = activation
+        self.kernel = experts_kernel(getattr(cfg, "moe_backend", "torch"), activation)
 
     def forward(
         self, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor, counts_E: torch.Tensor
     ) -> torch.Tensor:
         """counts_E: how many of the N*K (token, expert) pairs go to each expert (bincount of the ids)."""
+        if self.kernel is not None:
+            return self.kernel(x_ND, expert_ids_NK, weights_NK, self.w1, self.w2, self.w3)
         k = expert_ids_NK.shape[1]
         # Sort the pairs by expert so that each expert sees one contiguous block.
         order_S = expert_ids_NK.reshape(-1).argsort(stable=True)

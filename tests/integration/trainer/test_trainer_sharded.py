@@ -9,6 +9,10 @@ published Hugging Face checkpoint (written from the shards) holds the reference'
 Then a sharded run killed (SIGKILL to the whole torchrun) after an RL step's state is durable, started
 again with the same run id on 2 ranks, resumes from its distributed checkpoint: no SFT step again, and
 every step it trains equals the reference's.
+
+Measured (2026-12-06, 2 loaded cores): losses and grad norms within 3.8e-6 (SFT step 1's grad norm; RL
+losses within 3.3e-7), weights after the run within 1.3e-5; the killed run resumed at RL step 2 of 3 with
+the reference's losses. Both tests 740 s at a load average of ~20 (the reference, three torchruns).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ pytestmark = pytest.mark.integration
 
 TOLERANCE = 1e-5  # float32 sums in another order (the layout tests measure <= 1.3e-6)
 # Weights after 5 AdamW steps at learning rates up to 3e-3: AdamW divides by sqrt(v), which turns a
-# 1e-7 difference in a small gradient into a larger one of the step (measured 1.3e-5 in the embedding);
+# 1e-7 difference in a small gradient into a larger one of the step (measured up to 1.3e-5);
 # each weight moved up to 1.5e-2, so 1e-4 is under 1% of the movement.
 WEIGHT_TOLERANCE = 1e-4
 SFT_STEPS, RL_STEPS = 2, 3

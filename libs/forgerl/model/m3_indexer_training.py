@@ -60,9 +60,9 @@ def block_sum(x_BGTS: torch.Tensor, block_size: int) -> torch.Tensor:
 def attention_block_mass(
     q_BHTK: torch.Tensor, k_BGSK: torch.Tensor, keep_BGTS: torch.Tensor, block_size: int, scale: float
 ) -> torch.Tensor:
-    """float32 (float64 for float64 inputs) [B, G, T, NB]: the attention's probability mass per key block over the keys `keep_BGTS`
-    allows (the visible ones; in the sparse stage, visible and in a kept block), summed over the GQA group's
-    heads and renormalised to sum to 1 per query (0 for a query with no key). No gradient."""
+    """float32 (float64 for float64 inputs) [B, G, T, NB]: the attention's probability mass per key block
+    over the keys `keep_BGTS` allows (the visible ones; in the sparse stage, visible and in a kept block),
+    summed over the GQA group's heads and renormalised to sum to 1 per query (0 for a query with no key)."""
     b, n_heads, t, d = q_BHTK.shape
     g = k_BGSK.shape[1]
     ct = compute_dtype(q_BHTK.dtype)

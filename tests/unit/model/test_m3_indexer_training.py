@@ -2,6 +2,7 @@
 here by explicit loops, torch's kl_div as the reference for its value, and where its gradient goes."""
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,7 +20,13 @@ NUM_BLOCKS = T // BLOCK
 SCALE = DIM**-0.5
 
 
-def looped_block_mass(q: torch.Tensor, k: torch.Tensor, keys_of=lambda g, t: range(t + 1)) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def causal_keys(g: int, t: int) -> list[int]:
+    return list(range(t + 1))
+
+
+def looped_block_mass(
+    q: torch.Tensor, k: torch.Tensor, keys_of: Callable[[int, int], list[int]] = causal_keys
+) -> torch.Tensor:
     """[B, G, T, NB] by hand: each head's softmax over the keys `keys_of(g, t)` (default: causal), key by
     key, summed into blocks and over the group's heads, divided by the heads per group."""
     mass = torch.zeros(B, G, T, NUM_BLOCKS, dtype=torch.float64)

@@ -80,31 +80,30 @@ def _step(cfg: ModelConfig, state: dict[str, torch.Tensor], batch: RlBatch, merg
     return metrics, {name: t.detach().clone() for name, t in model.state_dict().items()}
 
 
-def _assert_steps_equal(kernels: tuple[dict, dict], reference: tuple[dict, dict]) -> None:
+def _assert_steps_equal(
+    kernels: tuple[dict, dict], reference: tuple[dict, dict], initial: dict[str, torch.Tensor]
+) -> None:
     (metrics, state), (ref_metrics, ref_state) = kernels, reference
     for key in ("policy/loss", "grad_norm"):
         assert metrics[key] == pytest.approx(ref_metrics[key], abs=STEP_TOLERANCE), key
     moved = 0.0
     for name, tensor in ref_state.items():
         assert (state[name] - tensor).abs().max().item() <= STEP_TOLERANCE, name
-        moved = max(moved, (tensor - _INITIAL[name]).abs().max().item())
+        moved = max(moved, (tensor - initial[name]).abs().max().item())
     assert moved > 10 * STEP_TOLERANCE  # the step moved the weights well past the tolerance
-
-
-_INITIAL: dict[str, torch.Tensor] = {}  # the weights both steps of a test start from
 
 
 @pytest.mark.parametrize("device", DEVICES[:1])
 def test_one_step_on_the_tree_and_moe_kernels_equals_the_torch_step(device: str) -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=VOCAB, num_mtp_modules=0)
-    _INITIAL.update(MiniMaxM2ForCausalLM(cfg).state_dict())
+    initial = MiniMaxM2ForCausalLM(cfg).state_dict()
     batch = _batch(torch.Generator().manual_seed(1), rows=6, shortest=13, longest=18)
     forest = PrefixForest.build(batch.input_ids, batch.lengths)
     assert forest.num_packed_tokens < forest.num_input_tokens  # shared prefixes: the kernel sees real trees
-    reference = _step(cfg, _INITIAL, batch, merge=True)
-    kernels = _step(cfg.replace(attn_backend="tree", moe_backend="triton"), _INITIAL, batch, merge=True)
-    _assert_steps_equal(kernels, reference)
+    reference = _step(cfg, initial, batch, merge=True)
+    kernels = _step(cfg.replace(attn_backend="tree", moe_backend="triton"), initial, batch, merge=True)
+    _assert_steps_equal(kernels, reference, initial)
 
 
 def _msa_reference(block: int, top_k: int):  # type: ignore[no-untyped-def]
@@ -130,11 +129,11 @@ def test_one_step_on_the_msa_kernel_equals_the_torch_msa_step(device: str) -> No
     experts in torch (the test above covers their kernel): the interpreter takes minutes per MSA layer."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=VOCAB, num_hidden_layers=1, num_mtp_modules=0, msa_block_size=16, msa_top_k=1)
-    _INITIAL.update(MiniMaxM2ForCausalLM(cfg).state_dict())
+    initial = MiniMaxM2ForCausalLM(cfg).state_dict()
     batch = _batch(torch.Generator().manual_seed(2), rows=2, shortest=49, longest=52)
     register_attention_backend("msa_reference", _msa_reference(16, 1))
-    reference = _step(cfg.replace(attn_backend="msa_reference"), _INITIAL, batch, merge=False)
-    kernels = _step(cfg.replace(attn_backend="msa"), _INITIAL, batch, merge=False)
-    dense = _step(cfg, _INITIAL, batch, merge=False)
-    _assert_steps_equal(kernels, reference)
+    reference = _step(cfg.replace(attn_backend="msa_reference"), initial, batch, merge=False)
+    kernels = _step(cfg.replace(attn_backend="msa"), initial, batch, merge=False)
+    dense = _step(cfg, initial, batch, merge=False)
+    _assert_steps_equal(kernels, reference, initial)
     assert abs(dense[0]["policy/loss"] - reference[0]["policy/loss"]) > 10 * STEP_TOLERANCE  # it is sparse

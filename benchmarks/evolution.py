@@ -178,8 +178,9 @@ def read_decisions(console_url: str) -> list[dict[str, Any]]:
                     "seeds": d["seeds"],
                     "candidate_success": round(stage["candidate_rate"], 4),
                     "incumbent_success": round(stage["incumbent_rate"], 4),
-                    "mean_difference": round(d["mean_difference"], 4),
-                    "interval": [round(d["ci_low"], 4), round(d["ci_high"], 4)],
+                    # unrounded: the console writes -1e-17 as "-0.000", and the browser check compares
+                    "mean_difference": d["mean_difference"],
+                    "interval": [d["ci_low"], d["ci_high"]],
                     "confidence": d["confidence"],
                     "margin": d["margin"],
                     "verdict": d["verdict"],

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 
-from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig, load_checkpoint, save_checkpoint
-from forgerl.model.tokenizer import load_tokenizer
+from forgerl.model import MiniMaxM2ForCausalLM, load_checkpoint
 from forgerl.runtime.client import aio_channel
 from forgerl.runtime.testing import serve_in_process
 from forgerl.services.trainer.config import TrainerConfig
@@ -21,22 +19,6 @@ from forgerl.trainer.run_config import run_config_from_dict
 from forgerl.v1 import run_pb2, trainer_pb2, trainer_pb2_grpc
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def config(tmp_path: Path, tokenizer_dir: Path) -> TrainerConfig:
-    tok = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(0)
-    save_checkpoint(MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug", vocab_size=len(tok))), tok, tmp_path / "init")
-    return TrainerConfig(
-        state_dir=tmp_path / "state",
-        runs_dir=str(tmp_path / "runs"),
-        inference_model_path=str(tmp_path / "init"),
-        local_episodes=True,
-        eval_tasks=4,
-        eval_every=2,
-        max_new_tokens=12,
-    )
 
 
 RUN = {

@@ -13,12 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig, save_checkpoint
-from forgerl.model.tokenizer import load_tokenizer
 from forgerl.runtime.client import aio_channel
 from forgerl.runtime.testing import serve_in_process
 from forgerl.services.trainer.config import TrainerConfig
@@ -100,22 +97,6 @@ def assert_same(got: Series, want: Series, rel: float) -> None:
 # ---- a run over gRPC ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def config(tmp_path: Path, tokenizer_dir: Path) -> TrainerConfig:
-    tok = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(0)
-    save_checkpoint(MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug", vocab_size=len(tok))), tok, tmp_path / "init")
-    return TrainerConfig(
-        state_dir=tmp_path / "state",
-        runs_dir=str(tmp_path / "runs"),
-        inference_model_path=str(tmp_path / "init"),
-        local_episodes=True,
-        eval_tasks=4,
-        eval_every=2,
-        max_new_tokens=12,
-    )
-
-
 async def _finished_run(address: str) -> run_pb2.Run:
     stub = trainer_pb2_grpc.TrainerServiceStub(aio_channel(address))
     run = (await stub.StartRun(trainer_pb2.StartRunRequest(config=run_config_from_dict(RUN)))).run
@@ -160,9 +141,10 @@ async def test_run_metrics_params_and_checkpoints_tracked(config: TrainerConfig)
     assert mlrun.data.params["sft.steps"] == "3" and mlrun.data.params["name"] == "tracked"
 
     client = MlflowClient(uri)
-    folders = [a.path for a in client.list_artifacts(mlrun.info.run_id, "checkpoints")]
-    assert folders == [f"checkpoints/{Path(c.path).name}" for c in checkpoints]
-    for ckpt, folder in zip(checkpoints, folders, strict=True):
+    folders = sorted(a.path for a in client.list_artifacts(mlrun.info.run_id, "checkpoints"))
+    assert folders == sorted(f"checkpoints/{Path(c.path).name}" for c in checkpoints)
+    for ckpt in checkpoints:
+        folder = f"checkpoints/{Path(ckpt.path).name}"
         names = {Path(a.path).name for a in client.list_artifacts(mlrun.info.run_id, folder)}
         assert {"checkpoint.json", "config.json"} <= names
         assert not any(n.endswith(".safetensors") for n in names)  # weights stay in the run's folder

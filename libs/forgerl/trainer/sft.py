@@ -85,7 +85,9 @@ def sft_loss(
     logits = out.logits[:, :-1]
     targets = input_ids[:, 1:]
     mask = loss_mask[:, 1:].to(compute_dtype(logits.dtype))
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    # At least float32 (bf16 logits), float64 kept: the merged loss is computed in the logits' own precision.
+    flat = logits.reshape(-1, logits.shape[-1]).to(compute_dtype(logits.dtype))
+    ce = F.cross_entropy(flat, targets.reshape(-1), reduction="none")
     n = mask.sum().clamp(min=1)
     loss = (ce.view_as(mask) * mask).sum() / n
     with torch.no_grad():

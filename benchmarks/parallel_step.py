@@ -16,15 +16,14 @@ import json
 import os
 import platform
 import resource
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+
+from forgerl.distributed.launch import run_layouts
 
 LAYOUTS = {"ddp": {}, "fsdp2": {"dp_shard": 2}, "fsdp2_ep2": {"dp_shard": 2, "ep": 2}}
 
@@ -95,15 +94,8 @@ def main() -> None:
     if args.layout:
         worker(args)
         return
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in LAYOUTS:
-            out = Path(tmp) / f"{name}.json"
-            cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", __file__]
-            cmd += ["--preset", args.preset, "--rows", str(args.rows), "--seq", str(args.seq)]
-            cmd += ["--steps", str(args.steps), "--layout", name, "--out", str(out)]
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-            results[name] = json.loads(out.read_text())
+    flags = ["--preset", args.preset, "--rows", str(args.rows), "--seq", str(args.seq), "--steps", str(args.steps)]
+    results = run_layouts(__file__, LAYOUTS, flags)
     base = results["ddp"]
     for figures in results.values():
         figures["tokens_per_s_vs_ddp"] = figures["tokens_per_s"] / base["tokens_per_s"]

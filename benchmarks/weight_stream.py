@@ -21,9 +21,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -128,25 +126,20 @@ def main() -> None:
     if args.layout:
         worker(args)
         return
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in LAYOUTS:
-            out = Path(tmp) / f"{name}.json"
-            cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", __file__]
-            cmd += ["--preset", args.preset, "--bucket-mb", str(args.bucket_mb), "--rounds", str(args.rounds)]
-            cmd += ["--dtype", args.dtype, "--layout", name, "--out", str(out)]
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-            figures = json.loads(out.read_text())
-            stream, full = figures["bucketed"], figures["full_gather"]
-            figures["time_ratio_bucketed_vs_full"] = stream["sync_s"] / full["sync_s"]
-            figures["peak_ratio_bucketed_vs_full"] = max(stream["peak_extra_bytes_per_rank"]) / max(
-                full["peak_extra_bytes_per_rank"]
-            )
-            figures["bound_bytes"] = (
-                max(figures["bucket_bytes"], figures["largest_tensor_bytes"]) + figures["largest_tensor_bytes"]
-            )
-            results[name] = figures
-            print(f"{name}: {json.dumps(figures)}", file=sys.stderr)
+    from forgerl.distributed.launch import run_layouts
+
+    flags = ["--preset", args.preset, "--bucket-mb", str(args.bucket_mb), "--rounds", str(args.rounds)]
+    results = run_layouts(__file__, LAYOUTS, [*flags, "--dtype", args.dtype])
+    for name, figures in results.items():
+        stream, full = figures["bucketed"], figures["full_gather"]
+        figures["time_ratio_bucketed_vs_full"] = stream["sync_s"] / full["sync_s"]
+        figures["peak_ratio_bucketed_vs_full"] = max(stream["peak_extra_bytes_per_rank"]) / max(
+            full["peak_extra_bytes_per_rank"]
+        )
+        figures["bound_bytes"] = (
+            max(figures["bucket_bytes"], figures["largest_tensor_bytes"]) + figures["largest_tensor_bytes"]
+        )
+        print(f"{name}: {json.dumps(figures)}", file=sys.stderr)
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "gpu": None}
     print(json.dumps({"benchmark": "weight_stream", "preset": args.preset, "ranks": 2, "dtype": args.dtype,
                       "layouts": results, "machine": machine}, indent=1))  # fmt: skip

@@ -286,16 +286,19 @@ class EpisodeRunner:
             if opened is not None:
                 assert self.gateway is not None
                 closed = True
+                # An episode cut off during its first model call has no turn at the gateway: nothing to train
+                # on, and no turn to put a step reward on. It closes unpublished (the pool is told it is skipped).
+                trained = bool(result.turns)
                 trajectory = await self.gateway.close(
                     opened.episode_key,
-                    step_rewards=rewards.steps,
+                    step_rewards=rewards.steps if trained else [],
                     reward=rewards.total,
                     success=tests.success,
                     wall_clock_s=wall,
                     baseline_s=task.baseline_s,
-                    publish=spec.publish,
+                    publish=spec.publish and trained,
                 )
-                trajectory_id = trajectory.trajectory_id
+                trajectory_id = trajectory.trajectory_id if trained else ""
             stats = toolbox.stats
             return EpisodeResult(
                 episode_id=spec.episode_id,

@@ -10,6 +10,7 @@ and the hand-over to the data pool. Everything listens on 127.0.0.1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -170,4 +171,24 @@ async def test_rollout_through_the_real_gateway(tokenizer_dir: Path, tmp_path: P
         )
         (bad,) = [e for e in events if e.kind == K.EPISODE_EVENT_KIND_FINISHED]
         assert not bad.success and bad.reward.performance == 0.0 and bad.reward.process < 0
+
+        # A model too slow for the task's time budget: the episode is cut off during its first model call,
+        # which the gateway never records. It finishes unpublished and unsuccessful; before, rollout put a step
+        # reward on turn 0 and the gateway refused the close (INVALID_ARGUMENT), failing the episode.
+        model.behaviour = "gold"
+        inference.token_delay_s = 1.0
+        split = tooluse.generate(tooluse.SEED)  # the cache entry ToolUseSuite reads
+        first, *rest = split["test"]
+        split["test"] = (dataclasses.replace(first, time_budget_s=1.0), *rest)
+        try:
+            received = len(pool.received)
+            events = await run_submission(
+                stub, suite="tooluse", split="test", task_ids=[first.id], group_size=1, publish=True
+            )
+        finally:
+            split["test"] = (first, *rest)
+        ended = [e for e in events if e.kind in (K.EPISODE_EVENT_KIND_FINISHED, K.EPISODE_EVENT_KIND_FAILED)]
+        assert [e.kind for e in ended] == [K.EPISODE_EVENT_KIND_FINISHED], [e.message for e in events]
+        assert not ended[0].success and not ended[0].trajectory_id and "0 turns" in ended[0].message
+        assert len(pool.received) == received
     assert not [p for p in sandbox_root.iterdir() if not p.name.startswith(".")]

@@ -170,10 +170,10 @@ class InterleavedAgent:
                     max_tokens=sampling.max_tokens,
                     timeout=remaining,
                 )
+            except openai.APITimeoutError:  # before APIConnectionError: the SDK makes it a subclass of that
+                return AgentResult("", ctx.turns, "time_budget", messages)
             except (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as exc:
                 raise ModelUnavailableError(f"model endpoint unavailable: {exc}") from exc
-            except openai.APITimeoutError:
-                return AgentResult("", ctx.turns, "time_budget", messages)
             except openai.APIStatusError as exc:  # e.g. the prompt outgrew the context: the agent's doing
                 return AgentResult("", ctx.turns, "model_error", messages, detail=str(exc)[:500])
             choice = response.choices[0]

@@ -68,6 +68,11 @@ class MiniMaxM2ForCausalLM(nn.Module):
                 module.e_score_correction_bias.zero_()
                 module.tokens_per_expert.zero_()
 
+    @property
+    def prefix_merge_exact(self) -> bool:
+        """A prefix-tree pack's forward gives each row its own logits (forgerl.rl.prefix_merge)."""
+        return True
+
     def rope(self, position_ids_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return rotary_cos_sin(position_ids_BT, self.config.rotary_dim, self.config.rope_theta, dtype)
 

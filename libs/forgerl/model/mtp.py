@@ -30,7 +30,7 @@ from forgerl.model.config import ModelConfig
 from forgerl.model.layers import RMSNorm, compute_dtype
 
 if TYPE_CHECKING:
-    from forgerl.model.model import MiniMaxM2ForCausalLM
+    from forgerl.model.policy import PolicyModel
 
 
 class SharedHead(nn.Module):
@@ -65,13 +65,13 @@ class MTPModule(nn.Module):
         return h_BND, self.shared_head.norm(h_BND)
 
 
-def shared_embedding(model: MiniMaxM2ForCausalLM, ids: torch.Tensor, train_trunk: bool) -> torch.Tensor:
+def shared_embedding(model: PolicyModel, ids: torch.Tensor, train_trunk: bool) -> torch.Tensor:
     """The main model's embedding of `ids` for an MTP module; detached unless the MTP loss trains the trunk."""
     emb = model.model.embed_tokens(ids)
     return emb if train_trunk else emb.detach()
 
 
-def shared_head(model: MiniMaxM2ForCausalLM, normed: torch.Tensor, train_trunk: bool) -> torch.Tensor:
+def shared_head(model: PolicyModel, normed: torch.Tensor, train_trunk: bool) -> torch.Tensor:
     """The main model's lm_head on an MTP module's normed states; with `train_trunk` False the head's weight
     gets no gradient (the states still do: they are the module's)."""
     if train_trunk:
@@ -88,7 +88,7 @@ def masked_cross_entropy(logits_BNV: torch.Tensor, targets_BN: torch.Tensor, mas
 
 
 def mtp_loss(
-    model: MiniMaxM2ForCausalLM,
+    model: PolicyModel,
     hidden_BTD: torch.Tensor,
     input_ids_BT: torch.Tensor,
     loss_mask_BT: torch.Tensor | None = None,
@@ -108,7 +108,7 @@ def mtp_loss(
 
 
 def mtp_module_losses(
-    model: MiniMaxM2ForCausalLM,
+    model: PolicyModel,
     hidden_BTD: torch.Tensor,
     input_ids_BT: torch.Tensor,
     loss_mask_BT: torch.Tensor | None = None,

@@ -23,15 +23,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from forgerl.model import MiniMaxM2ForCausalLM
 from forgerl.model.layers import compute_dtype
 from forgerl.model.mtp import mtp_metrics, shared_embedding, shared_head
+from forgerl.model.policy import PolicyModel
 from forgerl.rl.prefix_merge import TreeAttention, tree_attention_for
 from forgerl.rl.prefix_tree import PrefixForest, TreePack
 
 
 def mtp_loss_merged(
-    model: MiniMaxM2ForCausalLM,
+    model: PolicyModel,
     forest: PrefixForest,
     pack_hidden: Sequence[Tensor],
     loss_mask_BL: Tensor,
@@ -52,7 +52,7 @@ def mtp_loss_merged(
 
 
 def mtp_module_losses_merged(
-    model: MiniMaxM2ForCausalLM,
+    model: PolicyModel,
     forest: PrefixForest,
     pack_hidden: Sequence[Tensor],
     loss_mask_BL: Tensor,
@@ -84,7 +84,7 @@ def mtp_module_losses_merged(
 
 
 def _pack_module_sums(
-    model: MiniMaxM2ForCausalLM,
+    model: PolicyModel,
     pack: TreePack,
     hidden_TD: Tensor,
     loss_mask_BL: Tensor,

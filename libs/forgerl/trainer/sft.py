@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from forgerl.model import MiniMaxM2ForCausalLM
 from forgerl.model.layers import compute_dtype
+from forgerl.model.policy import PolicyModel
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def collate(examples: Sequence[SftExample], pad_token_id: int = 0) -> tuple[torc
 
 
 def sft_loss(
-    model: MiniMaxM2ForCausalLM, input_ids: torch.Tensor, loss_mask: torch.Tensor, *, mtp: bool = True
+    model: PolicyModel, input_ids: torch.Tensor, loss_mask: torch.Tensor, *, mtp: bool = True
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean next-token cross-entropy over masked targets (+ the weighted MTP loss when the model has MTP
     modules and `mtp`). Returns the loss and metrics: sft/loss, sft/token_acc, sft/tokens, mtp/*."""
@@ -131,6 +131,12 @@ def sft_loss_merged(
     from forgerl.rl.prefix_merge import forward_merged
     from forgerl.rl.prefix_tree import PrefixForest
 
+    core = getattr(model, "module", model)  # through a DDP wrapper
+    if not getattr(core, "prefix_merge_exact", True):
+        raise ValueError(
+            f"sft_loss_merged: {type(core).__name__}'s prefix-tree packs would not give each example its own "
+            "logits (sparse attention picks key blocks by pack slot): use sft_loss"
+        )
     ids, mask = collate(examples)
     lengths = torch.tensor([len(e.input_ids) for e in examples])
     forest = PrefixForest.build(ids, lengths, max_tokens_per_pack=max_tokens_per_pack)

@@ -34,8 +34,9 @@ import torch.distributed as dist
 from torch import nn
 
 from forgerl.distributed.parallelize import clip_grad_norm_
-from forgerl.model import MiniMaxM2ForCausalLM, update_expert_bias
+from forgerl.model import update_expert_bias
 from forgerl.model.mtp import mtp_module_losses
+from forgerl.model.policy import PolicyModel
 from forgerl.rl.losses import get_policy_loss
 from forgerl.rl.prefix_merge import TokenOutputs, forward_merged
 from forgerl.rl.prefix_mtp import mtp_module_losses_merged
@@ -182,7 +183,7 @@ def shard_rows(batch: RlBatch, rank: int, world: int) -> RlBatch:
 
 
 def _forward(
-    model: nn.Module, core: MiniMaxM2ForCausalLM, batch: RlBatch, routed: torch.Tensor | None, cfg: RlStepConfig
+    model: nn.Module, core: PolicyModel, batch: RlBatch, routed: torch.Tensor | None, cfg: RlStepConfig
 ) -> tuple[TokenOutputs, torch.Tensor | None, dict[str, float]]:
     """The policy's token outputs (merged or not), this rank's part of the weighted MTP loss, metrics."""
     with_mtp = _with_mtp(core, cfg.mtp_loss_weight)
@@ -205,7 +206,7 @@ def _forward(
 
 def _unmerged_forward(
     model: nn.Module,
-    core: MiniMaxM2ForCausalLM,
+    core: PolicyModel,
     batch: RlBatch,
     routed: torch.Tensor | None,
     with_mtp: bool,
@@ -234,7 +235,7 @@ def _unmerged_forward(
 
 
 def _merged_forward(
-    model: nn.Module, core: MiniMaxM2ForCausalLM, batch: RlBatch, routed: torch.Tensor | None, cfg: RlStepConfig
+    model: nn.Module, core: PolicyModel, batch: RlBatch, routed: torch.Tensor | None, cfg: RlStepConfig
 ) -> tuple[TokenOutputs, list[torch.Tensor], list[float], dict[str, float]]:
     """One forward per prefix-tree pack; the MTP module losses on the same packs (forgerl.rl.prefix_mtp),
     equal to the unmerged ones."""
@@ -255,7 +256,7 @@ def _merged_forward(
     return outs, losses, counts, metrics
 
 
-def _with_mtp(core: MiniMaxM2ForCausalLM, weight: float) -> bool:
+def _with_mtp(core: PolicyModel, weight: float) -> bool:
     return weight > 0 and len(core.mtp) > 0
 
 
@@ -320,7 +321,7 @@ def mtp_target_mask(batch: RlBatch) -> torch.Tensor:
     return target_mask
 
 
-def fill_routes(model: MiniMaxM2ForCausalLM, batch: RlBatch) -> torch.Tensor | None:
+def fill_routes(model: PolicyModel, batch: RlBatch) -> torch.Tensor | None:
     """Routing to replay [B, L, nL, K]: the rollout's expert ids where it recorded them (the last prompt
     token and the generated tokens but the last); a position a row shares with another row's recorded
     one (the same prefix: a later turn's prompt holds an earlier turn's generation, which the engine's
@@ -382,16 +383,24 @@ def rl_step(
     batch: RlBatch,
     cfg: RlStepConfig,
     *,
-    core: MiniMaxM2ForCausalLM | None = None,
+    core: PolicyModel | None = None,
 ) -> dict[str, float]:
     """Forward (merged or not), policy loss (+ MTP), backward, clip, optimizer step, expert-bias update.
 
-    `model` may be a DDP wrapper; `core` is the bare MiniMaxM2ForCausalLM (default: `model`). Under DDP
-    each rank passes its own shard of rows; the policy and MTP losses are scaled so that the averaged
-    gradient equals the gradient of the losses normalised over every rank's tokens (global_mtp_loss)."""
+    `model` may be a DDP wrapper; `core` is the bare model, M2 or M3 (`PolicyModel`; default: `model`).
+    Under DDP each rank passes its own shard of rows; the policy and MTP losses are scaled so that the
+    averaged gradient equals the gradient of the losses normalised over every rank's tokens
+    (global_mtp_loss). A model whose prefix-tree packs are not exact (M3 with sparse attention) needs
+    `prefix_merge` off."""
     started = time.perf_counter()
     core = core or model  # type: ignore[assignment]
-    assert isinstance(core, MiniMaxM2ForCausalLM)
+    if not isinstance(core, nn.Module) or not isinstance(core, PolicyModel):
+        raise TypeError(f"rl_step: {type(core).__name__} is not a policy model (forgerl.model.policy.PolicyModel)")
+    if cfg.prefix_merge and not core.prefix_merge_exact:
+        raise ValueError(
+            f"prefix_merge is on, but {type(core).__name__}'s prefix-tree packs would not give each row its own "
+            "logits (sparse attention picks key blocks by pack slot): set rl.prefix_merge false"
+        )
     model.train()
     loss_fn = get_policy_loss(cfg.loss)
     metrics: dict[str, float] = dict(batch.stats)
@@ -433,7 +442,7 @@ def rl_step(
 
 
 def _clip_gradients(
-    model: nn.Module, core: MiniMaxM2ForCausalLM, cfg: RlStepConfig, with_mtp: bool
+    model: nn.Module, core: PolicyModel, cfg: RlStepConfig, with_mtp: bool
 ) -> tuple[torch.Tensor, float | None]:
     """Clip to cfg.max_grad_norm (any layout: DDP, FSDP2, EP) and return the norm before clipping. An MTP
     loss that does not train the trunk has its modules clipped on their own (second value: their norm),
@@ -446,7 +455,7 @@ def _clip_gradients(
     return clip_grad_norm_(policy, cfg.max_grad_norm), mtp_norm
 
 
-def expert_bias_step(model: MiniMaxM2ForCausalLM, rate: float) -> dict[str, float]:
+def expert_bias_step(model: nn.Module, rate: float) -> dict[str, float]:
     """update_expert_bias, with the load metrics of MoE layers that routed no token in this step left out
     (the MTP block when the loss skips MTP): their max violation reads -1 and would drag the mean down."""
     metrics = update_expert_bias(model, rate)

@@ -31,6 +31,10 @@ from forgerl.rollout.scaffold_config import ScaffoldRegistry
 log = logging.getLogger("forgerl.evolution")
 
 
+class NotJudged(Exception):
+    """A stage whose episodes the infrastructure lost: no comparison, the iteration ends inconclusive."""
+
+
 @dataclass(frozen=True)
 class Settings:
     suite: str
@@ -255,6 +259,12 @@ class Controller:
             self.evaluator.evaluate(it.candidate, s.suite, split, tasks, s.seeds),
             self.evaluator.evaluate(it.base, s.suite, split, tasks, s.seeds),
         )
+        lost = cand.infra_failures + inc.infra_failures
+        if lost:
+            raise NotJudged(
+                f"{name}: {len(lost)} of {cost} episodes failed in the infrastructure, so the versions were not "
+                f"compared (first: {lost[0].task_id}: {lost[0].message[:200]})"
+            )
         if name != "heldout":  # the held-out split stays sealed: its failures never reach the proposer
             # The next round builds on the incumbent, or on the candidate if promoted: read that one's failures.
             self._failures, self._candidate_failures = inc.failures[:50], cand.failures[:50]
@@ -273,6 +283,13 @@ class Controller:
     async def _evaluate_and_decide(self, it: Iteration) -> Iteration:
         s = self.settings
         stages = (("subset", s.subset_tasks), ("dev", s.dev_tasks)) if s.subset_tasks else (("dev", s.dev_tasks),)
+        try:
+            return await self._compare(it, stages)
+        except NotJudged as exc:
+            return self._finish(it, State.INCONCLUSIVE, str(exc))
+
+    async def _compare(self, it: Iteration, stages: Sequence[tuple[str, Sequence[str]]]) -> Iteration:
+        s = self.settings
         for name, tasks in stages:
             stage = await self._stage(it, name, tasks)
             if stage is None:

@@ -27,6 +27,9 @@ class EvaluationResult:
     scores: dict[str, list[float]]  # task id -> one score per seed
     failures: list[Failure] = field(default_factory=list)
     episodes: int = 0
+    # Episodes the infrastructure lost (the sandbox or the model endpoint failed after every retry): the agent
+    # was never judged, so they have no score, and a stage with any of them compares nothing (controller).
+    infra_failures: list[Failure] = field(default_factory=list)
 
     @property
     def success_rate(self) -> float:
@@ -66,6 +69,7 @@ class RolloutEvaluator:
         )
         scores: dict[str, list[float]] = defaultdict(list)
         failures: list[Failure] = []
+        infra: list[Failure] = []
         request = rollout_pb2.StreamEpisodeEventsRequest(run_id=run_id, submission_id=submitted.submission_id)
         async for response in self.stub.StreamEpisodeEvents(request):
             event = response.event
@@ -74,10 +78,10 @@ class RolloutEvaluator:
                 if not event.success:
                     failures.append(Failure(event.task_id, event.message))
             elif event.kind == rollout_pb2.EPISODE_EVENT_KIND_FAILED:
-                # The sandbox failed after every retry: the agent was never judged, so it scores nothing.
-                scores[event.task_id].append(0.0)
-                failures.append(Failure(event.task_id, f"infrastructure failure: {event.message}"))
-        return EvaluationResult(scaffold, split, dict(scores), failures, submitted.episodes)
+                # Failed after every retry: the agent was never judged. Scoring it 0 would count an outage
+                # against whichever version it hit.
+                infra.append(Failure(event.task_id, f"infrastructure failure: {event.message}"))
+        return EvaluationResult(scaffold, split, dict(scores), failures, submitted.episodes, infra)
 
 
 def draw_task_sets(

@@ -139,3 +139,39 @@ async def test_two_rounds_through_a_real_rollout_service(tmp_path: Path) -> None
         assert [row["candidate"] for row in dev.per_task] == [1.0] * 4 == [row["incumbent"] for row in dev.per_task]
         assert it.state.value == "rejected" and (dev.decision["ci_low"], dev.decision["ci_high"]) == (0.0, 0.0)
         assert (tmp_path / "scaffolds" / f"{it.candidate}.yaml").exists()  # where rollout read the candidate
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the local sandbox needs root (namespaces, uid switch)")
+async def test_episodes_lost_to_the_infrastructure_judge_nothing(tmp_path: Path) -> None:
+    """Every sandbox fails (the sandbox root is replaced by a file once rollout is up): rollout reports each
+    episode FAILED, and the round ends inconclusive saying why. Before, each lost episode scored 0 for the
+    version it hit, and two versions that never ran were compared and the candidate rejected."""
+    import uuid
+
+    from forgerl.services.rollout.config import RolloutConfig
+    from forgerl.services.rollout.main import spec_for
+    from forgerl.services.rollout.servicer import build_servicer
+
+    sandbox_root = Path("/var/tmp") / f"forgerl-test-{uuid.uuid4().hex[:8]}"
+    rollout_config = RolloutConfig(
+        state_dir=tmp_path, sandbox_root=str(sandbox_root), max_in_flight=4, max_attempts=1, retry_backoff_s=0
+    )
+    try:
+        async with serve_in_process(spec_for(build_servicer(rollout_config)), rollout_config) as rollout:
+            sandbox_root.rmdir()
+            sandbox_root.write_text("not a directory: every sandbox fails to prepare")
+            config = evolution_config(
+                tmp_path, rollout_address=rollout, base_scaffold="oracle", require_approval=False,
+                dev_tasks=2, subset_tasks=0, heldout_tasks=2, budget_rounds=1, budget_episodes=100,
+            )  # fmt: skip
+            spec, service = build(config)
+            async with serve_in_process(spec, config):
+                service.controller.start("test")
+                async with asyncio.timeout(120):
+                    await service.controller.wait()
+                (it,) = service.controller.iterations
+    finally:
+        sandbox_root.unlink(missing_ok=True)
+    assert it.state.value == "inconclusive" and not it.stages, it.logs
+    assert "dev: 12 of 12 episodes failed in the infrastructure" in it.logs[-1], it.logs
+    assert "cannot prepare sandbox" in it.logs[-1]

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from forgerl.model.config import ModelConfig
 from forgerl.model.layers import RMSNorm, rotary_cos_sin
 from forgerl.model.m3_attention import M3Attention
 from forgerl.model.m3_config import SPARSE_ATTENTION, SPARSE_MLP, M3Config
@@ -25,7 +26,7 @@ from forgerl.model.m3_indexer_training import IndexerObjective
 from forgerl.model.model import ModelOutput
 from forgerl.model.model import _check_inputs as check_m2_inputs
 from forgerl.model.moe import GluActivation, Routing, SparseMoeBlock, sequence_balance_loss, swiglu_oai
-from forgerl.model.mtp import mtp_loss
+from forgerl.model.mtp import MTPModule, mtp_loss
 
 
 class GatedMLP(nn.Module):
@@ -95,6 +96,14 @@ class M3DecoderLayer(nn.Module):
             self.mlp = GatedMLP(cfg.hidden_size, cfg.dense_intermediate_size, activation)
         self.with_balance_loss = cfg.seq_aux_loss_coef > 0
 
+    @classmethod
+    def mtp_block(cls, cfg: ModelConfig) -> M3DecoderLayer:
+        """An MTP module's layer: MoE with sparse attention whatever the main layers' pattern, as vLLM's
+        MiniMaxM3MultiTokenPredictorLayer builds it (force_sparse_attn, force_moe)."""
+        if not isinstance(cfg, M3Config):
+            raise TypeError(f"M3's MTP block needs an M3Config, got {type(cfg).__name__}")
+        return cls(cfg.replace(num_hidden_layers=1, mlp_layer_types=(SPARSE_MLP,), layer_types=(SPARSE_ATTENTION,)), 0)
+
     def forward(
         self,
         x_BTD: torch.Tensor,
@@ -136,8 +145,10 @@ class MiniMaxM3ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # No MTP module yet (m3_config.py says why); the attribute is the trainer's PolicyModel contract.
-        self.mtp = nn.ModuleList()
+        # Names and structure as vLLM's MiniMaxM3MTP (m3_config.py, num_mtp_modules); transformers has none.
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, M3DecoderLayer.mtp_block, unit_offset=True) for _ in range(cfg.num_mtp_modules)
+        )
         self.reset_parameters()
 
     @property
@@ -158,7 +169,7 @@ class MiniMaxM3ForCausalLM(nn.Module):
         loss_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted loss of the MTP modules (forgerl.model.mtp.mtp_loss); zero while M3 has none."""
+        """Weighted loss of the MTP modules on one forward's `out.hidden_states`; see mtp.mtp_loss."""
         return mtp_loss(self, hidden_states, input_ids, loss_mask, position_ids)
 
     @torch.no_grad()

@@ -5,8 +5,9 @@ Shape legend: E experts, F expert FFN width, D hidden.
 
 `save_m3_checkpoint` writes what `transformers.MiniMaxM3VLForCausalLM.from_pretrained` reads (and what its
 `save_pretrained` writes): `config.json` of model_type `minimax_m3_vl_text` and safetensors named as that
-model's state dict. `load_m3_checkpoint` reads that back, and also the released VL checkpoint's text model
-(layout "released" below). FP8 weights with DeepSeek-style 128x128 `weight_scale_inv` are dequantized by
+model's state dict, plus MTP modules under vLLM's MiniMaxM3MTP names (transformers ignores them).
+`load_m3_checkpoint` reads that back, and also the released VL checkpoint's text model (layout "released"
+below). FP8 weights with DeepSeek-style 128x128 `weight_scale_inv` are dequantized by
 checkpoint.read_checkpoint_tensors; other quantizations (vLLM reads M3's as ModelOpt MXFP8) are not.
 """
 
@@ -97,8 +98,26 @@ LAYER_TABLES: dict[str, dict[str, tuple[Row, ...]]] = {
         ),
     },
 }
-# Parts of a released VL checkpoint the text backbone has no place for: vision tower, projector, MTP.
-RELEASED_SKIPPED = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.", "mtp.", "language_model.mtp.")
+# MTP module k (M3Config.num_mtp_modules), in both layouts named as vLLM's MiniMaxM3MTP.load_weights reads
+# them (vllm/models/minimax_m3/nvidia/mtp.py: it strips `language_model.`, maps `.mtp.` away and matches
+# its parameters `model.layers.{k}.{enorm, hnorm, eh_proj, final_layernorm, transformer_layer.*}`), with
+# the layer in the released naming (per-expert w1 / w2 / w3, split gate / up, `self_attn.index_*`);
+# transformers has no MTP and skips every `mtp.` name (_keys_to_ignore_on_load_unexpected).
+MTP_PREFIXES = {TRANSFORMERS: "model.mtp.layers.{k}.", RELEASED: "language_model.model.mtp.layers.{k}."}
+MTP_ROWS: tuple[Row, ...] = (
+    (("enorm.weight",), ("enorm.weight",)),
+    (("hnorm.weight",), ("hnorm.weight",)),
+    (("eh_proj.weight",), ("eh_proj.weight",)),
+    (("shared_head.norm.weight",), ("final_layernorm.weight",)),
+    *(
+        (tuple(f"block.{n}" for n in ours), tuple(f"transformer_layer.{n}" for n in theirs))
+        for part in ("attention", "indexer", "moe")
+        for ours, theirs in LAYER_TABLES[RELEASED][part]
+    ),
+)
+# Parts of a released VL checkpoint the text backbone has no place for: vision tower, projector, and MTP
+# modules beyond num_mtp_modules (transformers' pattern for the latter).
+RELEASED_SKIPPED = re.compile(r"^(vision_tower|multi_modal_projector|patch_merge_mlp)\.|(^|\.)mtp\.")
 
 
 # Config keys copied both ways; training-only fields go under "forgerl".
@@ -108,7 +127,7 @@ HF_KEYS = (
     "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
     "dense_intermediate_size", "shared_intermediate_size", "routed_scaling_factor", "rotary_dim", "swiglu_alpha",
     "swiglu_limit", "index_n_heads", "index_head_dim", "index_block_size", "index_topk_blocks",
-    "index_local_blocks",
+    "index_local_blocks", "num_mtp_modules",
 )  # fmt: skip
 LIST_KEYS = ("mlp_layer_types", "layer_types")
 FORGERL_KEYS = ("bias_update_rate", "seq_aux_loss_coef", "attn_backend", "msa_backend", "index_backend")
@@ -137,6 +156,12 @@ def name_table(cfg: M3Config, layout: str = TRANSFORMERS) -> tuple[Row, ...]:
         ours_prefix, theirs_prefix = f"model.layers.{i}.", LAYER_PREFIXES[layout].format(i=i)
         rows += [
             (tuple(ours_prefix + n for n in ours), tuple(theirs_prefix + n for n in theirs)) for ours, theirs in layer
+        ]
+    for k in range(cfg.num_mtp_modules):
+        ours_prefix, theirs_prefix = f"mtp.{k}.", MTP_PREFIXES[layout].format(k=k)
+        rows += [
+            (tuple(ours_prefix + n for n in ours), tuple(theirs_prefix + n for n in theirs))
+            for ours, theirs in MTP_ROWS
         ]
     return tuple(rows)
 
@@ -201,7 +226,11 @@ def checkpoint_tensors(model: MiniMaxM3ForCausalLM) -> Iterator[tuple[str, torch
     for ours, theirs in name_table(model.config):
         whole = _join([state[name].detach().cpu() for name in ours])
         for name, part in zip(theirs, _split(whole, len(theirs)), strict=True):
-            yield name, part.clone().contiguous()  # own storage: safetensors refuses shared views
+            # Own storage: safetensors refuses shared views. `{e}`: one tensor per expert of [E, ...].
+            if "{e}" in name:
+                yield from ((name.format(e=e), expert.clone().contiguous()) for e, expert in enumerate(part))
+            else:
+                yield name, part.clone().contiguous()
 
 
 def state_from_checkpoint(
@@ -239,9 +268,9 @@ def save_m3_checkpoint(model: MiniMaxM3ForCausalLM, path: str | Path, max_shard_
 
 def load_m3_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> MiniMaxM3ForCausalLM:
     """Build the model from `config.json` (ours, transformers' or the released VL one) and load every tensor
-    of either layout (the released one when names start with `language_model.`). Tensors without a place
-    are an error, except the vision tower, projector and MTP module (transformers' text model and vLLM's
-    M3 loader drop the MTP too; the M3 backbone has none yet)."""
+    of either layout (the released one when names start with `language_model.`), the config's
+    num_mtp_modules MTP modules included. Tensors without a place are an error, except the vision tower,
+    the projector and MTP modules the config does not ask for (transformers' text model drops them all)."""
     path = Path(path)
     hf_config = json.loads((path / "config.json").read_text())
     cfg = config_from_hf(hf_config)
@@ -251,7 +280,7 @@ def load_m3_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Mi
     if layout == RELEASED:
         tensors = _dense_mlp_alias(tensors)
     state = state_from_checkpoint(tensors, cfg, layout)
-    unplaced = sorted(name for name in tensors if not name.startswith(RELEASED_SKIPPED))
+    unplaced = sorted(name for name in tensors if not RELEASED_SKIPPED.search(name))
     if unplaced:
         raise ValueError(f"{path}: {len(unplaced)} tensors the M3 model has no place for, e.g. {unplaced[:5]}")
     model = MiniMaxM3ForCausalLM(cfg).to(dtype=dtype)

@@ -45,6 +45,14 @@ class M3Config(ModelConfig):
     # m3_attention.MSA_BACKENDS / INDEX_SCORERS (forgerl.kernels.msa.register_m3_msa adds "triton").
     msa_backend: str = "torch"
     index_backend: str = "torch"
+    # Multi-token prediction. transformers 5.19's M3 has none (modeling_minimax_m3_vl.py drops `mtp.*` with
+    # _keys_to_ignore_on_load_unexpected), but vLLM 0.32 serves one as a draft model: MiniMaxM3MTP
+    # (vllm/models/minimax_m3/nvidia/mtp.py, registered in model_executor/models/registry.py; its config
+    # default num_mtp_modules=1 in transformers_utils/configs/minimax_m3.py). Each module is
+    # enorm/hnorm/eh_proj/final_layernorm (Gemma norms) around one MoE + sparse-attention decoder layer
+    # (force_moe, force_sparse_attn), as forgerl.model.mtp.MTPModule with M3's layer. One difference: vLLM
+    # zeroes the token embedding at position 0 (MiniMaxM3MultiTokenPredictorLayer.forward), our MTPModule
+    # (shared with M2) does not, so the two differ there only. 0 by default: transformers has none.
     num_mtp_modules: int = 0
 
     def __post_init__(self) -> None:
@@ -75,9 +83,8 @@ class M3Config(ModelConfig):
                 f"{self.index_topk_blocks}] and index_block_size {self.index_block_size} positive",
             ),
             (
-                self.num_mtp_modules == 0,
-                f"num_mtp_modules {self.num_mtp_modules}: the M3 backbone has no MTP module yet (transformers' "
-                "M3 has none either: it drops the checkpoint's mtp.* tensors); set 0",
+                self.num_mtp_modules >= 0,
+                f"num_mtp_modules {self.num_mtp_modules} must be >= 0",
             ),
         )
         for ok, message in checks:
@@ -106,9 +113,10 @@ class M3Config(ModelConfig):
 
 @dataclass(frozen=True)
 class M3ParamCounts:
-    """Every tensor a checkpoint stores (`total`: embedding, layers, final norm, head; the routing bias
-    included) and what one token multiplies through in the layers (`active`: attention and indexer, the
-    dense MLP or the router, top-k experts and the shared expert), the report's "activated" convention."""
+    """Every tensor a checkpoint stores (`total`: embedding, layers, final norm, head, MTP modules; the
+    routing bias included) and what one token multiplies through in the layers (`active`: attention and
+    indexer, the dense MLP or the router, top-k experts and the shared expert), the report's "activated"
+    convention."""
 
     per_full_attention: int
     per_indexer: int
@@ -135,13 +143,15 @@ class M3ParamCounts:
             layers_total += mixer + (moe_total if mlp == SPARSE_MLP else dense)
             layers_active += mixer + (moe_active if mlp == SPARSE_MLP else dense)
         head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
+        # An MTP module: enorm, hnorm, eh_proj [D, 2D], head norm, and an MoE + sparse-attention layer.
+        mtp = 3 * d + 2 * d * d + attention + 2 * d + indexer + moe_total
         return cls(
             per_full_attention=attention,
             per_indexer=indexer,
             per_dense_mlp=dense,
             per_moe_total=moe_total,
             per_moe_active=moe_active,
-            total=cfg.vocab_size * d + head + layers_total + d,
+            total=cfg.vocab_size * d + head + layers_total + d + cfg.num_mtp_modules * mtp,
             active=layers_active,
         )
 
@@ -168,7 +178,8 @@ M3_PRESETS: dict[str, dict[str, Any]] = {
     # shapes, and the checkpoint's layer pattern as vLLM's MiniMaxM3TextConfig spells it (moe_layer_freq
     # and sparse_attention_freq both [0] * 3 + [1] * 57): 3 dense full-attention layers, then 57 MoE layers
     # with the indexer (4 heads of 128, blocks of 128 keys, 16 blocks kept, 1 of them local). RoPE rotates
-    # 64 of the 128 channels (vLLM: partial_rotary_factor 0.5). The checkpoint's MTP module is not built.
+    # 64 of the 128 channels (vLLM: partial_rotary_factor 0.5). The checkpoint's MTP module is not built
+    # here (num_mtp_modules 0, transformers' shape); a released config.json that sets it builds it.
     "minimax-m3-preview": {
         "vocab_size": 200_064,
         "hidden_size": 6144,

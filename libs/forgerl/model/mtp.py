@@ -18,6 +18,7 @@ to draft the policy's tokens without moving the policy).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,19 +37,29 @@ if TYPE_CHECKING:
 class SharedHead(nn.Module):
     """Only the norm: the head matrix is the main model's lm_head (name kept from the checkpoint)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, unit_offset: bool = False) -> None:
         super().__init__()
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, unit_offset=unit_offset)
 
 
 class MTPModule(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """One MTP module around a decoder layer of the main model's kind: `make_block(cfg)` builds it (M2's
+    DecoderLayer by default; M3 passes its MoE + sparse-attention layer). Its output must carry `.x_BTD`.
+    `unit_offset` norms (x * (1 + w), M3's Gemma style) for enorm, hnorm and the head norm."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        make_block: Callable[[ModelConfig], nn.Module] = DecoderLayer,
+        *,
+        unit_offset: bool = False,
+    ) -> None:
         super().__init__()
-        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, unit_offset=unit_offset)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, unit_offset=unit_offset)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.block = DecoderLayer(cfg)
-        self.shared_head = SharedHead(cfg)
+        self.block = make_block(cfg)
+        self.shared_head = SharedHead(cfg, unit_offset)
 
     def forward(
         self,

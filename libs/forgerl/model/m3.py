@@ -6,7 +6,9 @@ F an MLP's width, G KV heads, N kept key blocks per query.
 Shares M2's router (`moe.route`), expert implementation (`moe.Experts`, here with SwiGLU-OAI), norms and
 RoPE. Module and parameter names are those of transformers' `MiniMaxM3VLForCausalLM` (`model.layers.N.mlp.
 gate.weight`, `model.layers.N.self_attn.indexer.q_proj.weight`, ...) except that the routed experts keep
-M2's split w1 / w3 and the routing bias sits on the MoE block; m3_checkpoint.py's table maps both.
+M2's split w1 / w3 and the routing bias sits on the MoE block; m3_checkpoint.py's table maps both. MTP
+modules (`mtp`, forgerl.model.mtp.MTPModule around an MoE + sparse-attention layer) follow vLLM's
+MiniMaxM3MTP, since transformers' M3 has none.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ class MiniMaxM3ForCausalLM(nn.Module):
     def prefix_merge_exact(self) -> bool:
         """False with a sparse-attention layer: in a prefix-tree pack the indexer's key blocks and forced local
         blocks are runs of pack slots, not of the row's own positions, so a packed row attends other keys
-        than its own forward would (measured: log-probabilities 1.9 apart on minimax-m3-tiny at 20-33
+        than its own forward would (measured: log-probabilities 1.9 apart on minimax-m3-tiny at 26-33
         tokens). Rows are trained one by one (rl.prefix_merge false)."""
         return SPARSE_ATTENTION not in self.config.layer_types
 

@@ -12,7 +12,7 @@ checkpoints: a `weight` stored as float8 with a `weight_scale_inv` of per-block 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -239,14 +239,16 @@ def load_checkpoint(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     strict: bool = True,
+    overrides: Mapping[str, Any] | None = None,
 ) -> MiniMaxM2ForCausalLM:
     """Build the model from `config.json` and load its tensors (in `dtype`: default the config's).
 
     strict=False tolerates missing tensors (they keep their fresh initialisation), e.g. MTP modules of a
-    checkpoint released without them; unexpected tensors are always an error."""
+    checkpoint released without them; unexpected tensors are always an error. `overrides` replaces fields
+    of the saved config that leave the tensors as they are (the trainer's kernels: moe_backend, attn_backend)."""
     path = Path(path)
     hf_config = json.loads((path / "config.json").read_text())
-    cfg = config_from_hf(hf_config)
+    cfg = config_from_hf(hf_config).replace(**(overrides or {}))
     dtype = dtype or getattr(torch, hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
     tensors = read_checkpoint_tensors(path, hf_config)
     model = MiniMaxM2ForCausalLM(cfg).to(device=device, dtype=dtype)

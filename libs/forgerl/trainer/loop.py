@@ -40,7 +40,7 @@ from forgerl.distributed import clip_grad_norm_
 from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig, load_checkpoint, save_checkpoint
 from forgerl.model.checkpoint import config_from_hf
 from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
-from forgerl.trainer.run_config import parallel_config
+from forgerl.trainer.run_config import model_overrides, parallel_config
 from forgerl.trainer.schedule import learning_rate, set_learning_rate
 from forgerl.trainer.sft import SftBatches, make_examples, sft_loss, sft_loss_merged
 from forgerl.trainer.sharded import ShardedModel, all_ranks_mean
@@ -221,13 +221,16 @@ class TrainingRun:
             self.sharded = ShardedModel.build(model_cfg, layout, cfg.seed, cfg.init_checkpoint, cfg.rl.grow_mtp_to)
             self.model = self.sharded.model
         elif cfg.init_checkpoint:
-            self.model = load_checkpoint(cfg.init_checkpoint, dtype=torch.float32, strict=False)
+            self.model = load_checkpoint(
+                cfg.init_checkpoint, dtype=torch.float32, strict=False, overrides=model_overrides(cfg)
+            )
         else:
             self.model = MiniMaxM2ForCausalLM(model_cfg)
         self.model.train()
 
     def _model_source(self) -> tuple[Any, ModelConfig]:
-        """The tokenizer and the model's config: init_checkpoint's, or the preset's at the tokenizer's size."""
+        """The tokenizer and the model's config: init_checkpoint's, or the preset's at the tokenizer's size,
+        with the run's kernels (trainer.moe_backend, trainer.attn_backend) where it sets them."""
         from forgerl.model.tokenizer import load_tokenizer, train_tokenizer
 
         cfg = self.config
@@ -236,10 +239,11 @@ class TrainingRun:
             config_path = Path(cfg.init_checkpoint, "config.json")
             if not config_path.exists():
                 raise ValueError(f"init_checkpoint {cfg.init_checkpoint} has no config.json")
-            return tokenizer, config_from_hf(json.loads(config_path.read_text()))
+            return tokenizer, config_from_hf(json.loads(config_path.read_text())).replace(**model_overrides(cfg))
         path = self.settings.tokenizer_path
         tokenizer = load_tokenizer(path) if path else train_tokenizer(vocab_size=4096)
-        return tokenizer, ModelConfig.from_preset(cfg.model_preset or "debug", vocab_size=len(tokenizer))
+        preset = cfg.model_preset or "debug"
+        return tokenizer, ModelConfig.from_preset(preset, vocab_size=len(tokenizer), **model_overrides(cfg))
 
     def _activation_checkpointing(self) -> None:
         """trainer.parallel.activation_checkpoint_every on a whole model (a sharded one has it already)."""
@@ -314,7 +318,7 @@ class TrainingRun:
         if self.sharded is not None:
             self.optimizer = self._optimizer(lr)
             return self.sharded.load(state / "dcp", self.optimizer)
-        self.model = load_checkpoint(state / "model", dtype=torch.float32)
+        self.model = load_checkpoint(state / "model", dtype=torch.float32, overrides=model_overrides(self.config))
         self.model.train()
         blob = dict(torch.load(state / "trainer.pt", weights_only=False))
         self.optimizer = self._optimizer(lr)

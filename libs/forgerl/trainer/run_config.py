@@ -8,6 +8,7 @@
     sft: {steps: 300, batch_size: 16, learning_rate: 3.0e-3}
     rl: {steps: 40, batch_size: 64, group_size: 8, learning_rate: 1.0e-3, loss: cispo, eps_high: 0.28, ...}
     trainer: {parallel: {dp_shard: 2, ep: 2}}   # under torchrun; unset: one process, or DDP
+    trainer: {moe_backend: triton, attn_backend: tree}   # our kernels in training; unset: the model's own
 
 Keys are the proto's field names; unknown keys are an error naming the key.
 """
@@ -45,6 +46,11 @@ RL_DEFAULTS: dict[str, Any] = {
     "routing_replay": False,
 }
 SFT_DEFAULTS: dict[str, Any] = {"steps": 300, "batch_size": 16, "learning_rate": 3e-3}
+# The names the model accepts for `trainer.moe_backend` ("torch" + forgerl.model.moe.MOE_KERNELS) and
+# `trainer.attn_backend` (attention.ATTENTION_BACKENDS + KERNEL_BACKENDS), spelled out here so that
+# checking a run file imports no torch; a unit test keeps them equal to the model's registries.
+MOE_BACKENDS = ("torch", "triton")
+ATTN_BACKENDS = ("sdpa", "eager", "tree", "msa")
 
 
 def run_config_from_dict(data: dict[str, Any]) -> run_pb2.RunConfig:
@@ -70,7 +76,14 @@ def run_config_from_dict(data: dict[str, Any]) -> run_pb2.RunConfig:
     if config.rl.mtp_loss_weight < 0 or config.rl.grow_mtp_to < 0:
         raise ValueError("bad run config: rl.mtp_loss_weight and rl.grow_mtp_to must be >= 0")
     _check_parallel(config.trainer.parallel)
+    _check_backends(config)
     return config
+
+
+def model_overrides(config: run_pb2.RunConfig) -> dict[str, str]:
+    """The ModelConfig fields `trainer.moe_backend` / `trainer.attn_backend` set (unset ones: none)."""
+    t = config.trainer
+    return {name: value for name, value in (("moe_backend", t.moe_backend), ("attn_backend", t.attn_backend)) if value}
 
 
 def parallel_config(config: run_pb2.RunConfig) -> ParallelConfig:
@@ -93,6 +106,20 @@ def _check_parallel(p: run_pb2.ParallelLayout) -> None:
             raise ValueError(f"bad run config: trainer.parallel.{name} {getattr(p, name)}: must be >= 1, or -1 to fill")
     if p.ep < 0 or p.activation_checkpoint_every < 0:
         raise ValueError("bad run config: trainer.parallel.ep and activation_checkpoint_every must be >= 0")
+
+
+def _check_backends(config: run_pb2.RunConfig) -> None:
+    for name, value, allowed in (
+        ("moe_backend", config.trainer.moe_backend, MOE_BACKENDS),
+        ("attn_backend", config.trainer.attn_backend, ATTN_BACKENDS),
+    ):
+        if value and value not in allowed:
+            raise ValueError(f"bad run config: trainer.{name} {value!r} is not one of {allowed} (unset: the model's)")
+    if config.trainer.attn_backend == "msa" and config.rl.prefix_merge:
+        raise ValueError(
+            "bad run config: trainer.attn_backend 'msa' is causal only and rl.prefix_merge packs rows into "
+            "prefix trees: set rl.prefix_merge: false (or attn_backend 'tree' for merged packs)"
+        )
 
 
 def load_run_config(path: str | Path) -> run_pb2.RunConfig:

@@ -1,9 +1,10 @@
-"""gRPC face of the inference engine: Generate (streamed), UpdateWeights, GetStatus, Abort."""
+"""gRPC face of the inference engine: Generate (streamed), UpdateWeights, StreamWeights, GetStatus, Abort."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import grpc
 
@@ -16,12 +17,15 @@ from forgerl.inference.engine import (
     GenerationChunk,
     InferenceEngine,
     InFlight,
+    WeightsLost,
 )
 from forgerl.inference.requests import GenerationRequest, InvalidRequest, Sampling
 from forgerl.services.inference.config import InferenceConfig
 from forgerl.v1 import inference_pb2, inference_pb2_grpc, trajectory_pb2
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _IN_FLIGHT: dict[int, InFlight | None] = {
     inference_pb2.IN_FLIGHT_POLICY_UNSPECIFIED: None,
@@ -110,6 +114,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
         except FeatureDisabled as err:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        except WeightsLost as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         except EngineFailure as err:
             await context.abort(grpc.StatusCode.INTERNAL, str(err))
         except Exception as err:
@@ -126,10 +132,33 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "checkpoint_path is empty: send a directory")
         if request.in_flight not in _IN_FLIGHT:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown in_flight policy {request.in_flight}")
+        update = self.engine.update_weights(request.checkpoint_path, request.version, _IN_FLIGHT[request.in_flight])
+        result = await self._weights_update(update, context, f"UpdateWeights to {request.checkpoint_path}")
+        return inference_pb2.UpdateWeightsResponse(policy_version=result.policy_version, reload_s=result.reload_s)
+
+    async def StreamWeights(
+        self,
+        request_iterator: AsyncIterator[inference_pb2.StreamWeightsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> inference_pb2.StreamWeightsResponse:
+        await self._abort_if_dead(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.in_flight not in _IN_FLIGHT:
+            problem = "no message: send the buckets" if first is None else f"unknown in_flight policy {first.in_flight}"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"StreamWeights got {problem}")
+            raise AssertionError("context.abort raises")
+        update = self.engine.stream_weights(
+            first.version, _buckets(first, request_iterator), _IN_FLIGHT[first.in_flight]
+        )
+        result = await self._weights_update(update, context, f"StreamWeights to version {first.version}")
+        return inference_pb2.StreamWeightsResponse(
+            policy_version=result.policy_version, reload_s=result.reload_s, buckets=result.buckets, bytes=result.bytes
+        )
+
+    async def _weights_update(self, update: Awaitable[T], context: grpc.aio.ServicerContext, what: str) -> T:
+        """The update's result, or the status its failure maps to (the served version says if it still serves)."""
         try:
-            result = await self.engine.update_weights(
-                request.checkpoint_path, request.version, _IN_FLIGHT[request.in_flight]
-            )
+            return await update
         except CheckpointMissing as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{err}; policy version {self.engine.version} keeps serving")
         except (CheckpointError, InvalidRequest) as err:
@@ -139,9 +168,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         except EngineFailure as err:
             await context.abort(grpc.StatusCode.INTERNAL, str(err))
         except Exception as err:
-            logger.exception("UpdateWeights to %s failed", request.checkpoint_path)
+            logger.exception("%s failed", what)
             await context.abort(grpc.StatusCode.INTERNAL, f"weight update failed: {type(err).__name__}: {err}")
-        return inference_pb2.UpdateWeightsResponse(policy_version=result.policy_version, reload_s=result.reload_s)
+        raise AssertionError("context.abort raises")
 
     async def _abort_if_dead(self, context: grpc.aio.ServicerContext) -> None:
         """UNAVAILABLE (retry elsewhere or later) once the engine died; health already says NOT_SERVING."""
@@ -168,6 +197,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.AbortResponse:
         return inference_pb2.AbortResponse(aborted=await self.engine.abort(list(request.request_ids)))
+
+
+async def _buckets(
+    first: inference_pb2.StreamWeightsRequest, rest: AsyncIterator[inference_pb2.StreamWeightsRequest]
+) -> AsyncIterator[bytes]:
+    """Each bucket's bytes, its pieces joined; InvalidRequest if the stream ends inside a bucket."""
+    message: inference_pb2.StreamWeightsRequest | None = first
+    parts: list[bytes] = []
+    while message is not None:
+        parts.append(message.safetensors)
+        if not message.continued:
+            yield b"".join(parts)
+            parts = []
+        message = await anext(rest, None)
+    if parts:
+        raise InvalidRequest("the stream ended inside a bucket (its last piece had `continued` set)")
 
 
 def _is_vllm_validation(err: BaseException) -> bool:

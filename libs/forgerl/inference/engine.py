@@ -7,6 +7,12 @@ all of its tokens: an update closes admission, waits until every admitted reques
 then pauses the engine, which either lets the requests in flight finish on the old weights ("finish") or
 aborts them ("abort"). Only then are the weights reloaded, the prefix cache reset, and admission reopened
 under the new version. Requests that arrive during an update wait for it and run on the new version.
+
+Two ways in: `update_weights` reloads a checkpoint directory; `stream_weights` takes the weights in buckets
+(StreamWeights), each checked and loaded into vLLM's own loader as it arrives (forgerl.vllm_plugin.weights:
+vLLM fuses q/k/v and stacks the experts itself; a layer is written only whole). A failed update that
+touched the weights reloads the checkpoint the served ones came from; streamed weights have none, so after
+such a failure the engine refuses requests (WeightsLost) until an update succeeds rather than serve a mix.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from forgerl.inference.buckets import BucketCheck
 from forgerl.inference.checkpoint import (
     CheckpointError,
     CheckpointInfo,
@@ -47,6 +54,12 @@ InFlight = Literal["finish", "abort"]
 _PAUSE_MODE = {"finish": "wait", "abort": "abort"}
 
 
+def _checked_mode(mode: str) -> InFlight:
+    if mode not in _PAUSE_MODE:
+        raise InvalidRequest(f"in_flight={mode!r}: must be 'finish' or 'abort'")
+    return mode  # type: ignore[return-value]
+
+
 class FeatureDisabled(Exception):
     """The request needs something this engine was started without (e.g. routing replay)."""
 
@@ -57,6 +70,11 @@ class DuplicateRequest(Exception):
 
 class EngineFailure(RuntimeError):
     """The engine could not do what was asked and the caller cannot fix it by changing the request."""
+
+
+class WeightsLost(EngineFailure):
+    """A failed update overwrote part of the served weights and they could not be restored: generation is
+    refused until an update succeeds."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,18 @@ class UpdateResult:
 
 
 @dataclass(frozen=True)
+class StreamResult(UpdateResult):
+    buckets: int
+    bytes: int  # safetensors bytes received
+
+
+@dataclass
+class _Pause:
+    wait_s: float = 0.0
+    reload_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class EngineStatus:
     policy_version: int
     model_path: str
@@ -144,6 +174,8 @@ class InferenceEngine:
         self._held = 0  # requests waiting for an update to finish before they are admitted
         self._admitted = asyncio.Condition()
         self._routing_shape: dict[str, int] | None = None
+        self._source: Path | None = None  # the checkpoint the served weights came from; None: streamed
+        self._lost: str | None = None  # why the served weights are a mix of versions (WeightsLost)
 
     # --- life cycle -------------------------------------------------------------------------------------
 
@@ -161,6 +193,7 @@ class InferenceEngine:
         """Start vLLM on the model path and warm it up; CheckpointError if the path holds no model."""
         served = inspect_checkpoint(self.settings.model_path)
         self._served = served
+        self._source = served.path
         # vLLM logs to stdout by default; a service's stdout is not for logs (and benchmarks print JSON there).
         # Set before vLLM is imported; the engine-core and worker processes inherit it.
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -179,7 +212,7 @@ class InferenceEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from forgerl.vllm_plugin.routing import EXTENSION
+        from forgerl.vllm_plugin.extension import EXTENSION
 
         s = self.settings
         engine_kwargs: dict[str, Any] = {"dtype": s.dtype, "logprobs_mode": s.logprobs_mode}
@@ -194,7 +227,7 @@ class InferenceEngine:
             seed=s.seed,
             distributed_executor_backend=s.executor,
             tensor_parallel_size=s.tensor_parallel_size,
-            worker_extension_cls=EXTENSION if s.routing_replay else "",
+            worker_extension_cls=EXTENSION,
             disable_log_stats=True,
             **engine_kwargs,
         )
@@ -280,6 +313,8 @@ class InferenceEngine:
                     await self._open.wait()
             finally:
                 self._held -= 1
+        if self._lost is not None:
+            raise WeightsLost(self._lost)
         if rid in self._active:
             raise DuplicateRequest(f"request_id {rid!r} is already running: use a new id per request")
         state = _Active(version=self._version, prompt_len=prompt_len)
@@ -332,42 +367,124 @@ class InferenceEngine:
 
     async def update_weights(self, path: str, version: int, in_flight: InFlight | None = None) -> UpdateResult:
         """Serve the checkpoint at `path` as `version`. CheckpointError / InvalidRequest leave the old one."""
-        mode = in_flight or self.settings.in_flight
-        if mode not in _PAUSE_MODE:
-            raise InvalidRequest(f"in_flight={mode!r}: must be 'finish' or 'abort'")
+        mode = _checked_mode(in_flight or self.settings.in_flight)
         async with self._update_lock:
-            if version <= self._version:
-                raise InvalidRequest(
-                    f"version {version} is not newer than the served policy version {self._version}: "
-                    "versions only go up"
-                )
-            new, served = await asyncio.to_thread(self._checked, path)
-            t0 = time.perf_counter()
-            self._open.clear()
-            try:
-                async with self._admitted:
-                    await self._admitted.wait_for(lambda: self._admitting == 0)
-                await self._llm.pause_generation(mode=_PAUSE_MODE[mode], clear_cache=True)
-                t1 = time.perf_counter()
+            self._check_newer(version)
+            new, _ = await asyncio.to_thread(self._checked, path)
+            async with self._paused(mode) as pause:
                 try:
                     await self._reload(new.path)
                 except Exception as err:
-                    logger.exception("reload of %s failed; reloading the served weights", new.path)
-                    await self._reload(served.path)
+                    logger.exception("reload of %s failed; restoring the served weights", new.path)
+                    await self._restore(err)
                     raise EngineFailure(
                         f"reloading {str(new.path)!r} failed ({err}); version {self._version} keeps serving"
                     ) from err
-                await self._llm.reset_prefix_cache()
-                await self._llm.update_weight_version(str(version))
-                self._version = version
+                await self._commit(version, source=new.path)
                 self._served = new
-                t2 = time.perf_counter()
-            finally:
-                with contextlib.suppress(Exception):
-                    await self._llm.resume_generation()
-                self._open.set()
-        logger.info("serving policy version %d from %s (reload %.3f s)", version, new.path, t2 - t1)
-        return UpdateResult(policy_version=version, reload_s=t2 - t1, wait_s=t1 - t0)
+        logger.info("serving policy version %d from %s (reload %.3f s)", version, new.path, pause.reload_s)
+        return UpdateResult(policy_version=version, reload_s=pause.reload_s, wait_s=pause.wait_s)
+
+    async def stream_weights(
+        self, version: int, buckets: AsyncIterator[bytes], in_flight: InFlight | None = None
+    ) -> StreamResult:
+        """Serve the weights streamed in `buckets` (each the bytes of one safetensors file of HF-named
+        tensors) as `version`, each bucket checked (BucketCheck) and then loaded into vLLM's own loader as
+        it arrives (forgerl.vllm_plugin.weights), so neither this process nor the workers ever hold more
+        than a bucket or two beside the served model. A refused first bucket leaves the engine untouched; a
+        refused later one, a stream cut short or a failed load restores the served weights (`_restore`).
+        CheckpointError / InvalidRequest: the served version keeps serving."""
+        mode = _checked_mode(in_flight or self.settings.in_flight)
+        async with self._update_lock:
+            self._check_newer(version)
+            if self._served is None:
+                raise EngineFailure("the engine has not started")
+            check = BucketCheck(self._served)
+            data = await anext(buckets, None)
+            if data is None:
+                raise InvalidRequest("StreamWeights got no bucket: send every tensor of the model")
+            await asyncio.to_thread(check.check, data)
+            count = size = 0
+            async with self._paused(mode) as pause:
+                await self._llm.collective_rpc("forgerl_begin_weight_stream")
+                try:
+                    while data is not None:
+                        await self._llm.collective_rpc("forgerl_load_weight_bucket", args=(data,))
+                        count, size = count + 1, size + len(data)
+                        data = await anext(buckets, None)
+                        if data is not None:
+                            await asyncio.to_thread(check.check, data)
+                    check.check_complete()
+                    unloaded = await self._llm.collective_rpc("forgerl_finish_weight_stream")
+                    if any(unloaded):
+                        raise EngineFailure(f"vLLM loaded nothing into {sorted(set().union(*unloaded))[:3]}")
+                except BaseException as err:  # a cancelled stream (the sender went away) too
+                    logger.warning("streamed update to version %d failed after %d buckets: %r", version, count, err)
+                    await self._llm.collective_rpc("forgerl_abort_weight_stream")
+                    await self._restore(err)
+                    raise
+                await self._commit(version, source=None)
+        logger.info("serving policy version %d, streamed in %d buckets (%.3f s)", version, count, pause.reload_s)
+        return StreamResult(
+            policy_version=version, reload_s=pause.reload_s, wait_s=pause.wait_s, buckets=count, bytes=size
+        )
+
+    def _check_newer(self, version: int) -> None:
+        if version <= self._version:
+            raise InvalidRequest(
+                f"version {version} is not newer than the served policy version {self._version}: versions only go up"
+            )
+
+    @contextlib.asynccontextmanager
+    async def _paused(self, mode: InFlight) -> AsyncIterator[_Pause]:
+        """Admission closed, the requests admitted so far on the engine, the engine paused (requests in flight
+        finished or aborted per `mode`); resumed and reopened on the way out, whatever happened."""
+        pause = _Pause()
+        t0 = time.perf_counter()
+        self._open.clear()
+        try:
+            async with self._admitted:
+                await self._admitted.wait_for(lambda: self._admitting == 0)
+            await self._llm.pause_generation(mode=_PAUSE_MODE[mode], clear_cache=True)
+            t1 = time.perf_counter()
+            pause.wait_s = t1 - t0
+            yield pause
+            pause.reload_s = time.perf_counter() - t1
+        finally:
+            with contextlib.suppress(Exception):
+                await self._llm.resume_generation()
+            self._open.set()
+
+    async def _commit(self, version: int, source: Path | None) -> None:
+        await self._llm.reset_prefix_cache()
+        await self._llm.update_weight_version(str(version))
+        self._version = version
+        self._source = source
+        self._lost = None
+
+    async def _restore(self, err: BaseException) -> None:
+        """The served version's weights back after a failed update touched them: its checkpoint reloaded.
+        Streamed weights have no checkpoint to come back from (keeping a copy would double the memory the
+        stream saves): then the engine holds a mix of two versions and refuses requests (WeightsLost) until
+        an update succeeds. The same if the reload fails."""
+        if self._source is None:
+            self._lost = (
+                f"a failed weight update ({err!r}) overwrote part of policy version {self._version}, which was "
+                "streamed and has no checkpoint to restore: no requests are served until an update succeeds"
+            )
+        else:
+            try:
+                await self._reload(self._source)
+                return
+            except Exception as again:
+                logger.exception("restoring the served weights from %s failed", self._source)
+                self._lost = (
+                    f"a failed weight update ({err!r}) overwrote part of policy version {self._version}, and "
+                    f"reloading it from {str(self._source)!r} failed too ({again!r}): no requests are served "
+                    "until an update succeeds"
+                )
+        logger.error("%s", self._lost)
+        raise WeightsLost(self._lost) from err
 
     def _checked(self, path: str) -> tuple[CheckpointInfo, CheckpointInfo]:
         """The checkpoint at `path` if the served engine can take it in place, checked before the engine is
@@ -398,7 +515,7 @@ class InferenceEngine:
         s = self.stats
         return EngineStatus(
             policy_version=self._version,
-            model_path=str(self._served.path if self._served else self.settings.model_path),
+            model_path=str(self._source or "") if self._served else self.settings.model_path,
             running_requests=s.running_requests,
             waiting_requests=s.waiting_requests + self._held,
             kv_cache_usage=s.kv_cache_usage,
@@ -419,5 +536,7 @@ __all__ = [
     "InferenceEngine",
     "InvalidRequest",
     "RoutedRows",
+    "StreamResult",
     "UpdateResult",
+    "WeightsLost",
 ]

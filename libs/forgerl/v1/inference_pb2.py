@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from forgerl.v1 import trajectory_pb2 as forgerl_dot_v1_dot_trajectory__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66orgerl/v1/inference.proto\x12\nforgerl.v1\x1a\x1b\x66orgerl/v1/trajectory.proto\"\x8b\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x8c\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.forgerl.v1.SamplingParams\x12\x1d\n\x15return_routed_experts\x18\x04 \x01(\x08\"\xcb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\x05\x12\x31\n\x0erouted_experts\x18\x07 \x01(\x0b\x32\x19.forgerl.v1.RoutedExperts\"o\n\x14UpdateWeightsRequest\x12\x17\n\x0f\x63heckpoint_path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12-\n\tin_flight\x18\x03 \x01(\x0e\x32\x1a.forgerl.v1.InFlightPolicy\"A\n\x15UpdateWeightsResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x10\n\x08reload_s\x18\x02 \x01(\x01\"\x12\n\x10GetStatusRequest\"\xf0\x01\n\x11GetStatusResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x18\n\x10running_requests\x18\x03 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x04 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x01\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12#\n\x1bprefix_cache_queried_tokens\x18\x07 \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x08 \x01(\x03\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x05*k\n\x0eInFlightPolicy\x12 \n\x1cIN_FLIGHT_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17IN_FLIGHT_POLICY_FINISH\x10\x01\x12\x1a\n\x16IN_FLIGHT_POLICY_ABORT\x10\x02\x32\xb9\x02\n\x10InferenceService\x12G\n\x08Generate\x12\x1b.forgerl.v1.GenerateRequest\x1a\x1c.forgerl.v1.GenerateResponse0\x01\x12T\n\rUpdateWeights\x12 .forgerl.v1.UpdateWeightsRequest\x1a!.forgerl.v1.UpdateWeightsResponse\x12H\n\tGetStatus\x12\x1c.forgerl.v1.GetStatusRequest\x1a\x1d.forgerl.v1.GetStatusResponse\x12<\n\x05\x41\x62ort\x12\x18.forgerl.v1.AbortRequest\x1a\x19.forgerl.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66orgerl/v1/inference.proto\x12\nforgerl.v1\x1a\x1b\x66orgerl/v1/trajectory.proto\"\x8b\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x8c\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.forgerl.v1.SamplingParams\x12\x1d\n\x15return_routed_experts\x18\x04 \x01(\x08\"\xcb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\x05\x12\x31\n\x0erouted_experts\x18\x07 \x01(\x0b\x32\x19.forgerl.v1.RoutedExperts\"o\n\x14UpdateWeightsRequest\x12\x17\n\x0f\x63heckpoint_path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12-\n\tin_flight\x18\x03 \x01(\x0e\x32\x1a.forgerl.v1.InFlightPolicy\"~\n\x14StreamWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12-\n\tin_flight\x18\x02 \x01(\x0e\x32\x1a.forgerl.v1.InFlightPolicy\x12\x13\n\x0bsafetensors\x18\x03 \x01(\x0c\x12\x11\n\tcontinued\x18\x04 \x01(\x08\"A\n\x15UpdateWeightsResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x10\n\x08reload_s\x18\x02 \x01(\x01\"a\n\x15StreamWeightsResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x10\n\x08reload_s\x18\x02 \x01(\x01\x12\x0f\n\x07\x62uckets\x18\x03 \x01(\x05\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\"\x12\n\x10GetStatusRequest\"\xf0\x01\n\x11GetStatusResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x18\n\x10running_requests\x18\x03 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x04 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x01\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12#\n\x1bprefix_cache_queried_tokens\x18\x07 \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x08 \x01(\x03\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x05*k\n\x0eInFlightPolicy\x12 \n\x1cIN_FLIGHT_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17IN_FLIGHT_POLICY_FINISH\x10\x01\x12\x1a\n\x16IN_FLIGHT_POLICY_ABORT\x10\x02\x32\x91\x03\n\x10InferenceService\x12G\n\x08Generate\x12\x1b.forgerl.v1.GenerateRequest\x1a\x1c.forgerl.v1.GenerateResponse0\x01\x12T\n\rUpdateWeights\x12 .forgerl.v1.UpdateWeightsRequest\x1a!.forgerl.v1.UpdateWeightsResponse\x12V\n\rStreamWeights\x12 .forgerl.v1.StreamWeightsRequest\x1a!.forgerl.v1.StreamWeightsResponse(\x01\x12H\n\tGetStatus\x12\x1c.forgerl.v1.GetStatusRequest\x1a\x1d.forgerl.v1.GetStatusResponse\x12<\n\x05\x41\x62ort\x12\x18.forgerl.v1.AbortRequest\x1a\x19.forgerl.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'forgerl.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INFLIGHTPOLICY']._serialized_start=1076
-  _globals['_INFLIGHTPOLICY']._serialized_end=1183
+  _globals['_INFLIGHTPOLICY']._serialized_start=1303
+  _globals['_INFLIGHTPOLICY']._serialized_end=1410
   _globals['_SAMPLINGPARAMS']._serialized_start=72
   _globals['_SAMPLINGPARAMS']._serialized_end=211
   _globals['_GENERATEREQUEST']._serialized_start=214
@@ -42,16 +42,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_end=560
   _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=562
   _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=673
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=675
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=740
-  _globals['_GETSTATUSREQUEST']._serialized_start=742
-  _globals['_GETSTATUSREQUEST']._serialized_end=760
-  _globals['_GETSTATUSRESPONSE']._serialized_start=763
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1003
-  _globals['_ABORTREQUEST']._serialized_start=1005
-  _globals['_ABORTREQUEST']._serialized_end=1040
-  _globals['_ABORTRESPONSE']._serialized_start=1042
-  _globals['_ABORTRESPONSE']._serialized_end=1074
-  _globals['_INFERENCESERVICE']._serialized_start=1186
-  _globals['_INFERENCESERVICE']._serialized_end=1499
+  _globals['_STREAMWEIGHTSREQUEST']._serialized_start=675
+  _globals['_STREAMWEIGHTSREQUEST']._serialized_end=801
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=803
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=868
+  _globals['_STREAMWEIGHTSRESPONSE']._serialized_start=870
+  _globals['_STREAMWEIGHTSRESPONSE']._serialized_end=967
+  _globals['_GETSTATUSREQUEST']._serialized_start=969
+  _globals['_GETSTATUSREQUEST']._serialized_end=987
+  _globals['_GETSTATUSRESPONSE']._serialized_start=990
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1230
+  _globals['_ABORTREQUEST']._serialized_start=1232
+  _globals['_ABORTREQUEST']._serialized_end=1267
+  _globals['_ABORTRESPONSE']._serialized_start=1269
+  _globals['_ABORTRESPONSE']._serialized_end=1301
+  _globals['_INFERENCESERVICE']._serialized_start=1413
+  _globals['_INFERENCESERVICE']._serialized_end=1814
 # @@protoc_insertion_point(module_scope)

@@ -73,6 +73,18 @@ class UpdateWeightsRequest(_message.Message):
     in_flight: InFlightPolicy
     def __init__(self, checkpoint_path: _Optional[str] = ..., version: _Optional[int] = ..., in_flight: _Optional[_Union[InFlightPolicy, str]] = ...) -> None: ...
 
+class StreamWeightsRequest(_message.Message):
+    __slots__ = ("version", "in_flight", "safetensors", "continued")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    SAFETENSORS_FIELD_NUMBER: _ClassVar[int]
+    CONTINUED_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    in_flight: InFlightPolicy
+    safetensors: bytes
+    continued: bool
+    def __init__(self, version: _Optional[int] = ..., in_flight: _Optional[_Union[InFlightPolicy, str]] = ..., safetensors: _Optional[bytes] = ..., continued: _Optional[bool] = ...) -> None: ...
+
 class UpdateWeightsResponse(_message.Message):
     __slots__ = ("policy_version", "reload_s")
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +92,18 @@ class UpdateWeightsResponse(_message.Message):
     policy_version: int
     reload_s: float
     def __init__(self, policy_version: _Optional[int] = ..., reload_s: _Optional[float] = ...) -> None: ...
+
+class StreamWeightsResponse(_message.Message):
+    __slots__ = ("policy_version", "reload_s", "buckets", "bytes")
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RELOAD_S_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    policy_version: int
+    reload_s: float
+    buckets: int
+    bytes: int
+    def __init__(self, policy_version: _Optional[int] = ..., reload_s: _Optional[float] = ..., buckets: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()

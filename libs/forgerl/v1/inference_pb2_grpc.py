@@ -45,6 +45,11 @@ class InferenceServiceStub:
                 request_serializer=forgerl_dot_v1_dot_inference__pb2.UpdateWeightsRequest.SerializeToString,
                 response_deserializer=forgerl_dot_v1_dot_inference__pb2.UpdateWeightsResponse.FromString,
                 _registered_method=True)
+        self.StreamWeights = channel.stream_unary(
+                '/forgerl.v1.InferenceService/StreamWeights',
+                request_serializer=forgerl_dot_v1_dot_inference__pb2.StreamWeightsRequest.SerializeToString,
+                response_deserializer=forgerl_dot_v1_dot_inference__pb2.StreamWeightsResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/forgerl.v1.InferenceService/GetStatus',
                 request_serializer=forgerl_dot_v1_dot_inference__pb2.GetStatusRequest.SerializeToString,
@@ -75,6 +80,15 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamWeights(self, request_iterator, context):
+        """Loads a new policy version from weights streamed in buckets, each into vLLM's own loader as it
+        arrives (no checkpoint on disk, never the whole state dict in this service): pause, load, reset the
+        prefix cache, resume. The same in-flight policy, version rule and failure handling as UpdateWeights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -99,6 +113,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.UpdateWeights,
                     request_deserializer=forgerl_dot_v1_dot_inference__pb2.UpdateWeightsRequest.FromString,
                     response_serializer=forgerl_dot_v1_dot_inference__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'StreamWeights': grpc.stream_unary_rpc_method_handler(
+                    servicer.StreamWeights,
+                    request_deserializer=forgerl_dot_v1_dot_inference__pb2.StreamWeightsRequest.FromString,
+                    response_serializer=forgerl_dot_v1_dot_inference__pb2.StreamWeightsResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -166,6 +185,33 @@ class InferenceService:
             '/forgerl.v1.InferenceService/UpdateWeights',
             forgerl_dot_v1_dot_inference__pb2.UpdateWeightsRequest.SerializeToString,
             forgerl_dot_v1_dot_inference__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/forgerl.v1.InferenceService/StreamWeights',
+            forgerl_dot_v1_dot_inference__pb2.StreamWeightsRequest.SerializeToString,
+            forgerl_dot_v1_dot_inference__pb2.StreamWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -326,6 +326,29 @@ def cluster_values() -> Schema:
     return {"sandbox": sandbox, "networkPolicy": network_policy, "serviceMonitor": service_monitor, "tests": tests}
 
 
+def trainer_extra() -> Schema:
+    """The trainer's rendezvous port and `parallel`, the run file's `trainer.parallel` block (run.proto's
+    ParallelLayout) with explicit degrees: the chart sizes the pods from them, so -1 (fill) is refused."""
+    degree = "{}; 0: 1 (run.proto ParallelLayout.{})."
+    parallel = obj(
+        "The run's trainer.parallel: world size dp_replicate x dp_shard = pods x gpu.count torchrun ranks.",
+        {
+            name: scalar("integer", degree.format(text, name), minimum=0)
+            for name, text in (
+                ("dp_replicate", "Groups holding a whole (sharded) copy"),
+                ("dp_shard", "Ranks FSDP2 shards every parameter over"),
+                ("ep", "Expert-parallel ranks carved out of dp_shard"),
+            )
+        }
+        | {
+            "activation_checkpoint_every": scalar(
+                "integer", "Recompute every n-th decoder layer (0: none); changes no pod.", minimum=0
+            )
+        },
+    )
+    return {"rendezvousPort": port("torchrun's rendezvous port on pod 0."), "parallel": parallel}
+
+
 def service_values() -> Schema:
     cpu = ["services", "gpu", "inferenceCpu"]
     inference_extra = {
@@ -340,9 +363,7 @@ def service_values() -> Schema:
             "gateway", {"httpPort": port("Port of the OpenAI-compatible HTTP API."), "pdb": ref("pdb")}, cpu
         ),
         "rollout": component("rollout", {}, cpu),
-        "trainer": component(
-            "trainer", {"rendezvousPort": port("torchrun's rendezvous port on pod 0.")}, ["gpu", "services"], "nodes"
-        ),
+        "trainer": component("trainer", trainer_extra(), ["gpu", "services"], "nodes"),
         "evolution": component(
             "evolution", {"httpPort": port("Port of the operator console (HTTP)."), "pdb": ref("pdb")}, cpu
         ),

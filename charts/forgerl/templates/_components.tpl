@@ -42,7 +42,11 @@ metadata:
     {{- include "forgerl.labels" . | nindent 4 }}
 spec:
   serviceName: {{ include "forgerl.componentName" . }}-headless
-  replicas: {{ default $values.replicas $values.nodes }}
+  {{- if eq $component "trainer" }}
+  replicas: {{ int (include "forgerl.trainerJob" $root | fromYaml).nodes }}
+  {{- else }}
+  replicas: {{ $values.replicas }}
+  {{- end }}
   podManagementPolicy: Parallel
   revisionHistoryLimit: 3
   selector:

@@ -308,12 +308,13 @@ username from its secret, the password and the TLS files as files mounted by for
 - name: FORGERL_TRAINER_RUNS_DIR
   value: {{ printf "%s/runs" .Values.checkpoints.mountPath | quote }}
 {{- include "forgerl.databaseEnv" (list . "trainer") }}
-{{- if gt (int .Values.trainer.nodes) 1 }}
+{{- $job := include "forgerl.trainerJob" . | fromYaml }}
+{{- if $job.distributed }}
 {{- $pod0 := printf "%s-0.%s-headless.%s.svc" (include "forgerl.componentName" (list . "trainer")) (include "forgerl.componentName" (list . "trainer")) .Release.Namespace }}
 - name: PET_NNODES
-  value: {{ .Values.trainer.nodes | quote }}
+  value: {{ int $job.nodes | quote }}
 - name: PET_NPROC_PER_NODE
-  value: {{ max 1 (int .Values.trainer.gpu.count) | quote }}
+  value: {{ int $job.nprocPerNode | quote }}
 - name: PET_NODE_RANK
   valueFrom:
     fieldRef:
@@ -325,6 +326,38 @@ username from its secret, the password and the TLS files as files mounted by for
 - name: MASTER_ADDR
   value: {{ $pod0 | quote }}
 {{- end }}
+{{- end -}}
+
+{{/* The trainer's torchrun job: {nodes, nprocPerNode, worldSize, distributed}. One torchrun process per
+GPU of a pod (trainer.gpu.count, at least 1). With trainer.parallel's dp_replicate or dp_shard set, the
+world size is dp_replicate x dp_shard (an unset one counts 1: the run file's dp_replicate fill then gives
+the same layout) and the pods are world size / GPUs per pod; unset, `trainer.nodes` pods of DDP ranks, as
+before. A layout the pods cannot hold fails `helm template` saying what to change. */}}
+{{- define "forgerl.trainerJob" -}}
+{{- $trainer := .Values.trainer -}}
+{{- $parallel := $trainer.parallel -}}
+{{- $nproc := max 1 (int $trainer.gpu.count) -}}
+{{- $replicate := int $parallel.dp_replicate -}}
+{{- $shard := int $parallel.dp_shard -}}
+{{- $ep := max 1 (int $parallel.ep) -}}
+{{- if mod (max 1 $shard) $ep -}}
+{{- fail (printf "trainer.parallel.ep %d must divide dp_shard %d: expert parallelism is carved out of the data-sharding ranks (efsdp = dp_shard / ep)" $ep (max 1 $shard)) -}}
+{{- end -}}
+{{- $nodes := int $trainer.nodes -}}
+{{- $world := mul $nodes $nproc -}}
+{{- $distributed := gt $nodes 1 -}}
+{{- if or (gt $replicate 0) (gt $shard 0) -}}
+{{- $world = mul (max 1 $replicate) (max 1 $shard) -}}
+{{- if mod $world $nproc -}}
+{{- fail (printf "trainer.parallel: world size %d (dp_replicate %d x dp_shard %d) does not divide into trainer pods of %d GPUs (trainer.gpu.count: torchrun's --nproc-per-node): make dp_replicate x dp_shard a multiple of %d, or change trainer.gpu.count" $world (max 1 $replicate) (max 1 $shard) $nproc $nproc) -}}
+{{- end -}}
+{{- if and (ne $nodes 1) (ne $nodes (div $world $nproc)) -}}
+{{- fail (printf "trainer.nodes %d disagrees with trainer.parallel: world size %d on pods of %d GPUs is %d pods; leave trainer.nodes at 1 (the pods then follow trainer.parallel) or set it to %d" $nodes $world $nproc (div $world $nproc) (div $world $nproc)) -}}
+{{- end -}}
+{{- $nodes = div $world $nproc -}}
+{{- $distributed = gt $world 1 -}}
+{{- end -}}
+{{- toYaml (dict "nodes" $nodes "nprocPerNode" $nproc "worldSize" $world "distributed" $distributed) -}}
 {{- end -}}
 
 {{- define "forgerl.env.evolution" -}}
@@ -384,7 +417,11 @@ seccompProfile:
 {{- define "forgerl.needsShm" -}}
 {{- $component := index . 1 -}}
 {{- $values := index (index . 0).Values $component -}}
-{{- if or (gt (int $values.gpu.count) 1) (gt (int (default 1 $values.nodes)) 1) -}}true{{- end -}}
+{{- $nodes := 1 -}}
+{{- if eq $component "trainer" -}}
+{{- $nodes = (include "forgerl.trainerJob" (index . 0) | fromYaml).nodes -}}
+{{- end -}}
+{{- if or (gt (int $values.gpu.count) 1) (gt (int $nodes) 1) -}}true{{- end -}}
 {{- end -}}
 
 {{/* Does a component mount the checkpoints volume? The trainer writes checkpoints that inference reads

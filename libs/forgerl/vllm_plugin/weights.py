@@ -8,9 +8,10 @@ Why not vLLM's `reload_weights(weights_iterator=...)` once per bucket. vLLM 0.32
 weights straddle two calls (q_proj in one bucket and k/v_proj in the next, which vLLM fuses into qkv_proj;
 some experts of a layer in one bucket and the rest in the next, which vLLM stacks into w13/w2) would be
 materialised with `torch.empty_strided` (`reload/meta.py:49-61`) and processed with only part of its
-weights ("Delayed processing", `reload/layerwise.py:269-275`): its other parts are garbage. The iterator
-itself cannot cross into the worker either: `collective_rpc` pickles its arguments through the engine
-core's message queue.
+weights ("Delayed processing", `reload/layerwise.py:269-275`): its other parts are garbage (tried on the
+debug preset: 18 buckets, one `reload_weights` each, and the engine answered token 0 at every step). An
+iterator cannot cross into the worker either: `collective_rpc` serializes its arguments to the engine-core
+process (msgpack) and on to the workers.
 
 So the three steps run here one per call: `forgerl_begin_weight_stream` (initialize), then
 `forgerl_load_weight_bucket` per bucket (`model.load_weights`: the wrapped loaders buffer a layer's
@@ -18,7 +19,9 @@ weights until all of its elements are in, then process that layer and copy it in
 `reload/layerwise.py:216-218`), then `forgerl_finish_weight_stream` (finalize, and the names of any
 parameter that got nothing). Between calls the layerwise state lives in vLLM's module-level
 `LAYERWISE_INFO` and the engine is paused. With buckets in checkpoint order (layer by layer) at most the
-layer being loaded waits in that buffer; a layer is written to the served tensors only whole.
+layer being loaded waits in that buffer; a layer is written to the served tensors only whole. The same
+18 buckets this way serve exactly what a reload of the checkpoint serves
+(tests/integration/inference/test_inference_stream_weights.py).
 
 A bucket travels as the bytes of one safetensors file: `collective_rpc` ships them to the engine-core
 process (msgpack) and on to the worker (vLLM's shared-memory queue, out-of-band above 1 MiB), where

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -266,14 +266,17 @@ def save_m3_checkpoint(model: MiniMaxM3ForCausalLM, path: str | Path, max_shard_
     return path
 
 
-def load_m3_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> MiniMaxM3ForCausalLM:
+def load_m3_checkpoint(
+    path: str | Path, dtype: torch.dtype | None = None, overrides: Mapping[str, Any] | None = None
+) -> MiniMaxM3ForCausalLM:
     """Build the model from `config.json` (ours, transformers' or the released VL one) and load every tensor
     of either layout (the released one when names start with `language_model.`), the config's
     num_mtp_modules MTP modules included. Tensors without a place are an error, except the vision tower,
-    the projector and MTP modules the config does not ask for (transformers' text model drops them all)."""
+    the projector and MTP modules the config does not ask for (transformers' text model drops them all).
+    `overrides` replaces config fields that leave the tensors as they are (the trainer's kernels)."""
     path = Path(path)
     hf_config = json.loads((path / "config.json").read_text())
-    cfg = config_from_hf(hf_config)
+    cfg = config_from_hf(hf_config).replace(**(overrides or {}))
     dtype = dtype or getattr(torch, hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
     tensors = read_checkpoint_tensors(path, hf_config)
     layout = RELEASED if any(name.startswith("language_model.") for name in tensors) else TRANSFORMERS

@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 
-from forgerl.model import MiniMaxM2ForCausalLM
 from forgerl.rollout.rewards import RewardSettings, StepProcess, episode_rewards
 from forgerl.rollout.suites.tooluse_tools import run_tool
-from forgerl.trainer.sampling import generate
+from forgerl.trainer.sampling import SamplingModel, generate
 from forgerl.v1 import trajectory_pb2
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -126,7 +125,7 @@ class LocalEpisodeRunner:
 
     def run(
         self,
-        model: MiniMaxM2ForCausalLM,
+        model: SamplingModel,
         specs: Sequence[EpisodeSpec],
         *,
         temperature: float = 1.0,
@@ -141,7 +140,7 @@ class LocalEpisodeRunner:
 
     def _run_batch(
         self,
-        model: MiniMaxM2ForCausalLM,
+        model: SamplingModel,
         specs: Sequence[EpisodeSpec],
         temperature: float,
         generator: torch.Generator | None,

@@ -18,6 +18,10 @@ batch named in the state on restart instead of training it again.
 
 Resume state lives in `<runs_dir>/<run_id>/state/` (weights as safetensors, optimizer, RNGs, counters),
 replaced atomically (write a new directory, then rename).
+
+The model is MiniMax-M2 or MiniMax-M3 (run_config.is_m3_run); building, loading, saving and publishing go
+through forgerl.trainer.policy_files with that architecture's classes. An M3 run is one process on local
+episodes: vLLM's M3 path needs a GPU, so it is refused with an episode source or publisher of the services.
 """
 
 from __future__ import annotations
@@ -37,14 +41,21 @@ import torch
 import torch.distributed as dist
 
 from forgerl.distributed import clip_grad_norm_
-from forgerl.model import MiniMaxM2ForCausalLM, ModelConfig, load_checkpoint, save_checkpoint
-from forgerl.model.checkpoint import config_from_hf
+from forgerl.model import M3Config, MiniMaxM2ForCausalLM, MiniMaxM3ForCausalLM, ModelConfig
 from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
-from forgerl.trainer.run_config import model_overrides, parallel_config
+from forgerl.trainer.policy_files import (
+    PolicyNet,
+    build_policy,
+    config_from_checkpoint,
+    config_from_preset,
+    load_policy,
+    save_policy,
+)
+from forgerl.trainer.run_config import check_m3_run, is_m3_run, model_overrides, parallel_config
 from forgerl.trainer.schedule import learning_rate, set_learning_rate
 from forgerl.trainer.sft import SftBatches, make_examples, sft_loss, sft_loss_merged
 from forgerl.trainer.sharded import ShardedModel, all_ranks_mean
-from forgerl.trainer.sources import EpisodeSource, NullPublisher, Publisher
+from forgerl.trainer.sources import EpisodeSource, InferencePublisher, NullPublisher, Publisher, ServiceEpisodes
 from forgerl.trainer.step import (
     RlStepConfig,
     build_batch,
@@ -167,6 +178,14 @@ class TrainingRun:
         self._sampling_model: MiniMaxM2ForCausalLM | None = None  # its replica, when sharded
         self.progress = RunProgress(run_id)
         self.checkpoints: list[run_pb2.Checkpoint] = []
+        self.model: PolicyNet
+        check_m3_run(config)  # again here: the trainer service sets init_checkpoint after parsing the config
+        if is_m3_run(config) and (isinstance(episodes, ServiceEpisodes) or isinstance(publisher, InferencePublisher)):
+            raise ValueError(
+                f"run {run_id} trains MiniMax-M3, which runs here on local episodes only (worker --local-episodes, "
+                "trainer service local_episodes): vLLM's M3 path needs a GPU (its MSA backends are Triton, CUTLASS "
+                "and aiter kernels; the CPU build has none), so inference cannot serve or reload M3 weights"
+            )
 
     # ---- setup --------------------------------------------------------------------------------
 
@@ -194,6 +213,7 @@ class TrainingRun:
             # SFT (whose merged loss has no MTP) DDP must skip them as unused, and in RL with MTP it must
             # not look for unused ones, or it marks the MTP parameters ready before their gradients come
             # ("Expected to mark a variable ready only once"; two gloo ranks, torch 2.x).
+            assert isinstance(self.model, MiniMaxM2ForCausalLM)  # _init_model refuses M3 under torchrun
             self._ddp = apply_ddp(self.model, find_unused_parameters=not self._rl_trains_mtp())
 
     def _rl_trains_mtp(self) -> bool:
@@ -201,9 +221,11 @@ class TrainingRun:
 
     def _grow_mtp(self) -> None:
         """RL trains `rl.grow_mtp_to` MTP modules: the new ones are copies of module 1 (grow_mtp). Called
-        before the RL optimizer is built and the model re-wrapped, which must both hold them."""
+        before the RL optimizer is built and the model re-wrapped, which must both hold them. M2 only
+        (check_m3_run refuses grow_mtp_to for M3)."""
         wanted = self.config.rl.grow_mtp_to
         if wanted > len(self.model.mtp) and self.sharded is None:  # a sharded model grew when it was built
+            assert isinstance(self.model, MiniMaxM2ForCausalLM)
             self.model.grow_mtp(wanted)
 
     def _emit(self, stage: str, step: int, values: dict[str, float]) -> None:
@@ -216,21 +238,25 @@ class TrainingRun:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.tokenizer, model_cfg = self._model_source()
+        if self.world > 1 and isinstance(model_cfg, M3Config):
+            raise ValueError(
+                f"run {self.run_id} trains MiniMax-M3 in one process: under torchrun ({self.world} ranks) every "
+                "step would pack rows for DDP, and M3's sparse attention refuses packed rows; start it without torchrun"
+            )
         layout = parallel_config(cfg).resolve(self.world, model_cfg.num_local_experts)
         if layout.uses_fsdp:
             self.sharded = ShardedModel.build(model_cfg, layout, cfg.seed, cfg.init_checkpoint, cfg.rl.grow_mtp_to)
             self.model = self.sharded.model
         elif cfg.init_checkpoint:
-            self.model = load_checkpoint(
-                cfg.init_checkpoint, dtype=torch.float32, strict=False, overrides=model_overrides(cfg)
-            )
+            self.model = load_policy(cfg.init_checkpoint, model_overrides(cfg), strict=False)
         else:
-            self.model = MiniMaxM2ForCausalLM(model_cfg)
+            self.model = build_policy(model_cfg)
         self.model.train()
 
     def _model_source(self) -> tuple[Any, ModelConfig]:
-        """The tokenizer and the model's config: init_checkpoint's, or the preset's at the tokenizer's size,
-        with the run's kernels (trainer.moe_backend, trainer.attn_backend) where it sets them."""
+        """The tokenizer and the model's config (an M3Config for M3): init_checkpoint's, or the preset's at
+        the tokenizer's size, with the run's kernels (trainer.moe_backend, trainer.attn_backend) where it
+        sets them."""
         from forgerl.model.tokenizer import load_tokenizer, train_tokenizer
 
         cfg = self.config
@@ -239,17 +265,20 @@ class TrainingRun:
             config_path = Path(cfg.init_checkpoint, "config.json")
             if not config_path.exists():
                 raise ValueError(f"init_checkpoint {cfg.init_checkpoint} has no config.json")
-            return tokenizer, config_from_hf(json.loads(config_path.read_text())).replace(**model_overrides(cfg))
+            return tokenizer, config_from_checkpoint(json.loads(config_path.read_text()), model_overrides(cfg))
         path = self.settings.tokenizer_path
         tokenizer = load_tokenizer(path) if path else train_tokenizer(vocab_size=4096)
         preset = cfg.model_preset or "debug"
-        return tokenizer, ModelConfig.from_preset(preset, vocab_size=len(tokenizer), **model_overrides(cfg))
+        with_mtp = cfg.rl.mtp_loss_weight > 0
+        return tokenizer, config_from_preset(preset, tokenizer, model_overrides(cfg), with_mtp)
 
     def _activation_checkpointing(self) -> None:
         """trainer.parallel.activation_checkpoint_every on a whole model (a sharded one has it already)."""
         every = self.config.trainer.parallel.activation_checkpoint_every
         if every > 0 and self.sharded is None:
             from forgerl.distributed.parallelize import apply_activation_checkpointing
+
+            assert isinstance(self.model, MiniMaxM2ForCausalLM)  # check_m3_run refuses trainer.parallel for M3
 
             apply_activation_checkpointing(self.model, every)
 
@@ -277,7 +306,7 @@ class TrainingRun:
         if self.sharded is not None:  # every rank writes its shards (DCP); rank 0 the RNGs (rank 0's)
             self.sharded.save(tmp / "dcp", self.optimizer, rngs)
         else:
-            save_checkpoint(self.model, self.tokenizer, tmp / "model")  # every rank calls it; rank 0 writes
+            save_policy(self.model, self.tokenizer, tmp / "model")  # every rank calls it; rank 0 writes
         if self.rank == 0:
             if self.sharded is None:
                 torch.save({"optimizer": self.optimizer.state_dict(), **rngs}, tmp / "trainer.pt")
@@ -318,7 +347,7 @@ class TrainingRun:
         if self.sharded is not None:
             self.optimizer = self._optimizer(lr)
             return self.sharded.load(state / "dcp", self.optimizer)
-        self.model = load_checkpoint(state / "model", dtype=torch.float32, overrides=model_overrides(self.config))
+        self.model = load_policy(state / "model", model_overrides(self.config))
         self.model.train()
         blob = dict(torch.load(state / "trainer.pt", weights_only=False))
         self.optimizer = self._optimizer(lr)
@@ -334,7 +363,7 @@ class TrainingRun:
         if self.sharded is not None:  # from the shards, one tensor gathered at a time
             self.sharded.export(tmp, self.tokenizer)
         else:
-            save_checkpoint(self.model, self.tokenizer, tmp)
+            save_policy(self.model, self.tokenizer, tmp)
         if self.rank == 0:
             if path.exists():
                 shutil.rmtree(path)
@@ -386,7 +415,7 @@ class TrainingRun:
         result = _eval_metrics(self._eval_outcomes(self.model, 0, 1), time.perf_counter() - started)
         return dict(_broadcast(result))
 
-    def _eval_outcomes(self, model: MiniMaxM2ForCausalLM, part: int, parts: int) -> list[tuple[int, bool]]:
+    def _eval_outcomes(self, model: PolicyNet, part: int, parts: int) -> list[tuple[int, bool]]:
         """(difficulty, success) of held-out tasks part, part + parts, ... ."""
         from forgerl.rollout.tasks import get_suite
 
@@ -586,7 +615,10 @@ class TrainingRun:
                 gamma=step_cfg.gamma,
                 policy_version=self.progress.policy_version,
                 normalize_std=step_cfg.normalize_std,
-                num_layers=self.model.config.num_hidden_layers,
+                # Recorded routes span the MoE layers: all of M2's, M3's after its dense ones.
+                num_layers=self.model.config.sparse_layer_count
+                if isinstance(self.model, MiniMaxM3ForCausalLM)
+                else self.model.config.num_hidden_layers,
                 top_k=self.model.config.num_experts_per_tok,
             )
             if self.world > 1:

@@ -11,10 +11,16 @@
     trainer: {moe_backend: triton, attn_backend: tree}   # our kernels in training; unset: the model's own
 
 Keys are the proto's field names; unknown keys are an error naming the key.
+
+The model is MiniMax-M3 when init_checkpoint's config.json says so (model_type / architectures), or, for
+a fresh model, when model_preset names an M3 preset (forgerl.model.M3_PRESETS); M2 otherwise. M3 runs
+are checked here, before any model is built (check_m3_run): prefix merging, sharded layouts and MTP growth
+are refused with the reason.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +57,12 @@ SFT_DEFAULTS: dict[str, Any] = {"steps": 300, "batch_size": 16, "learning_rate":
 # checking a run file imports no torch; a unit test keeps them equal to the model's registries.
 MOE_BACKENDS = ("torch", "triton")
 ATTN_BACKENDS = ("sdpa", "eager", "tree", "msa")
+# forgerl.model.M3_PRESETS's names, and the model types / architecture prefix of an M3 config.json
+# (m3_checkpoint writes minimax_m3_vl_text, the released checkpoint is minimax_m3_vl), spelled out here for
+# the same reason; a unit test keeps the presets equal to the model's.
+M3_PRESET_NAMES = ("minimax-m3-tiny", "minimax-m3-preview")
+M3_MODEL_TYPES = ("minimax_m3_vl", "minimax_m3_vl_text")
+M3_ARCHITECTURE_PREFIX = "MiniMaxM3"
 
 
 def run_config_from_dict(data: dict[str, Any]) -> run_pb2.RunConfig:
@@ -77,7 +89,61 @@ def run_config_from_dict(data: dict[str, Any]) -> run_pb2.RunConfig:
         raise ValueError("bad run config: rl.mtp_loss_weight and rl.grow_mtp_to must be >= 0")
     _check_parallel(config.trainer.parallel)
     _check_backends(config)
+    check_m3_run(config)
     return config
+
+
+def is_m3_hf_config(hf: dict[str, Any]) -> bool:
+    """Whether a Hugging Face config.json describes MiniMax-M3 (ours, transformers' or the released VL one)."""
+    architectures = hf.get("architectures") or []
+    return hf.get("model_type") in M3_MODEL_TYPES or any(a.startswith(M3_ARCHITECTURE_PREFIX) for a in architectures)
+
+
+def init_checkpoint_hf_config(config: run_pb2.RunConfig) -> dict[str, Any] | None:
+    """init_checkpoint's config.json, or None when the run has no init_checkpoint or it has no config.json
+    yet (the trainer refuses the latter when it builds the model)."""
+    path = Path(config.init_checkpoint, "config.json") if config.init_checkpoint else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+
+def is_m3_run(config: run_pb2.RunConfig) -> bool:
+    """Whether the run trains MiniMax-M3: init_checkpoint's architecture when it has one, else model_preset."""
+    if config.init_checkpoint:
+        hf = init_checkpoint_hf_config(config)
+        return hf is not None and is_m3_hf_config(hf)
+    return config.model_preset in M3_PRESET_NAMES
+
+
+def check_m3_run(config: run_pb2.RunConfig) -> None:
+    """Refuse what an M3 run cannot do, naming the key; nothing for M2 runs."""
+    if not is_m3_run(config):
+        return
+    model = f"init_checkpoint {config.init_checkpoint}" if config.init_checkpoint else f"preset {config.model_preset}"
+    if config.rl.prefix_merge:
+        raise ValueError(
+            f"bad run config: rl.prefix_merge is on and the model is MiniMax-M3 ({model}): its sparse-attention "
+            "layers pick key blocks by pack slot, so a prefix-tree pack would not give each row its own logits "
+            "(log-probabilities 1.9 apart on minimax-m3-tiny); set rl.prefix_merge: false"
+        )
+    p = config.trainer.parallel
+    if p.dp_shard > 1 or p.ep > 1 or p.dp_replicate > 1 or p.activation_checkpoint_every > 0:
+        raise ValueError(
+            f"bad run config: trainer.parallel is set (dp_replicate {p.dp_replicate}, dp_shard {p.dp_shard}, ep "
+            f"{p.ep}, activation_checkpoint_every {p.activation_checkpoint_every}); its layouts are MiniMax-M2's "
+            f"(forgerl.trainer.sharded) and the model is MiniMax-M3 ({model}), trained in one process: leave it unset"
+        )
+    if config.rl.grow_mtp_to > 0:
+        raise ValueError(
+            f"bad run config: rl.grow_mtp_to {config.rl.grow_mtp_to}: growing MTP modules is MiniMax-M2's; an "
+            f"M3 run ({model}) trains the MTP modules its checkpoint has (num_mtp_modules in config.json)"
+        )
+    hf = init_checkpoint_hf_config(config)
+    modules = (hf or {}).get("text_config", hf or {}).get("num_mtp_modules", 0)
+    if hf is not None and config.rl.mtp_loss_weight > 0 and modules == 0:
+        raise ValueError(
+            f"bad run config: rl.mtp_loss_weight {config.rl.mtp_loss_weight} but {model} has no MTP modules "
+            "(num_mtp_modules 0 in its config.json): set rl.mtp_loss_weight: 0, or start from a checkpoint with them"
+        )
 
 
 def model_overrides(config: run_pb2.RunConfig) -> dict[str, str]:

@@ -180,10 +180,23 @@ async def test_random_requests_get_clean_statuses(engine: Channel) -> None:
     assert_same(await engine.greedy(), engine.fresh)
 
 
+def live_engine_cores() -> list[psutil.Process]:
+    """vLLM engine core processes under this test process, skipping the zombies earlier engines' shutdowns
+    left unreaped (reading a zombie's command line raises) and processes that exit while we look."""
+    cores = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "EngineCore" in " ".join([*p.cmdline(), p.name()]):
+                cores.append(p)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return cores
+
+
 async def test_a_dead_engine_is_not_serving(engine: Channel) -> None:
     """Last in the module: kills the engine core process (vLLM's, a child of this test process)."""
-    cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join([*p.cmdline(), p.name()])]
-    assert cores, [p.name() for p in psutil.Process().children(recursive=True)]
+    cores = live_engine_cores()
+    assert cores, [p.pid for p in psutil.Process().children(recursive=True)]
     for core in cores:
         core.kill()
     deadline = time.monotonic() + 30

@@ -406,8 +406,8 @@ class InferenceEngine:
             await asyncio.to_thread(check.check, data)
             count = size = 0
             async with self._paused(mode) as pause:
-                await self._llm.collective_rpc("forgerl_begin_weight_stream")
                 try:
+                    await self._llm.collective_rpc("forgerl_begin_weight_stream")
                     while data is not None:
                         await self._llm.collective_rpc("forgerl_load_weight_bucket", args=(data,))
                         count, size = count + 1, size + len(data)

@@ -103,3 +103,24 @@ def test_garbage_twice_and_incomplete_streams_are_refused() -> None:
         check.check_complete()
     check.check(save({"c": torch.zeros(5)}))
     check.check_complete()
+
+
+async def test_the_engine_refuses_a_stream_before_touching_vllm() -> None:
+    """No vLLM engine here (`_llm` is None): anything that reached it would fail otherwise."""
+    from forgerl.inference.engine import EngineSettings, InferenceEngine
+
+    async def buckets(*data: bytes) -> AsyncIterator[bytes]:
+        for d in data:
+            yield d
+
+    e = InferenceEngine(EngineSettings(model_path="unused"))
+    e._served = SERVED
+    with pytest.raises(InvalidRequest, match="'finish' or 'abort'"):
+        await e.stream_weights(2, buckets(), "later")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="not newer"):
+        await e.stream_weights(1, buckets(save(dict(bucket_a_b()))))
+    with pytest.raises(InvalidRequest, match="got no bucket"):
+        await e.stream_weights(2, buckets())
+    with pytest.raises(CheckpointError, match="'a' is F32 \\[3, 2\\]"):
+        await e.stream_weights(2, buckets(save({"a": torch.zeros(3, 2)}), save({"c": torch.zeros(5)})))
+    assert e.version == 1

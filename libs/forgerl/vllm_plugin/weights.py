@@ -21,7 +21,7 @@ parameter that got nothing). Between calls the layerwise state lives in vLLM's m
 `LAYERWISE_INFO` and the engine is paused. With buckets in checkpoint order (layer by layer) at most the
 layer being loaded waits in that buffer; a layer is written to the served tensors only whole. The same
 18 buckets this way serve exactly what a reload of the checkpoint serves
-(tests/integration/inference/test_inference_stream_weights.py).
+(tests/integration/inference/test_inference_weights_checked.py).
 
 A bucket travels as the bytes of one safetensors file: `collective_rpc` ships them to the engine-core
 process (msgpack) and on to the worker (vLLM's shared-memory queue, out-of-band above 1 MiB), where

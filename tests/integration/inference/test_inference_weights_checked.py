@@ -2,15 +2,22 @@
 module (~1 min to start): a truncated or corrupt file, a missing tensor, a wrong shape or dtype, or
 non-finite values are INVALID_ARGUMENT naming the tensor, and version 1 keeps serving exactly what it
 served when fresh; good updates after bad ones serve exactly the new weights; a dead engine is NOT_SERVING.
+
+StreamWeights (issue 19, item 5) on the same engine: v2's weights streamed by the trainer's sender
+(`stream_weight_buckets`, one process: every row on rank 0, as under DDP) in buckets small enough that
+layers straddle them (vLLM fuses q/k/v and stacks the experts) serve exactly what a reload of v2's
+checkpoint serves; a bad bucket half-way, a stream cut short or one ending inside a bucket restore the
+served checkpoint; over streamed weights, which have none, the engine refuses requests until an update.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +31,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from forgerl.distributed.parallelize import ParallelModel
+from forgerl.distributed.weight_stream import stream_weight_buckets
+from forgerl.inference.buckets import serialize_bucket, stream_requests
 from forgerl.inference.testing import make_checkpoint, reference_greedy
+from forgerl.model import load_checkpoint
 from forgerl.runtime.fuzz import fuzz_service, requests
 from forgerl.runtime.testing import serve_in_process
 from forgerl.services.inference.config import InferenceConfig
@@ -67,6 +78,16 @@ class Channel:
 
     async def update(self, path: Path, version: int) -> pb.UpdateWeightsResponse:
         return await self.stub.UpdateWeights(pb.UpdateWeightsRequest(checkpoint_path=str(path), version=version))
+
+    async def stream(self, messages: Iterator[pb.StreamWeightsRequest]) -> pb.StreamWeightsResponse:
+        async def each() -> AsyncIterator[pb.StreamWeightsRequest]:
+            for message in messages:
+                yield message
+
+        return await self.stub.StreamWeights(each())
+
+    async def version(self) -> int:
+        return int((await self.stub.GetStatus(pb.GetStatusRequest())).policy_version)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -166,9 +187,127 @@ async def test_good_updates_after_bad_ones_serve_exactly_the_new_weights(
     assert_same(await engine.greedy(), engine.fresh)
 
 
+# --- StreamWeights -------------------------------------------------------------------------------------
+
+BUCKET_BYTES = 96 * 1024  # the debug preset is 3.4 MB in float32: 18 buckets
+PIECE_BYTES = 256 * 1024  # the 1 MiB embedding's bucket goes in 5 messages
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "v2", "debug", seed=1)
+
+
+@pytest.fixture(scope="module")
+def v2_buckets(v2: Path) -> list[Bucket]:
+    """v2's weights as the trainer streams them: loaded into the trainer's model, then bucketed."""
+    model = load_checkpoint(v2, dtype=torch.float32)
+    trainer = ParallelModel(model=model, train_model=model, meshes=None)  # type: ignore[arg-type]  # one rank: no mesh
+    return list(stream_weight_buckets(trainer, BUCKET_BYTES))
+
+
+def layer_of(name: str) -> str:
+    return ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else name
+
+
+def changed(buckets: Sequence[Bucket], at: int, tensor: Callable[[torch.Tensor], torch.Tensor]) -> list[Bucket]:
+    """`buckets` with the first tensor of bucket `at` replaced by tensor(a copy of it)."""
+    out = [list(b) for b in buckets]
+    name, old = out[at][0]
+    out[at][0] = (name, tensor(old.clone()))
+    return out
+
+
+def nan_at_3(t: torch.Tensor) -> torch.Tensor:
+    t.view(-1)[3] = float("nan")
+    return t
+
+
+def ends_inside_a_bucket(buckets: Sequence[Bucket], version: int) -> Iterator[pb.StreamWeightsRequest]:
+    yield from stream_requests(buckets[:-1], version, piece_bytes=PIECE_BYTES)
+    yield pb.StreamWeightsRequest(safetensors=serialize_bucket(buckets[-1])[:100], continued=True)
+
+
+BAD_STREAMS = {
+    "NaN in bucket 5": (lambda b, v: stream_requests(changed(b, 5, nan_at_3), v), "holds 1 non-finite values"),
+    "wrong shape in bucket 5": (
+        lambda b, v: stream_requests(changed(b, 5, lambda t: t.reshape(-1)[:-1].contiguous()), v),
+        "the served model's is F32",
+    ),
+    "a tensor twice": (lambda b, v: stream_requests([*b[:6], b[4]], v), "came twice in the stream"),
+    "cut short": (lambda b, v: stream_requests(b[:-1], v), "the stream ended without"),
+    "ends inside a bucket": (ends_inside_a_bucket, "the stream ended inside a bucket"),
+}
+
+
+async def test_the_buckets_split_layers(v2_buckets: list[Bucket]) -> None:
+    """The premise of the stream tests: many buckets, and layers (fused/stacked in vLLM) across two."""
+    layers = [{layer_of(name) for name, _ in bucket} for bucket in v2_buckets]
+    straddling = set.union(*(a & b for a, b in itertools.pairwise(layers)))
+    assert len(v2_buckets) >= 10 and len(straddling) >= 2, (len(v2_buckets), straddling)
+
+
+@pytest.mark.parametrize("case", list(BAD_STREAMS))
+async def test_a_bad_stream_leaves_the_served_version_serving(
+    engine: Channel, v2_buckets: list[Bucket], case: str
+) -> None:
+    """Buckets 0-4 reach vLLM before bucket 5 is refused (or the stream ends): the served weights (v1's, from
+    a checkpoint) are restored and serve exactly what the fresh engine served."""
+    messages, expected = BAD_STREAMS[case]
+    served = await engine.version()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await engine.stream(messages(v2_buckets, served + 1))
+    details = err.value.details() or ""
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert expected in details and f"policy version {served} keeps serving" in details, details
+    assert await engine.version() == served
+    assert_same(await engine.greedy(), engine.fresh)
+
+
+async def test_streamed_weights_serve_what_a_checkpoint_reload_serves(
+    engine: Channel, v2: Path, v2_buckets: list[Bucket]
+) -> None:
+    version = await engine.version() + 1
+    t0 = time.perf_counter()
+    streamed = await engine.stream(stream_requests(v2_buckets, version, piece_bytes=PIECE_BYTES))
+    stream_s = time.perf_counter() - t0
+    assert (streamed.policy_version, streamed.buckets) == (version, len(v2_buckets))
+    served = await engine.greedy()
+    t0 = time.perf_counter()
+    reloaded = await engine.update(v2, version + 1)
+    reload_s = time.perf_counter() - t0
+    assert_same(served, await engine.greedy())  # tokens and logprobs of vLLM's reload of v2's checkpoint
+    for (tokens, _), prompt, (fresh, _) in zip(served, PROMPTS, engine.fresh, strict=True):
+        assert tokens == reference_greedy(v2, prompt, N).token_ids  # the PyTorch model on v2
+        assert tokens != fresh  # and not v1's any more
+    print(
+        f"sync of the debug preset ({streamed.bytes} B): StreamWeights {len(v2_buckets)} buckets {stream_s:.3f} s "
+        f"(engine paused {streamed.reload_s:.3f} s); UpdateWeights from a checkpoint {reload_s:.3f} s "
+        f"(paused {reloaded.reload_s:.3f} s)"
+    )
+
+
+async def test_a_failed_stream_over_streamed_weights_refuses_requests_until_an_update(
+    engine: Channel, v1: Path, v2_buckets: list[Bucket], tmp_path: Path
+) -> None:
+    """Streamed weights have no checkpoint to restore: after a stream fails half-way over them, the engine
+    refuses to serve the mix (UNAVAILABLE); a good update brings it back (v1's weights, for the tests below)."""
+    version = await engine.version() + 1
+    assert (await engine.stream(stream_requests(v2_buckets, version))).policy_version == version
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await engine.stream(stream_requests(changed(v2_buckets, 5, nan_at_3), version + 1))
+    assert err.value.code() == grpc.StatusCode.INTERNAL and "was streamed" in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await engine.greedy()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    assert (await engine.update(shutil.copytree(v1, tmp_path / "v1-again"), version + 1)).policy_version == version + 1
+    assert_same(await engine.greedy(), engine.fresh)
+
+
 async def test_random_requests_get_clean_statuses(engine: Channel) -> None:
     """Hypothesis: random and mutated requests to every method; then the engine still serves exactly what
-    the fresh engine served on the weights it now holds (v1's, as version 3)."""
+    the fresh engine served on the weights it now holds (v1's)."""
 
     def fuzz() -> collections.Counter[str]:
         generate = st.one_of(GENERATE, requests(pb.GenerateRequest.DESCRIPTOR))

@@ -130,7 +130,11 @@ def _tensor_entry(path: Path, name: str, meta: Any, data_bytes: int) -> tuple[st
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     """Read a Hugging Face-layout checkpoint directory; CheckpointError if it is not one."""
     root = Path(path)
-    if not root.exists():
+    try:
+        exists = root.exists()
+    except OSError as err:  # e.g. a name longer than the filesystem allows (found by the service's fuzz test)
+        raise CheckpointMissing(f"checkpoint path {str(root)[:200]!r} cannot be looked up: {err.strerror}") from None
+    if not exists:
         raise CheckpointMissing(f"checkpoint path {str(root)!r} does not exist")
     if not root.is_dir():
         raise CheckpointMissing(f"checkpoint path {str(root)!r} is not a directory")

@@ -51,6 +51,8 @@ def test_missing_paths_are_told_apart(tmp_path: Path) -> None:
     (tmp_path / "noweights" / "config.json").write_text(json.dumps(CONFIG))
     with pytest.raises(CheckpointMissing, match=r"no \*\.safetensors"):
         inspect_checkpoint(tmp_path / "noweights")
+    with pytest.raises(CheckpointMissing, match="cannot be looked up: File name too long"):
+        inspect_checkpoint(tmp_path / ("é" * 300))  # UpdateWeights answered INTERNAL to it (fuzz)
 
 
 def test_garbage_is_an_error(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,13 @@ def short_main_job(tmp_path: Path, rl_steps: int = 3) -> Path:
     path = tmp_path / "short-main-job.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def like_a_terminal() -> None:
+    """Popen's preexec_fn: SIGINT back to its default, as in a terminal's foreground job. A test run started
+    in the background of a shell without job control inherits SIGINT ignored, and a CLI started from it
+    would never see the test's Ctrl-C (Python installs its KeyboardInterrupt handler only over SIG_DFL)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cli_env(runs: Path) -> dict[str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from short_run import FORGERL, cli_env, pid_of, progress, short_main_job, wait_for
+from short_run import FORGERL, cli_env, like_a_terminal, pid_of, progress, short_main_job, wait_for
 
 from forgerl.local.supervisor import status
 from forgerl.local.topology import LocalTopology
@@ -107,7 +107,10 @@ def test_every_component_killed_once_mid_rl(topology_file: Path, tmp_path: Path)
     log_path = tmp_path / "run.log"
     recoveries: list[Recovery] = []
     with open(log_path, "w") as out:
-        run = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=cli_env(runs), start_new_session=True)
+        run = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=cli_env(runs), start_new_session=True,
+            preexec_fn=like_a_terminal,
+        )  # fmt: skip
         events: EpisodeEvents | None = None
         try:
             wait_for("two RL steps", lambda: progress(runs).get("rl_step", 0) >= 2, 900)

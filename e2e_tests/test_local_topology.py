@@ -5,19 +5,17 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from short_run import FORGERL, like_a_terminal
 
 from forgerl.local.supervisor import S3, pid_alive, s3_available
 from forgerl.local.topology import BROKER, SERVICES, LocalTopology
 from forgerl.runtime.client import health_status, insecure_channel
-
-FORGERL = [sys.executable, "-m", "forgerl.cli.main"]
 
 pytestmark = pytest.mark.e2e
 
@@ -65,7 +63,9 @@ def test_up_status_reflection_down(topology_file: Path, cli: Callable[..., Any])
 
 def test_ctrl_c_stops_everything(topology_file: Path, cli: Callable[..., Any]) -> None:
     topology = LocalTopology.load(topology_file)
-    up = subprocess.Popen([*FORGERL, "up", "--config", str(topology_file)], stdout=subprocess.PIPE, text=True)
+    up = subprocess.Popen(
+        [*FORGERL, "up", "--config", str(topology_file)], stdout=subprocess.PIPE, text=True, preexec_fn=like_a_terminal
+    )
     pids: list[int] = []
     try:
         assert up.stdout is not None

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from short_run import FORGERL, cli_env, progress, short_main_job, wait_for
+from short_run import FORGERL, cli_env, like_a_terminal, progress, short_main_job, wait_for
 
 from forgerl.local.supervisor import pid_alive
 from forgerl.local.topology import LocalTopology
@@ -42,7 +42,9 @@ def test_ctrl_c_then_the_main_job_again(topology_file: Path, tmp_path: Path) -> 
     command = [*FORGERL, "run", "start", str(config), "--local", "--topology", str(topology_file)]
     env = cli_env(runs)
     with open(tmp_path / "first.log", "w") as out:
-        first = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        first = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=like_a_terminal
+        )
         try:
             wait_for("the first RL step", lambda: progress(runs).get("rl_step", 0) >= 1, 900)
             pids = [p["pid"] for p in json.loads(topology.state_file.read_text())["processes"]]

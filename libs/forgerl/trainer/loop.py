@@ -8,7 +8,10 @@ acknowledgements, held-out evaluation, metrics and resume.
 Per RL step: FetchBatch(size, policy_version) -> build rows and advantages -> (prefix-merged) forward
 -> CISPO (+ MTP) -> AdamW -> expert-bias update -> save the training state -> Ack. Every
 `checkpoint_every` steps (and at the end) the weights are also written as a Hugging Face checkpoint and
-published to inference as the next policy version.
+published to inference as the next policy version: UpdateWeights reloads that checkpoint, or, with
+`trainer.publish: stream`, every rank takes part in streaming the weights from its shards
+(forgerl.distributed.weight_stream) and rank 0 sends the buckets over StreamWeights; the checkpoint is
+written all the same (resume, export, and the reload inference gets when the stream fails).
 
 Exactly-once training of batches: the state saved after a step names the batch it consumed; the batch
 is acknowledged only after that state is durable. A trainer killed before the save restarts from the
@@ -41,6 +44,8 @@ import torch
 import torch.distributed as dist
 
 from forgerl.distributed import clip_grad_norm_
+from forgerl.distributed.parallelize import ParallelModel
+from forgerl.distributed.weight_stream import stream_weight_buckets
 from forgerl.model import M3Config, MiniMaxM2ForCausalLM, MiniMaxM3ForCausalLM, ModelConfig
 from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
 from forgerl.trainer.policy_files import (
@@ -67,6 +72,9 @@ from forgerl.trainer.step import (
 from forgerl.v1 import run_pb2
 
 log = logging.getLogger("forgerl.trainer")
+
+# StreamWeights' bucket size: the one its measurements used (commit 43c2268, small preset: 16 MiB buckets).
+STREAM_BUCKET_BYTES = 16 * 1024 * 1024
 
 MetricsSink = Callable[[str, int, dict[str, float]], None]  # (stage, step, values)
 
@@ -384,7 +392,10 @@ class TrainingRun:
 
     def _publish(self, stage: str, step: int) -> run_pb2.Checkpoint:
         ckpt = self._hf_checkpoint(stage, step)
-        version, reload_s = self.publisher.publish(ckpt.path, ckpt.policy_version) if self.rank == 0 else (0, 0.0)
+        if self.config.trainer.publish == "stream":
+            version, reload_s = self._stream(ckpt)
+        else:
+            version, reload_s = self.publisher.publish(ckpt.path, ckpt.policy_version) if self.rank == 0 else (0, 0.0)
         version = int(_broadcast(version))
         ckpt.policy_version = version
         self.progress.policy_version = version
@@ -394,6 +405,23 @@ class TrainingRun:
             stage, self._global_step(stage, step), {"publish/reload_s": reload_s, "policy_version": float(version)}
         )
         return ckpt
+
+    def _stream(self, ckpt: run_pb2.Checkpoint) -> tuple[int, float]:
+        """The weights to inference in buckets, from the shards (or the whole model): a collective, every
+        rank walks the buckets to the end; rank 0 receives them and hands them to the publisher. float32,
+        the dtype of the checkpoints written here (StreamWeights refuses another dtype than the served one:
+        an engine started from a bf16 checkpoint gets the fallback, UpdateWeights of `ckpt`). The plan is made
+        anew each time (one small all_gather_object): RL may have grown the MTP modules since the last one."""
+        assert isinstance(self.model, MiniMaxM2ForCausalLM)  # run_config refuses trainer.publish: stream for M3
+        # One process or DDP: a whole model on every rank, no mesh; rank 0 sends itself every row.
+        whole = ParallelModel(self.model, self.model, None)  # type: ignore[arg-type]
+        parallel = self.sharded.parallel if self.sharded is not None else whole
+        buckets = stream_weight_buckets(parallel, STREAM_BUCKET_BYTES, dtype=torch.float32)
+        if self.rank == 0:
+            return self.publisher.stream(buckets, ckpt.path, ckpt.policy_version)
+        for _ in buckets:  # yields nothing here: this rank only sends its rows to rank 0
+            pass
+        return 0, 0.0
 
     def _global_step(self, stage: str, step: int) -> int:
         """One step axis for the whole run: SFT steps first, then RL steps."""

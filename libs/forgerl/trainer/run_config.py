@@ -9,6 +9,7 @@
     rl: {steps: 40, batch_size: 64, group_size: 8, learning_rate: 1.0e-3, loss: cispo, eps_high: 0.28, ...}
     trainer: {parallel: {dp_shard: 2, ep: 2}}   # under torchrun; unset: one process, or DDP
     trainer: {moe_backend: triton, attn_backend: tree}   # our kernels in training; unset: the model's own
+    trainer: {publish: stream}   # weights to inference over StreamWeights; unset: checkpoint + UpdateWeights
 
 Keys are the proto's field names; unknown keys are an error naming the key.
 
@@ -57,6 +58,8 @@ SFT_DEFAULTS: dict[str, Any] = {"steps": 300, "batch_size": 16, "learning_rate":
 # checking a run file imports no torch; a unit test keeps them equal to the model's registries.
 MOE_BACKENDS = ("torch", "triton")
 ATTN_BACKENDS = ("sdpa", "eager", "tree", "msa")
+# `trainer.publish`: "" and "checkpoint" write the checkpoint and UpdateWeights it; "stream" also StreamWeights.
+PUBLISH_MODES = ("", "checkpoint", "stream")
 # forgerl.model.M3_PRESETS's names, and the model types / architecture prefix of an M3 config.json
 # (m3_checkpoint writes minimax_m3_vl_text, the released checkpoint is minimax_m3_vl), spelled out here for
 # the same reason; a unit test keeps the presets equal to the model's.
@@ -132,6 +135,11 @@ def check_m3_run(config: run_pb2.RunConfig) -> None:
             f"{p.ep}, activation_checkpoint_every {p.activation_checkpoint_every}); its layouts are MiniMax-M2's "
             f"(forgerl.trainer.sharded) and the model is MiniMax-M3 ({model}), trained in one process: leave it unset"
         )
+    if config.trainer.publish == "stream":
+        raise ValueError(
+            f"bad run config: trainer.publish 'stream' streams MiniMax-M2's tensor names and the model is MiniMax-M3 "
+            f"({model}), which publishes nothing to inference (vLLM's M3 path needs a GPU): leave it unset"
+        )
     if config.rl.grow_mtp_to > 0:
         raise ValueError(
             f"bad run config: rl.grow_mtp_to {config.rl.grow_mtp_to}: growing MTP modules is MiniMax-M2's; an "
@@ -181,6 +189,11 @@ def _check_backends(config: run_pb2.RunConfig) -> None:
     ):
         if value and value not in allowed:
             raise ValueError(f"bad run config: trainer.{name} {value!r} is not one of {allowed} (unset: the model's)")
+    if config.trainer.publish not in PUBLISH_MODES:
+        raise ValueError(
+            f"bad run config: trainer.publish {config.trainer.publish!r} is not one of {PUBLISH_MODES[1:]} "
+            "(unset: checkpoint)"
+        )
     if config.trainer.attn_backend == "msa" and config.rl.prefix_merge:
         raise ValueError(
             "bad run config: trainer.attn_backend 'msa' is causal only and rl.prefix_merge packs rows into "

@@ -5,7 +5,9 @@
   so stale trajectories are dropped there) and acknowledges them (`Ack`). Every trajectory it returns
   came through Kafka.
 - `LocalEpisodes`: in-process sampling with the trainer's own model (tests, experiments, no services).
-- `InferencePublisher` / `NullPublisher`: `UpdateWeights(checkpoint_path, version)` on inference.
+- `InferencePublisher` / `NullPublisher`: `UpdateWeights(checkpoint_path, version)` on inference, or
+  (`stream`, run config `trainer.publish: stream`) the weights in buckets over `StreamWeights`, with
+  UpdateWeights of the same step's checkpoint as the fallback when the stream fails.
 
 All blocking (sync gRPC): the training loop runs in its own thread. Every call waits for a peer that is
 restarting (UNAVAILABLE), with backoff, up to `retry_deadline_s` (forgerl.runtime.retry), instead of
@@ -14,15 +16,18 @@ failing the run: a data pool, rollout or inference brought back by its superviso
 
 from __future__ import annotations
 
+import logging
 import random
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 import torch
 
+from forgerl.inference.buckets import Bucket, stream_requests
 from forgerl.runtime.client import insecure_channel
 from forgerl.runtime.retry import retry_call
 from forgerl.trainer.local_env import LocalEpisodeRunner, suite_episode_specs
@@ -80,6 +85,8 @@ class TaskCursor:
 # How long a call waits for a restarting peer: vLLM's CPU engine takes ~1-2 min to come back on 2 busy
 # cores (benchmarks/README.md, "Chaos"); the data pool, rollout and the gateway take seconds.
 RETRY_DEADLINE_S = 600.0
+
+log = logging.getLogger("forgerl.trainer")
 
 
 class ServiceEpisodes:
@@ -217,9 +224,35 @@ class LocalEpisodes:
         pass
 
 
+class _Pulled:
+    """The buckets, pulled by gRPC's request thread during the call and by the caller after it (`drain`):
+    a lock keeps the two from running the generator at once."""
+
+    def __init__(self, buckets: Iterable[Bucket]) -> None:
+        self._buckets = iter(buckets)
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[Bucket]:
+        return self
+
+    def __next__(self) -> Bucket:
+        with self._lock:
+            return next(self._buckets)
+
+    def drain(self) -> None:
+        for _ in self:
+            pass
+
+
 class Publisher(Protocol):
     def publish(self, checkpoint_path: str, version: int) -> tuple[int, float]:
         """Serve the checkpoint as `version` or newer; returns (the version served, reload seconds)."""
+        ...
+
+    def stream(self, buckets: Iterable[Bucket], checkpoint_path: str, version: int) -> tuple[int, float]:
+        """Serve the streamed buckets (every tensor of the model under its HF name) as `version` or newer;
+        `checkpoint_path` holds the same weights, the fallback. Pulls every bucket, whatever happens: the
+        trainer's ranks produce them together. Returns (the version served, seconds the engine paused)."""
         ...
 
     def ensure(self, checkpoint_path: str, version: int) -> None:
@@ -232,6 +265,11 @@ class Publisher(Protocol):
 
 class NullPublisher:
     def publish(self, checkpoint_path: str, version: int) -> tuple[int, float]:
+        return version, 0.0
+
+    def stream(self, buckets: Iterable[Bucket], checkpoint_path: str, version: int) -> tuple[int, float]:
+        for _ in buckets:  # the other ranks are sending them
+            pass
         return version, 0.0
 
     def ensure(self, checkpoint_path: str, version: int) -> None:
@@ -278,6 +316,25 @@ class InferencePublisher:
         # at 1 with the initial checkpoint, or kept running while the trainer restarted).
         resp = self._update(checkpoint_path, max(version, self._served() + 1))
         return int(resp.policy_version), float(resp.reload_s)
+
+    def stream(self, buckets: Iterable[Bucket], checkpoint_path: str, version: int) -> tuple[int, float]:
+        """One StreamWeights call (not retried: the buckets are produced once), then, if it failed,
+        UpdateWeights of `checkpoint_path` (retried like `publish`). Inference restores nothing after a stream
+        over streamed weights fails (they have no checkpoint; it refuses requests until an update succeeds)
+        and reloads the previous checkpoint after one over checkpoint weights: either way the reload of this
+        step's checkpoint is what brings the new weights. The rest of the buckets is pulled after a failure,
+        so that the other ranks' sends complete."""
+        pulled = _Pulled(buckets)
+        try:
+            target = max(version, self._served() + 1)
+            messages = stream_requests(pulled, target, inference_pb2.IN_FLIGHT_POLICY_FINISH)
+            resp = self.stub.StreamWeights(messages, timeout=self.timeout_s)
+            return int(resp.policy_version), float(resp.reload_s)
+        except grpc.RpcError as err:
+            log.warning("StreamWeights to version %d failed (%s); reloading %s instead", version, err, checkpoint_path)
+        finally:
+            pulled.drain()
+        return self.publish(checkpoint_path, version)
 
     def ensure(self, checkpoint_path: str, version: int) -> None:
         if checkpoint_path and self._served() < version:

@@ -131,14 +131,16 @@ class ParallelLayout(_message.Message):
     def __init__(self, dp_replicate: _Optional[int] = ..., dp_shard: _Optional[int] = ..., ep: _Optional[int] = ..., activation_checkpoint_every: _Optional[int] = ...) -> None: ...
 
 class TrainerOptions(_message.Message):
-    __slots__ = ("parallel", "moe_backend", "attn_backend")
+    __slots__ = ("parallel", "moe_backend", "attn_backend", "publish")
     PARALLEL_FIELD_NUMBER: _ClassVar[int]
     MOE_BACKEND_FIELD_NUMBER: _ClassVar[int]
     ATTN_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_FIELD_NUMBER: _ClassVar[int]
     parallel: ParallelLayout
     moe_backend: str
     attn_backend: str
-    def __init__(self, parallel: _Optional[_Union[ParallelLayout, _Mapping]] = ..., moe_backend: _Optional[str] = ..., attn_backend: _Optional[str] = ...) -> None: ...
+    publish: str
+    def __init__(self, parallel: _Optional[_Union[ParallelLayout, _Mapping]] = ..., moe_backend: _Optional[str] = ..., attn_backend: _Optional[str] = ..., publish: _Optional[str] = ...) -> None: ...
 
 class RunConfig(_message.Message):
     __slots__ = ("name", "model_preset", "init_checkpoint", "suite", "sft", "rl", "seed", "checkpoint_every", "trainer")

@@ -8,6 +8,8 @@ StreamWeights (issue 19, item 5) on the same engine: v2's weights streamed by th
 layers straddle them (vLLM fuses q/k/v and stacks the experts) serve exactly what a reload of v2's
 checkpoint serves; a bad bucket half-way, a stream cut short or one ending inside a bucket restore the
 served checkpoint; over streamed weights, which have none, the engine refuses requests until an update.
+The trainer's `trainer.publish: stream` (TrainingRun._publish -> InferencePublisher.stream) serves what its
+checkpoint publication serves, and a refused stream falls back to UpdateWeights of that checkpoint.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from forgerl.runtime.fuzz import fuzz_service, requests
 from forgerl.runtime.testing import serve_in_process
 from forgerl.services.inference.config import InferenceConfig
 from forgerl.services.inference.main import build
+from forgerl.trainer.loop import TrainerSettings, TrainingRun
+from forgerl.trainer.run_config import run_config_from_dict
+from forgerl.trainer.sources import InferencePublisher
 from forgerl.v1 import inference_pb2 as pb
 from forgerl.v1 import inference_pb2_grpc as pb_grpc
 
@@ -303,6 +308,50 @@ async def test_a_failed_stream_over_streamed_weights_refuses_requests_until_an_u
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
     assert (await engine.update(shutil.copytree(v1, tmp_path / "v1-again"), version + 1)).policy_version == version + 1
     assert_same(await engine.greedy(), engine.fresh)
+
+
+async def test_the_trainers_streamed_publication_serves_what_its_checkpoint_publication_serves(
+    engine: Channel, v1: Path, v2: Path, v2_buckets: list[Bucket], tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """A TrainingRun on v2's weights publishes with `trainer.publish: stream` (stream_weight_buckets ->
+    InferencePublisher.stream -> StreamWeights), then with the default (its checkpoint + UpdateWeights):
+    both serve the same tokens and log-probabilities, v2's PyTorch greedy tokens. A stream the engine
+    refuses over streamed weights (which leaves it serving nothing) is followed by UpdateWeights of the
+    checkpoint, and every bucket is still pulled (the trainer's other ranks send them)."""
+    init = shutil.copytree(v2, tmp_path / "init")
+    shutil.copytree(tokenizer_dir, init, dirs_exist_ok=True)  # TrainingRun loads the tokenizer from init_checkpoint
+    await engine.update(shutil.copytree(v1, tmp_path / "v1-first"), await engine.version() + 1)
+    assert_same(await engine.greedy(), engine.fresh)  # v1 before each publication of v2
+    served: dict[str, list[Served]] = {}
+    for mode in ("stream", "checkpoint"):
+        config = run_config_from_dict({"name": mode, "init_checkpoint": str(init), "trainer": {"publish": mode}})
+        publisher = InferencePublisher(engine.address)
+        run = TrainingRun(mode, config, TrainerSettings(runs_dir=tmp_path / "runs"), publisher=publisher)
+        run._init_model()
+        ckpt = await asyncio.to_thread(run._publish, "sft", 1)
+        assert ckpt.policy_version == await engine.version()
+        served[mode] = await engine.greedy()
+        if mode == "stream":  # the streamed weights are no checkpoint's: the engine has no model path
+            assert (await engine.stub.GetStatus(pb.GetStatusRequest())).model_path == ""
+            pulled = 0
+
+            def refused() -> Iterator[Bucket]:
+                nonlocal pulled
+                for bucket in changed(v2_buckets, 1, nan_at_3):
+                    pulled += 1
+                    yield bucket
+
+            version, _ = await asyncio.to_thread(publisher.stream, refused(), ckpt.path, ckpt.policy_version + 1)
+            assert (version, pulled) == (await engine.version(), len(v2_buckets))
+            assert_same(await engine.greedy(), served["stream"])  # the fallback reloaded the checkpoint
+            await engine.update(shutil.copytree(v1, tmp_path / "v1-between"), version + 1)
+            assert_same(await engine.greedy(), engine.fresh)
+        publisher.close()
+    assert_same(served["stream"], served["checkpoint"])
+    for (tokens, _), prompt, (fresh, _) in zip(served["stream"], PROMPTS, engine.fresh, strict=True):
+        assert tokens == reference_greedy(v2, prompt, N).token_ids  # the PyTorch model on v2
+        assert tokens != fresh
+    await engine.update(shutil.copytree(v1, tmp_path / "v1-last"), await engine.version() + 1)  # for the tests below
 
 
 async def test_random_requests_get_clean_statuses(engine: Channel) -> None:

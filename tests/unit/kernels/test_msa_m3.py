@@ -7,7 +7,7 @@ from kernel_cases import DEVICES, rel_err
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf_m3
 from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLTextConfig
 
-from forgerl.kernels.msa import index_block_scores, msa_m3_attention, register_m3_msa
+from forgerl.kernels.msa import index_block_scores, msa_m3_attention, msa_m3_attention_varlen, register_m3_msa
 from forgerl.model.m3 import MiniMaxM3ForCausalLM
 from forgerl.model.m3_attention import torch_index_scores
 from forgerl.model.m3_config import M3Config
@@ -73,6 +73,38 @@ def test_forward_and_backward_match_transformers(device: str, dtype: torch.dtype
     for ours, reference in zip(ours_in, leaves, strict=True):
         assert ours.grad is not None and reference.grad is not None
         assert rel_err(ours.grad.cpu(), reference.grad) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_sequences_match_transformers_per_sequence(device: str, dtype: torch.dtype) -> None:
+    """Three sequences of 13, 22 and 7 tokens (block 4 divides none) packed end to end, block ids relative
+    to each sequence: output and dq/dk/dv equal transformers' reference run on each sequence alone."""
+    h, g, d, block, n, lengths = 6, 2, 24, 4, 3, [13, 22, 7]
+    generator = torch.Generator().manual_seed(3)
+    total = sum(lengths)
+    q = torch.randn(total, h, d, generator=generator)
+    k, v = (torch.randn(total, g, d, generator=generator) for _ in range(2))
+    blocks = torch.cat([random_selection(1, g, t, n, block, generator)[0] for t in lengths], dim=1)  # [G, Tq, N]
+    grad_out = torch.randn(total, h, d, generator=generator)
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    scale = d**-0.5
+    ours_in = [x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v)]
+    out = msa_m3_attention_varlen(*ours_in, cu_seqlens.to(device), blocks.to(device), block, scale)
+    out.backward(grad_out.to(device=device, dtype=dtype))
+    assert out.shape == (total, h, d) and out.dtype == dtype
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
+        # The reference is batch-major [1, H, T, K]; the float32 inputs are the kernel's rounded ones.
+        leaves = [
+            x[start:end].detach().to(dtype).float().transpose(0, 1)[None].contiguous().requires_grad_()
+            for x in (q, k, v)
+        ]
+        expected = transformers_reference(*leaves, blocks[None, :, start:end], block, scale)[0].transpose(0, 1)
+        expected.backward(grad_out[start:end].to(dtype).float())
+        assert rel_err(out[start:end].cpu(), expected) <= TOLERANCE[dtype]
+        for ours, reference in zip(ours_in, leaves, strict=True):
+            assert ours.grad is not None and reference.grad is not None
+            assert rel_err(ours.grad[start:end].cpu(), reference.grad[0].transpose(0, 1)) <= TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from forgerl.inference.checkpoint import CheckpointError, CheckpointInfo
+from forgerl.inference.checkpoint import CheckpointError, CheckpointInfo, is_mtp_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -113,7 +113,8 @@ class BucketCheck:
     """Checks a stream's buckets against the served model's tensor table, remembering what came."""
 
     def __init__(self, served: CheckpointInfo) -> None:
-        self.served = served
+        self.served = served.served_tensors
+        self.num_layers = served.num_layers
         self.seen: set[str] = set()
 
     def check(self, data: bytes) -> int:
@@ -126,12 +127,14 @@ class BucketCheck:
         if not header:
             raise CheckpointError("a bucket holds no tensor: send at least one per bucket")
         for name, (dtype, shape) in header.items():
-            if name not in self.served.tensors:
+            if is_mtp_tensor(name, self.num_layers):
+                continue  # never served, whatever their number: vLLM's loader drops them (the plugin's fix)
+            if name not in self.served:
                 raise CheckpointError(f"tensor {name!r} is not a tensor of the served model")
             if name in self.seen:
                 raise CheckpointError(f"tensor {name!r} came twice in the stream")
-            if (dtype, shape) != self.served.tensors[name]:
-                want = self.served.tensors[name]
+            if (dtype, shape) != self.served[name]:
+                want = self.served[name]
                 raise CheckpointError(f"tensor {name!r} is {dtype} {list(shape)}: the served model's is {want[0]} "
                                       f"{list(want[1])}")  # fmt: skip
         try:
@@ -148,7 +151,7 @@ class BucketCheck:
         return len(header)
 
     def check_complete(self) -> None:
-        missing = sorted(set(self.served.tensors) - self.seen)
+        missing = sorted(set(self.served) - self.seen)
         if missing:
             raise CheckpointError(f"the stream ended without {len(missing)} of the served model's tensors, "
                                   f"e.g. {missing[:3]}")  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +47,28 @@ ARCHITECTURE_KEYS = (
 )
 
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def is_mtp_tensor(name: str, num_hidden_layers: int) -> bool:
+    """A tensor of an MTP module (a layer after the main ones). vLLM never serves them (it drops them when it
+    loads, whatever their number: the plugin's `mtp_layers_any_count`), so the checks below leave them out:
+    a trainer that grew its MTP modules (`rl.grow_mtp_to`) publishes to an engine started on fewer."""
+    match = _LAYER.match(name)
+    return match is not None and int(match.group(1)) >= num_hidden_layers
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     path: Path
     config: dict[str, Any]
     # tensor name -> (dtype, shape), from the safetensors headers
     tensors: dict[str, tuple[str, tuple[int, ...]]]
+
+    @property
+    def served_tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The tensors vLLM loads: every tensor but the MTP modules'."""
+        return {name: entry for name, entry in self.tensors.items() if not is_mtp_tensor(name, self.num_layers)}
 
     @property
     def architecture(self) -> str:
@@ -167,8 +184,9 @@ def check_same_architecture(new: CheckpointInfo, served: CheckpointInfo) -> None
         raise CheckpointError(
             f"checkpoint {str(new.path)!r} is a different architecture from the served model: " + "; ".join(diffs)
         )
-    missing = sorted(set(served.tensors) - set(new.tensors))
-    extra = sorted(set(new.tensors) - set(served.tensors))
+    new_tensors, served_tensors = new.served_tensors, served.served_tensors
+    missing = sorted(set(served_tensors) - set(new_tensors))
+    extra = sorted(set(new_tensors) - set(served_tensors))
     if missing or extra:
         raise CheckpointError(
             f"checkpoint {str(new.path)!r} does not have the served model's tensors: "
@@ -176,9 +194,9 @@ def check_same_architecture(new: CheckpointInfo, served: CheckpointInfo) -> None
         )
     for index, what in ((1, "shapes"), (0, "dtypes")):  # (dtype, shape) per tensor
         differ = [
-            f"{name} {new.tensors[name][index]} (served: {served.tensors[name][index]})"
-            for name in sorted(served.tensors)
-            if new.tensors[name][index] != served.tensors[name][index]
+            f"{name} {new_tensors[name][index]} (served: {served_tensors[name][index]})"
+            for name in sorted(served_tensors)
+            if new_tensors[name][index] != served_tensors[name][index]
         ]
         if differ:
             raise CheckpointError(

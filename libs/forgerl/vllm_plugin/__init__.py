@@ -14,6 +14,9 @@ The fixes (see `fixes` for the details and `FIXES` for their names):
   layout into the prepacked kernel buffers (no error, wrong outputs); they are prepacked again.
 - `cpu_attention_head_padding`: the CPU attention kernel has no head size 16 (our debug preset); such
   layers run zero-padded to the next supported size, which is exact.
+- `mtp_layers_any_count`: a reload drops only as many MTP layers as the engine started with; a checkpoint
+  whose MTP modules grew (`rl.grow_mtp_to`) failed it. Every layer after the main ones is dropped (vLLM
+  serves no MTP module here).
 
 Set `FORGERL_VLLM_DISABLE_FIXES=name,name` to leave some out (tests use it to show what a fix fixes).
 """

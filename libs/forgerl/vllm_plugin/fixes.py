@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -211,6 +212,38 @@ def apply_cpu_attention_head_padding(module: ModuleType) -> None:
     attention_cls.forward = _mark(forward, original_forward, "cpu_attention_head_padding")
 
 
+# --- 5. MTP layers of any number dropped at load ---------------------------------------------------------
+
+MINIMAX_M2_MODULE = "vllm.model_executor.models.minimax_m2"
+
+
+def main_layers_only(num_hidden_layers: int) -> re.Pattern[str]:
+    """A name of a layer after the first `num_hidden_layers` (an MTP module's), as MiniMaxM2Model sees it."""
+    main = "|".join(str(i) for i in range(num_hidden_layers))
+    return re.compile(rf"^layers\.(?!(?:{main})\.)\d+\.")
+
+
+def apply_mtp_layers_any_count(module: ModuleType) -> None:
+    """Drop every MTP layer at load, however many the checkpoint has.
+
+    `MiniMaxM2Model.__init__` drops `layers.{L + i}` for i below the `num_mtp_modules` of the config the engine
+    started with; a checkpoint whose MTP modules grew since (`rl.grow_mtp_to`: 1 -> 3) then fails to reload
+    ("There is no module or parameter named 'layers.L+1...'"). vLLM serves no MTP module (no speculative
+    decoding here), so every layer after the main ones is dropped, as vLLM drops the first num_mtp_modules."""
+    model_cls = module.MiniMaxM2Model
+    original_init = model_cls.__init__
+    if _is_patched(original_init):
+        return
+    mapper_cls = module.WeightsMapper
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        layers = self.config.num_hidden_layers
+        self.hf_to_vllm_mapper = self.hf_to_vllm_mapper | mapper_cls(orig_to_new_regex={main_layers_only(layers): None})
+
+    model_cls.__init__ = _mark(__init__, original_init, "mtp_layers_any_count")
+
+
 FIXES: dict[str, Fix] = {
     fix.name: fix
     for fix in (
@@ -237,6 +270,12 @@ FIXES: dict[str, Fix] = {
             ATTENTION_MODULE,
             apply_cpu_attention_head_padding,
             "CPU attention kernel has no head size 16 (debug preset); run it zero-padded to 32",
+        ),
+        Fix(
+            "mtp_layers_any_count",
+            MINIMAX_M2_MODULE,
+            apply_mtp_layers_any_count,
+            "a reload drops only as many MTP layers as the engine started with; grown MTP modules failed it",
         ),
     )
 }

@@ -6,7 +6,7 @@ served when fresh; good updates after bad ones serve exactly the new weights; a 
 StreamWeights (issue 19, item 5) on the same engine: v2's weights streamed by the trainer's sender
 (`stream_weight_buckets`, one process: every row on rank 0, as under DDP) in buckets small enough that
 layers straddle them (vLLM fuses q/k/v and stacks the experts) serve exactly what a reload of v2's
-checkpoint serves; a bad bucket half-way, a stream cut short or one ending inside a bucket restore the
+checkpoint serves; a bad bucket half-way, a stream missing a bucket or one ending inside a bucket restore the
 served checkpoint; over streamed weights, which have none, the engine refuses requests until an update.
 The trainer's `trainer.publish: stream` (TrainingRun._publish -> InferencePublisher.stream) serves what its
 checkpoint publication serves, and a refused stream falls back to UpdateWeights of that checkpoint.
@@ -37,7 +37,7 @@ from forgerl.distributed.parallelize import ParallelModel
 from forgerl.distributed.weight_stream import stream_weight_buckets
 from forgerl.inference.buckets import serialize_bucket, stream_requests
 from forgerl.inference.testing import make_checkpoint, reference_greedy
-from forgerl.model import load_checkpoint
+from forgerl.model import load_checkpoint, save_checkpoint
 from forgerl.runtime.fuzz import fuzz_service, requests
 from forgerl.runtime.testing import serve_in_process
 from forgerl.services.inference.config import InferenceConfig
@@ -241,7 +241,8 @@ BAD_STREAMS = {
         "the served model's is F32",
     ),
     "a tensor twice": (lambda b, v: stream_requests([*b[:6], b[4]], v), "came twice in the stream"),
-    "cut short": (lambda b, v: stream_requests(b[:-1], v), "the stream ended without"),
+    # Bucket 3 holds main-layer tensors (the last ones hold only the MTP module's, which are not served).
+    "a bucket left out": (lambda b, v: stream_requests([*b[:3], *b[4:]], v), "the stream ended without"),
     "ends inside a bucket": (ends_inside_a_bucket, "the stream ended inside a bucket"),
 }
 
@@ -352,6 +353,32 @@ async def test_the_trainers_streamed_publication_serves_what_its_checkpoint_publ
         assert tokens == reference_greedy(v2, prompt, N).token_ids  # the PyTorch model on v2
         assert tokens != fresh
     await engine.update(shutil.copytree(v1, tmp_path / "v1-last"), await engine.version() + 1)  # for the tests below
+
+
+async def test_grown_mtp_modules_update_an_engine_started_on_one(
+    engine: Channel, v1: Path, v2: Path, tmp_path: Path
+) -> None:
+    """The engine started on one MTP module (v1); the trainer grew its model to three (`rl.grow_mtp_to`,
+    grow_mtp: copies of module 1). Its checkpoint and its stream both update the engine, which serves v2's
+    main layers (MTP modules are not served). Before, the check refused the two new layers' tensors, and
+    past it vLLM's reload failed on them ("There is no module or parameter named 'layers.3'" for the debug preset's 2 layers)."""
+    model = load_checkpoint(v2, dtype=torch.float32)
+    model.grow_mtp(3)
+    grown = save_checkpoint(model, None, tmp_path / "v2-mtp3")
+    assert any(name.startswith(f"model.layers.{model.config.num_hidden_layers + 2}.") for name in load_file(
+        str(grown / "model.safetensors")))  # fmt: skip
+    version = await engine.version() + 1
+    assert (await engine.update(grown, version)).policy_version == version
+    served = await engine.greedy()
+    for (tokens, _), prompt, (fresh, _) in zip(served, PROMPTS, engine.fresh, strict=True):
+        assert tokens == reference_greedy(v2, prompt, N).token_ids and tokens != fresh
+    await engine.update(shutil.copytree(v1, tmp_path / "v1"), version + 1)
+    trainer = ParallelModel(model=model, train_model=model, meshes=None)  # type: ignore[arg-type]  # one rank
+    buckets = list(stream_weight_buckets(trainer, BUCKET_BYTES))
+    streamed = await engine.stream(stream_requests(buckets, version + 2, piece_bytes=PIECE_BYTES))
+    assert streamed.policy_version == version + 2
+    assert_same(await engine.greedy(), served)
+    await engine.update(shutil.copytree(v1, tmp_path / "v1-last"), version + 3)  # for the tests below
 
 
 async def test_random_requests_get_clean_statuses(engine: Channel) -> None:

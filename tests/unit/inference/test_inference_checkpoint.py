@@ -15,6 +15,7 @@ from forgerl.inference.checkpoint import (
     check_finite,
     check_same_architecture,
     inspect_checkpoint,
+    is_mtp_tensor,
     read_safetensors_header,
 )
 
@@ -82,6 +83,21 @@ def test_missing_tensor_and_shape_are_refused(tmp_path: Path) -> None:
     reshaped = inspect_checkpoint(write(tmp_path / "c", embed=(16, 4), head=(4, 16)))
     with pytest.raises(CheckpointError, match="other shapes"):
         check_same_architecture(reshaped, served)
+
+
+def test_mtp_modules_are_left_out_of_the_comparison(tmp_path: Path) -> None:
+    """Two main layers; MTP modules are layers 2, 3, ... (vLLM serves none): grown from one module to three,
+    a checkpoint still updates the served one; a main layer missing is still refused."""
+    config = {**CONFIG, "num_hidden_layers": 2}
+    main = {f"model.layers.{i}.w": (4, 4) for i in range(2)}
+    served = inspect_checkpoint(write(tmp_path / "k1", config, **main, **{"model.layers.2.w": (4, 4)}))
+    grown = {f"model.layers.{i}.w": (4, 4) for i in range(2, 5)}
+    check_same_architecture(inspect_checkpoint(write(tmp_path / "k3", config, **main, **grown)), served)
+    without = inspect_checkpoint(write(tmp_path / "k0", config, **{"model.layers.0.w": (4, 4)}, **grown))
+    with pytest.raises(CheckpointError, match=r"1 missing \['model\.layers\.1\.w'\]"):
+        check_same_architecture(without, served)
+    assert [is_mtp_tensor(f"model.layers.{i}.w", 2) for i in (0, 1, 2, 10)] == [False, False, True, True]
+    assert not is_mtp_tensor("model.embed_tokens.weight", 2) and not is_mtp_tensor("model.layers.1x.w", 0)
 
 
 def test_truncated_file_and_corrupt_offsets_name_the_tensor(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ def test_every_fix_names_a_vllm_module() -> None:
         "reload_partial_loader_name",
         "cpu_moe_reprepack_on_reload",
         "cpu_attention_head_padding",
+        "mtp_layers_any_count",
     }
     assert all(fix.module.startswith("vllm.") for fix in FIXES.values())
 
@@ -59,3 +60,13 @@ def test_padded_head_size() -> None:
     assert padded_head_size(72, supported) == 80
     assert padded_head_size(64, supported) is None
     assert padded_head_size(1024, supported) is None
+
+
+def test_the_mtp_layer_pattern_drops_exactly_the_layers_after_the_main_ones() -> None:
+    from forgerl.vllm_plugin.fixes import main_layers_only
+
+    pattern = main_layers_only(62)
+    kept = [f"layers.{i}.self_attn.qkv_proj.weight" for i in (0, 6, 61)] + ["embed_tokens.weight", "norm.weight"]
+    dropped = [f"layers.{i}.enorm.weight" for i in (62, 63, 64, 100, 620)]
+    assert [bool(pattern.search(n)) for n in kept] == [False] * len(kept)
+    assert [bool(pattern.search(n)) for n in dropped] == [True] * len(dropped)

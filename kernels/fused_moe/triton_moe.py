@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from forgerl.kernels import require_runtime
 from forgerl.kernels.fused_moe.grouped_gemm import (
     Alignment,
     _grouped_gemm_kernel,
@@ -178,6 +179,7 @@ def fused_experts(
     Returns:
         y [N, D] in x's dtype: sum_k weight_k * w2[e_k] (silu(w1[e_k] x) * w3[e_k] x).
     """
+    require_runtime(x_ND, "moe_backend 'triton'")
     if x_ND.shape[0] == 0:  # an EP rank sent no rows: still a (zero) gradient for every weight, as torch's
         return x_ND + 0.0 * (w1_EFD.sum() + w2_EDF.sum() + w3_EFD.sum() + weights_NK.sum())
     x_ND, w1_EFD, w2_EDF, w3_EFD = (t.contiguous() for t in (x_ND, w1_EFD, w2_EDF, w3_EFD))

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from forgerl.kernels import require_runtime
 from forgerl.kernels.msa.triton_index_m3 import index_block_scores
 from forgerl.kernels.msa.triton_msa import msa_attention
 from forgerl.kernels.msa.triton_msa_m3 import msa_m3_attention
@@ -33,6 +34,7 @@ def make_msa_backend(block: int = 64, top_k: int = 16) -> Backend:
         mask_BTS: torch.Tensor | TreeMask | None,
         scale: float,
     ) -> torch.Tensor:
+        require_runtime(q_BHTK, "attn_backend 'msa'")
         if mask_BTS is not None:
             raise ValueError("the msa backend is causal only: got an attention mask (use 'sdpa' or 'tree' for masks)")
         b, h, t, d = q_BHTK.shape
@@ -61,6 +63,7 @@ def msa_m3_backend(
     scale: float,
 ) -> torch.Tensor:
     """`forgerl.model.m3_attention.BlockSparseBackend` running the Triton kernel (causal batches only)."""
+    require_runtime(q_BHTK, "msa_backend 'triton'")
     if mask_BTS is not None:
         raise ValueError(
             "the triton M3 MSA backend is causal only: got an attention mask (use msa_backend 'torch' for masks)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from forgerl.kernels import require_runtime
 from forgerl.kernels.tree_attention.naive import ancestor_mask
 from forgerl.kernels.tree_attention.triton_tree import tree_attention
 from forgerl.model.attention import AttentionBackend, TreeMask
@@ -42,6 +43,7 @@ def tree_attention_backend(
 ) -> torch.Tensor:
     """AttentionBackend: `mask_BTS` None is causal, a `TreeMask` is used as is, a dense mask must be a
     preorder ancestor mask; returns [B, H, T, K]."""
+    require_runtime(q_BHTK, "attn_backend 'tree'")
     b, _, t, _ = q_BHTK.shape
     if mask_BTS is None:
         subtree_end_BT = torch.full((b, t), t, dtype=torch.int32, device=q_BHTK.device)

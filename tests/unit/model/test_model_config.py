@@ -53,3 +53,13 @@ def test_overrides_and_validation() -> None:
         ModelConfig(num_attention_heads=4, num_key_value_heads=3)
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         ModelConfig(num_experts_per_tok=9)
+
+
+@pytest.mark.parametrize(("knob", "value"), [("moe_backend", "triton"), ("attn_backend", "tree")])
+def test_a_triton_backend_on_the_cpu_says_what_to_do(knob: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without Triton's interpreter, a kernel backend on CPU tensors (e.g. a checkpoint trained with the
+    kernels, loaded on a CPU box) raises naming the knob and the fix; Triton itself said '0 active drivers'."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = MiniMaxM2ForCausalLM(ModelConfig.from_preset("debug", **{knob: value}))
+    with pytest.raises(RuntimeError, match=f"{knob} '{value}' runs a Triton kernel.*TRITON_INTERPRET=1"):
+        model(torch.tensor([[1, 2, 3]]))

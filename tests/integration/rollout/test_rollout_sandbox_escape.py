@@ -182,6 +182,18 @@ async def test_process_limit_stops_a_fork_bomb(sandbox_root: Path) -> None:
         await sb.close()
 
 
+async def test_the_timeout_covers_a_stdin_the_command_never_reads(sandbox_root: Path, limits) -> None:
+    """1 MiB on stdin to a command that never reads it: the feed fills the pipe and waits. The timeout counts
+    from the start, feed included; before, it started after the feed, which then waited forever."""
+    sb = await make(sandbox_root, limits)
+    try:
+        start = time.monotonic()
+        r = await asyncio.wait_for(sb.exec(["sleep", "300"], stdin=b"x" * 2**20, timeout_s=2.0), 60)
+        assert r.timed_out and TIMEOUT in r.violations and time.monotonic() - start < 10
+    finally:
+        await sb.close()
+
+
 async def test_nothing_outlives_the_timeout_or_the_command(sandbox_root: Path, limits) -> None:
     sb = await make(sandbox_root, limits)
     daemon = (

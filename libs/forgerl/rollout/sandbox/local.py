@@ -340,14 +340,18 @@ class LocalSandbox(Sandbox):
         readers = asyncio.gather(_read_capped(proc.stdout, cap), _read_capped(proc.stderr, cap))
         readers.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even when cancelled
         timed_out = False
-        try:
+
+        async def feed_and_wait() -> None:
             if stdin is not None and proc.stdin is not None:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     proc.stdin.write(stdin)
                     await proc.stdin.drain()
                 proc.stdin.close()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout)
+            await proc.wait()
+
+        try:
+            try:  # the timeout counts from the start: a command that never reads its stdin cannot hang the feed
+                await asyncio.wait_for(feed_and_wait(), timeout)
             except TimeoutError:
                 timed_out = True
                 self._kill(proc.pid, read_fd)

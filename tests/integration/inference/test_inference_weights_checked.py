@@ -361,7 +361,8 @@ async def test_grown_mtp_modules_update_an_engine_started_on_one(
     """The engine started on one MTP module (v1); the trainer grew its model to three (`rl.grow_mtp_to`,
     grow_mtp: copies of module 1). Its checkpoint and its stream both update the engine, which serves v2's
     main layers (MTP modules are not served). Before, the check refused the two new layers' tensors, and
-    past it vLLM's reload failed on them ("There is no module or parameter named 'layers.3'" for the debug preset's 2 layers)."""
+    past it vLLM's reload failed on them ("There is no module or parameter named 'layers.3'": the debug
+    preset has 2 layers)."""
     model = load_checkpoint(v2, dtype=torch.float32)
     model.grow_mtp(3)
     grown = save_checkpoint(model, None, tmp_path / "v2-mtp3")

@@ -28,7 +28,7 @@ from forgerl.model.m3_indexer_training import IndexerObjective
 from forgerl.model.model import ModelOutput
 from forgerl.model.model import _check_inputs as check_m2_inputs
 from forgerl.model.moe import GluActivation, Routing, SparseMoeBlock, sequence_balance_loss, swiglu_oai
-from forgerl.model.mtp import MTPModule, mtp_loss
+from forgerl.model.mtp import MTPLossMixin, MTPModule
 
 
 class GatedMLP(nn.Module):
@@ -139,7 +139,7 @@ class MiniMaxM3Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, unit_offset=True)
 
 
-class MiniMaxM3ForCausalLM(nn.Module):
+class MiniMaxM3ForCausalLM(nn.Module, MTPLossMixin):
     def __init__(self, cfg: M3Config) -> None:
         super().__init__()
         self.config = cfg
@@ -163,16 +163,6 @@ class MiniMaxM3ForCausalLM(nn.Module):
 
     def rope(self, position_ids_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return rotary_cos_sin(position_ids_BT, self.config.rotary_dim, self.config.rope_theta, dtype)
-
-    def mtp_loss(
-        self,
-        hidden_states: torch.Tensor,
-        input_ids: torch.Tensor,
-        loss_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted loss of the MTP modules on one forward's `out.hidden_states`; see mtp.mtp_loss."""
-        return mtp_loss(self, hidden_states, input_ids, loss_mask, position_ids)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

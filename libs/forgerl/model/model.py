@@ -20,7 +20,7 @@ from forgerl.model.block import DecoderLayer
 from forgerl.model.config import ModelConfig
 from forgerl.model.layers import RMSNorm, rotary_cos_sin
 from forgerl.model.moe import SparseMoeBlock
-from forgerl.model.mtp import MTPModule, mtp_loss
+from forgerl.model.mtp import MTPLossMixin, MTPModule
 
 
 @dataclass
@@ -42,7 +42,7 @@ class MiniMaxM2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class MiniMaxM2ForCausalLM(nn.Module):
+class MiniMaxM2ForCausalLM(nn.Module, MTPLossMixin):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -114,16 +114,6 @@ class MiniMaxM2ForCausalLM(nn.Module):
             routed_experts=torch.stack(expert_ids, dim=2),  # [B, T, L, K]
             aux_loss=aux_loss,
         )
-
-    def mtp_loss(
-        self,
-        hidden_states: torch.Tensor,
-        input_ids: torch.Tensor,
-        loss_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted loss of the K MTP modules on one forward's `out.hidden_states`; see mtp.mtp_loss."""
-        return mtp_loss(self, hidden_states, input_ids, loss_mask, position_ids)
 
     @torch.no_grad()
     def grow_mtp(self, num_modules: int) -> None:

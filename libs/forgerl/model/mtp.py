@@ -19,7 +19,7 @@ to draft the policy's tokens without moving the policy).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,20 @@ def mtp_loss(
         return hidden_BTD.new_zeros(()), {}
     mean_loss = torch.stack(losses).mean()
     return model.config.mtp_loss_weight * mean_loss, mtp_metrics(losses)
+
+
+class MTPLossMixin:
+    """`model.mtp_loss(...)`: the one method M2's and M3's causal LMs share for their MTP modules."""
+
+    def mtp_loss(
+        self,
+        hidden_states: torch.Tensor,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted loss of the K MTP modules on one forward's `out.hidden_states`; see mtp_loss."""
+        return mtp_loss(cast("PolicyModel", self), hidden_states, input_ids, loss_mask, position_ids)
 
 
 def mtp_module_losses(
